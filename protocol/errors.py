@@ -1,0 +1,130 @@
+"""The protocol's error tree: every error code and close code, with the status it implies."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import Any, ClassVar
+
+
+class CloseCode(IntEnum):
+    """WebSocket close codes named in PROTOCOL.md."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    POLICY_VIOLATION = 1008
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    NOT_AUTHENTICATED = 4401
+    AUTH_TIMEOUT = 4408
+    TOO_MANY_CONNECTIONS = 4429
+
+
+class ProtocolError(Exception):
+    """Base of every error that is answered with an `error` frame."""
+
+    code: ClassVar[str] = "internal"
+    status: ClassVar[int] = 500
+    default_message: ClassVar[str] = "internal error"
+
+    def __init__(self, message: str | None = None, details: dict[str, Any] | None = None):
+        self.message = message or self.default_message
+        self.details = details
+        super().__init__(self.message)
+
+
+class BadJson(ProtocolError):
+    code = "bad_json"
+    status = 400
+    default_message = "a frame must be one UTF-8 text frame holding one JSON object"
+
+
+class InvalidFrame(ProtocolError):
+    code = "invalid_frame"
+    status = 422
+    default_message = "the frame does not match the protocol"
+
+
+class InvalidPersona(ProtocolError):
+    code = "invalid_persona"
+    status = 422
+    default_message = "unknown personality"
+
+
+class UnknownCommand(ProtocolError):
+    code = "unknown_command"
+    status = 422
+    default_message = "unknown command; send /help for the list"
+
+
+class NoAvatar(ProtocolError):
+    code = "no_avatar"
+    status = 404
+    default_message = "this user has no avatar yet; send create_avatar first"
+
+
+class AvatarExists(ProtocolError):
+    code = "avatar_exists"
+    status = 409
+    default_message = "this user already has an avatar"
+
+
+class Busy(ProtocolError):
+    code = "busy"
+    status = 409
+    default_message = "too many chats waiting; wait for a reply first"
+
+
+class NothingToCancel(ProtocolError):
+    code = "nothing_to_cancel"
+    status = 409
+    default_message = "no reply is in flight"
+
+
+class DuplicateId(ProtocolError):
+    code = "duplicate_id"
+    status = 409
+    default_message = "this id was already used for a different message"
+
+
+class RateLimited(ProtocolError):
+    code = "rate_limited"
+    status = 429
+    default_message = "too many frames; slow down"
+
+
+class Unavailable(ProtocolError):
+    code = "unavailable"
+    status = 503
+    default_message = "a backing service is unreachable; try again shortly"
+
+
+class Internal(ProtocolError):
+    code = "internal"
+    status = 500
+    default_message = "internal error"
+
+
+ERROR_CLASSES: tuple[type[ProtocolError], ...] = (
+    BadJson,
+    InvalidFrame,
+    InvalidPersona,
+    UnknownCommand,
+    NoAvatar,
+    AvatarExists,
+    Busy,
+    NothingToCancel,
+    DuplicateId,
+    RateLimited,
+    Unavailable,
+    Internal,
+)
+ERROR_CODES: tuple[str, ...] = tuple(cls.code for cls in ERROR_CLASSES)
+
+
+class ConnectionRefused(Exception):
+    """An error that ends the connection with a close code instead of an error frame."""
+
+    def __init__(self, close_code: CloseCode, reason: str):
+        self.close_code = close_code
+        self.reason = reason
+        super().__init__(f"{int(close_code)} {reason}")

@@ -1,0 +1,319 @@
+"""Every frame of the wire protocol as a small frozen pydantic model, with one decoder per direction."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import orjson
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+)
+
+from protocol.errors import BadJson, Internal, InvalidFrame, ProtocolError
+
+PROTOCOL_VERSION = 1
+MAX_ID_CHARS = 64
+MAX_TEXT_CHARS = 4000
+MAX_NAME_CHARS = 64
+MAX_PERSONALITY_CHARS = 64
+MAX_TOKEN_CHARS = 8192
+MAX_HISTORY_LIMIT = 100
+DEFAULT_HISTORY_LIMIT = 50
+MAX_MESSAGE_ID = 2**63 - 1
+
+
+def _storable(value: str) -> str:
+    """Reject what PostgreSQL text and UTF-8 cannot hold: NUL and lone surrogates."""
+    if "\x00" in value:
+        raise ValueError("NUL characters are not allowed")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("text must be valid Unicode (no lone surrogates)") from exc
+    return value
+
+
+Text = Annotated[str, AfterValidator(_storable)]
+ClientId = Annotated[Text, Field(min_length=1, max_length=MAX_ID_CHARS)]
+MessageId = Annotated[int, Field(ge=1, le=MAX_MESSAGE_ID)]
+Personality = Annotated[Text, Field(max_length=MAX_PERSONALITY_CHARS)]
+
+
+class Frame(BaseModel):
+    """Base of every frame: frozen, strict, and no unknown fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class ClientFrame(Frame):
+    id: ClientId | None = None
+
+
+# ---------------------------------------------------------------- client -> server
+
+
+class Hello(ClientFrame):
+    type: Literal["hello"]
+    token: Annotated[str, Field(min_length=1, max_length=MAX_TOKEN_CHARS)]
+
+
+class CreateAvatar(ClientFrame):
+    type: Literal["create_avatar"]
+    name: Annotated[Text, Field(min_length=1, max_length=MAX_NAME_CHARS)]
+    personality: Personality
+
+
+class GetAvatar(ClientFrame):
+    type: Literal["get_avatar"]
+
+
+class SetPersona(ClientFrame):
+    type: Literal["set_persona"]
+    personality: Personality
+
+
+class Chat(ClientFrame):
+    type: Literal["chat"]
+    text: Annotated[Text, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
+
+
+class Cancel(ClientFrame):
+    type: Literal["cancel"]
+
+
+class History(ClientFrame):
+    type: Literal["history"]
+    limit: Annotated[int, Field(ge=1, le=MAX_HISTORY_LIMIT)] = DEFAULT_HISTORY_LIMIT
+    before: MessageId | None = None
+
+
+class Ping(ClientFrame):
+    type: Literal["ping"]
+
+
+AnyClientFrame = Annotated[
+    Hello | CreateAvatar | GetAvatar | SetPersona | Chat | Cancel | History | Ping,
+    Field(discriminator="type"),
+]
+CLIENT_ADAPTER: TypeAdapter[AnyClientFrame] = TypeAdapter(AnyClientFrame)
+
+# ---------------------------------------------------------------- server -> client
+
+
+class ServerFrame(Frame):
+    """Base of the frames the server sends."""
+
+
+def _is_none(value: object) -> bool:
+    return value is None
+
+
+class AvatarInfo(Frame):
+    id: int
+    name: str
+    personality: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class PersonaInfo(Frame):
+    id: str
+    name: str
+    description: str
+
+
+class Limits(Frame):
+    max_frame_bytes: int
+    max_text_chars: int
+    rate_per_s: float
+
+
+class Welcome(ServerFrame):
+    type: Literal["welcome"] = "welcome"
+    ref: str | None
+    session_id: str
+    user_id: str
+    avatar: AvatarInfo | None
+    personas: list[PersonaInfo]
+    protocol: int = PROTOCOL_VERSION
+    server: str
+    limits: Limits
+
+
+class Avatar(ServerFrame):
+    type: Literal["avatar"] = "avatar"
+    ref: str | None
+    avatar: AvatarInfo
+
+
+class PersonaSet(ServerFrame):
+    type: Literal["persona_set"] = "persona_set"
+    ref: str | None
+    personality: str
+    previous: str
+
+
+class PersonaChanged(ServerFrame):
+    type: Literal["persona_changed"] = "persona_changed"
+    personality: str
+    previous: str
+
+
+class ReplyDelta(ServerFrame):
+    type: Literal["reply_delta"] = "reply_delta"
+    ref: str | None
+    reply_id: int
+    delta: str
+
+
+class Usage(Frame):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+
+
+ReplyStatus = Literal["completed", "cancelled", "failed"]
+
+
+class Reply(ServerFrame):
+    type: Literal["reply"] = "reply"
+    ref: str | None
+    reply_id: int
+    message_id: int
+    persona: str
+    text: str
+    status: ReplyStatus
+    usage: Usage | None = Field(default=None, exclude_if=_is_none)
+    replayed: bool | None = Field(default=None, exclude_if=_is_none)
+
+
+class Personas(ServerFrame):
+    type: Literal["personas"] = "personas"
+    ref: str | None
+    personas: list[PersonaInfo]
+
+
+class HistoryEntry(Frame):
+    id: int
+    role: Literal["user", "assistant"]
+    persona: str
+    text: str
+    created_at: datetime
+
+
+class HistoryPage(ServerFrame):
+    type: Literal["history"] = "history"
+    ref: str | None
+    messages: list[HistoryEntry]
+
+
+class Notice(ServerFrame):
+    type: Literal["notice"] = "notice"
+    ref: str | None
+    text: str
+
+
+class Pong(ServerFrame):
+    type: Literal["pong"] = "pong"
+    ref: str | None
+
+
+class Error(ServerFrame):
+    type: Literal["error"] = "error"
+    ref: str | None
+    code: str
+    status: int
+    message: str
+    details: dict[str, Any] | None = Field(default=None, exclude_if=_is_none)
+
+
+AnyServerFrame = Annotated[
+    Welcome
+    | Avatar
+    | PersonaSet
+    | PersonaChanged
+    | ReplyDelta
+    | Reply
+    | Personas
+    | HistoryPage
+    | Notice
+    | Pong
+    | Error,
+    Field(discriminator="type"),
+]
+SERVER_ADAPTER: TypeAdapter[AnyServerFrame] = TypeAdapter(AnyServerFrame)
+
+# ---------------------------------------------------------------- decoding and encoding
+
+# Pydantic error types that mean "this is not a JSON object at all" rather than "this object
+# is not a valid frame".
+_NOT_AN_OBJECT = frozenset({"json_invalid", "json_type", "dict_type", "model_type"})
+
+
+def decode_client_frame(raw: str | bytes) -> AnyClientFrame:
+    """Decode one client frame from its text, or raise BadJson or InvalidFrame."""
+    if isinstance(raw, bytes):
+        raise BadJson("binary frames are not accepted; send JSON in a text frame")
+    try:
+        return CLIENT_ADAPTER.validate_json(raw)
+    except ValidationError as exc:
+        raise _frame_error(exc) from None
+
+
+def _frame_error(exc: ValidationError) -> BadJson | InvalidFrame:
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    if len(errors) == 1 and not errors[0]["loc"] and errors[0]["type"] in _NOT_AN_OBJECT:
+        return BadJson()
+    if any(err["type"] == "json_invalid" for err in errors):
+        return BadJson()
+    first = errors[0]
+    where = ".".join(str(part) for part in first["loc"][1:]) or "frame"
+    if first["type"] == "union_tag_invalid":
+        return InvalidFrame("unknown frame type")
+    if first["type"] == "union_tag_not_found":
+        return InvalidFrame("the frame has no string field 'type'")
+    return InvalidFrame(f"{where}: {first['msg']}")
+
+
+def salvage_ref(raw: str | bytes) -> str | None:
+    """The `id` of a frame that failed to decode, when it is readable and valid; else None."""
+    if isinstance(raw, bytes):
+        return None
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(value, dict):
+        return None
+    ref = value.get("id")
+    if isinstance(ref, str) and 1 <= len(ref) <= MAX_ID_CHARS:
+        try:
+            return _storable(ref)
+        except ValueError:
+            return None
+    return None
+
+
+def encode(frame: ServerFrame) -> bytes:
+    """One server frame as UTF-8 JSON; optional fields that are None are left out."""
+    return frame.__pydantic_serializer__.to_json(frame)
+
+
+def decode_server_frame(raw: str | bytes) -> AnyServerFrame:
+    """Decode one server frame (for clients, bots and tests)."""
+    return SERVER_ADAPTER.validate_json(raw)
+
+
+def error_frame(exc: Exception, ref: str | None) -> Error:
+    """The one mapping from an exception to an `error` frame; anything unexpected is `internal`."""
+    if not isinstance(exc, ProtocolError):
+        exc = Internal()
+    return Error(
+        ref=ref, code=exc.code, status=exc.status, message=exc.message, details=exc.details
+    )

@@ -1,0 +1,171 @@
+"""The command line: serve (default), token, chat, bots, schema, migrate."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import orjson
+
+from protocol.schema import json_schema
+from server.app import App, run_async, serve_until_signalled
+from server.auth import load_or_create_secret, mint_token
+from server.embedded import EmbeddedPostgres
+from server.settings import Settings
+from server.store import Store
+
+log = logging.getLogger("run")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run.py", description="Persona chat server: JSON over WebSocket, backed by PostgreSQL."
+    )
+    commands = parser.add_subparsers(dest="command")
+
+    serve = commands.add_parser("serve", help="run the server (the default)")
+    _add_server_options(serve)
+
+    token = commands.add_parser("token", help="print a token for USER")
+    token.add_argument("user")
+    token.add_argument("--ttl", type=float, default=None, help="seconds until it expires")
+    token.add_argument("--data-dir", default=None)
+
+    migrate = commands.add_parser("migrate", help="apply the database migrations and exit")
+    migrate.add_argument("--data-dir", default=None)
+    migrate.add_argument("--log-level", default=None)
+
+    commands.add_parser("schema", help="print the JSON Schema of every frame")
+    return parser
+
+
+def _add_server_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="port (default 8765)")
+    parser.add_argument("--data-dir", default=None, help="data directory (default .data)")
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
+    parser.add_argument(
+        "--template-delay-ms",
+        type=float,
+        default=None,
+        help="pause between the template generator's pieces, to see streaming without a model",
+    )
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Environment settings, overridden by the flags that were given."""
+    overrides: dict[str, Any] = {
+        name: value
+        for name, value in vars(args).items()
+        if value is not None and name in Settings.model_fields
+    }
+    if isinstance(overrides.get("log_level"), str):
+        overrides["log_level"] = overrides["log_level"].upper()
+    return Settings(**overrides)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+
+
+class Database:
+    """The configured PostgreSQL: `DATABASE_URL` as it is, or the embedded one, started here."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._embedded: EmbeddedPostgres | None = None
+
+    def __enter__(self) -> str:
+        if self._settings.database_url:
+            return self._settings.database_url
+        self._embedded = EmbeddedPostgres(self._settings.pgdata_path())
+        return self._embedded.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._embedded is not None:
+            self._embedded.stop()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    configure_logging(settings.log_level)
+    secret = load_or_create_secret(settings)
+    with Database(settings) as dsn:
+        app = App(settings, dsn, secret)
+        run_async(serve_until_signalled(app, lambda app: _banner(app, settings)))
+    return 0
+
+
+def _banner(app: App, settings: Settings) -> None:
+    where = (
+        "PostgreSQL at DATABASE_URL"
+        if settings.database_url
+        else f"embedded PostgreSQL in {settings.pgdata_path().resolve()}"
+    )
+    print(
+        f"Persona chat server listening on {app.url}\n"
+        f"  get a token:  python run.py token alice"
+        + (f" --data-dir {settings.data_dir}" if settings.data_dir != Settings().data_dir else "")
+        + f"\n  data:         {settings.data_dir.resolve()} ({where})\n"
+        f"  health:       http://{settings.host}:{app.port}/healthz\n"
+        "  stop:         Ctrl-C",
+        flush=True,
+    )
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    print(mint_token(load_or_create_secret(settings), args.user, args.ttl))
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    configure_logging(settings.log_level)
+
+    async def migrate(dsn: str) -> list[str]:
+        store = await Store.connect(dsn, min_size=1, max_size=1, timeout_s=settings.db_timeout_s)
+        try:
+            return await store.migrate()
+        finally:
+            await store.close()
+
+    with Database(settings) as dsn:
+        applied = asyncio.run(migrate(dsn))
+    print("applied: " + ", ".join(applied) if applied else "the schema is up to date")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    sys.stdout.write(orjson.dumps(json_schema(), option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": cmd_serve,
+    "token": cmd_token,
+    "migrate": cmd_migrate,
+    "schema": cmd_schema,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv.insert(0, "serve")
+    args = parser.parse_args(argv)
+    return COMMANDS[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

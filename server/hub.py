@@ -1,0 +1,47 @@
+"""The sessions of this process, by user: where persona changes reach a user's other tabs."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Protocol
+
+
+class Listener(Protocol):
+    """What the hub needs of a session."""
+
+    def on_persona_changed(self, personality: str, previous: str) -> None: ...
+
+
+class Hub:
+    """Maps user ids to their open sessions in this process."""
+
+    def __init__(self) -> None:
+        self._by_user: defaultdict[str, set[Listener]] = defaultdict(set)
+
+    def join(self, user_id: str, session: Listener) -> int:
+        """Add a session; return how many this user now has here."""
+        sessions = self._by_user[user_id]
+        sessions.add(session)
+        return len(sessions)
+
+    def leave(self, user_id: str, session: Listener) -> None:
+        sessions = self._by_user.get(user_id)
+        if sessions is None:
+            return
+        sessions.discard(session)
+        if not sessions:
+            del self._by_user[user_id]
+
+    def count(self, user_id: str) -> int:
+        return len(self._by_user.get(user_id, ()))
+
+    def persona_changed(
+        self, user_id: str, personality: str, previous: str, origin: Listener | None
+    ) -> int:
+        """Tell every session of the user except `origin`; return how many were told."""
+        told = 0
+        for session in tuple(self._by_user.get(user_id, ())):
+            if session is not origin:
+                session.on_persona_changed(personality, previous)
+                told += 1
+        return told

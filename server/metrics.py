@@ -1,0 +1,66 @@
+"""Prometheus metrics of one server process, in a registry of its own."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from protocol.errors import ERROR_CODES
+
+FRAME_TYPES = (
+    "hello", "create_avatar", "get_avatar", "set_persona", "chat", "cancel", "history", "ping",
+    "invalid",
+)  # fmt: skip
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """Counters and gauges the session and app update; rendered at GET /metrics."""
+
+    def __init__(self, pool_in_use: Callable[[], float] = lambda: 0.0) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.connections = Gauge(
+            "chat_connections_open", "Open WebSocket connections", registry=self.registry
+        )
+        self.sessions = Gauge(
+            "chat_sessions_authenticated", "Authenticated sessions", registry=self.registry
+        )
+        frames = Counter(
+            "chat_frames_received", "Frames received, by type", ["type"], registry=self.registry
+        )
+        self.frames = {name: frames.labels(name) for name in FRAME_TYPES}
+        errors = Counter(
+            "chat_errors", "Error frames sent, by code", ["code"], registry=self.registry
+        )
+        self.errors = {code: errors.labels(code) for code in ERROR_CODES}
+        self.closes = Counter(
+            "chat_closes", "Connections closed by the server, by close code", ["code"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.persona_switches = Counter(
+            "chat_persona_switches", "Committed persona switches", registry=self.registry
+        )
+        self.replies = Counter(
+            "chat_replies", "Replies sent, by status", ["status"], registry=self.registry
+        )
+        self.reply_latency = Histogram(
+            "chat_reply_latency_seconds",
+            "From a chat's arrival to its committed reply",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.commit_batch = Histogram(
+            "chat_commit_batch_size",
+            "Turns written per group commit",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=self.registry,
+        )
+        pool = Gauge(
+            "chat_db_pool_in_use", "Database connections checked out", registry=self.registry
+        )
+        pool.set_function(pool_in_use)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

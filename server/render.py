@@ -1,0 +1,54 @@
+"""Reply rendering as pure functions: the template reply, and (for LLMs) the prompt."""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from protocol.personas import PersonaCard
+
+TOPIC_WORDS = 8
+TOPIC_CHARS = 60
+EARLIER_CHARS = 40
+_WORDS = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*")
+
+
+@dataclass(frozen=True, slots=True)
+class PastTurn:
+    """One earlier exchange, as a generator sees it."""
+
+    user_text: str
+    reply_text: str
+
+
+def topic_of(text: str) -> str:
+    """The first few words of a message, for the reply to reflect back."""
+    words = _WORDS.findall(text)[:TOPIC_WORDS]
+    topic = " ".join(words) if words else "that"
+    return _clip(topic, TOPIC_CHARS)
+
+
+def _clip(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def template_reply(card: PersonaCard, text: str, recent: Sequence[PastTurn]) -> list[str]:
+    """A deterministic reply in the persona's voice, as pieces that join into the whole text.
+
+    The same card, text and recent turns always give the same reply; two cards never give the
+    same reply to the same text, since every piece comes from the card.
+    """
+    seed = zlib.crc32(text.encode("utf-8"))
+    opener = card.openers[seed % len(card.openers)]
+    reflection = card.reflections[(seed // 7) % len(card.reflections)]
+    follow_up = card.follow_ups[(seed // 49) % len(card.follow_ups)]
+    pieces = [opener + " ", reflection.format(topic=topic_of(text)) + " "]
+    if recent:
+        earlier = _clip(recent[-1].user_text, EARLIER_CHARS)
+        pieces.append(card.callback.format(earlier=earlier) + " ")
+    pieces.append(follow_up + " ")
+    pieces.append(card.sign_off)
+    return pieces

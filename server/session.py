@@ -1,0 +1,586 @@
+"""One connection's session: authentication, the ordered frame loop, the chat queue, the reply."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from protocol import commands
+from protocol.errors import (
+    BadJson,
+    Busy,
+    CloseCode,
+    ConnectionRefused,
+    DuplicateId,
+    InvalidFrame,
+    InvalidPersona,
+    NoAvatar,
+    NothingToCancel,
+    ProtocolError,
+    RateLimited,
+    Unavailable,
+    UnknownCommand,
+)
+from protocol.frames import (
+    Avatar,
+    Cancel,
+    Chat,
+    CreateAvatar,
+    GetAvatar,
+    Hello,
+    History,
+    HistoryPage,
+    Limits,
+    Notice,
+    PersonaChanged,
+    PersonaInfo,
+    Personas,
+    PersonaSet,
+    Ping,
+    Pong,
+    Reply,
+    ReplyDelta,
+    ReplyStatus,
+    ServerFrame,
+    SetPersona,
+    Usage,
+    Welcome,
+    decode_client_frame,
+    encode,
+    error_frame,
+    salvage_ref,
+)
+from protocol.personas import CATALOGUE, PERSONA_IDS, get_card, is_known
+from server import store as db
+from server.auth import authenticate
+from server.generators import GeneratorUnavailable, ReplyGenerator, TurnContext
+from server.hub import Hub
+from server.limits import TokenBucket
+from server.metrics import Metrics
+from server.render import PastTurn
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PERSONA_LIST = [PersonaInfo(id=c.id, name=c.name, description=c.description) for c in CATALOGUE]
+
+
+@dataclass(slots=True)
+class Services:
+    """What every session of one process shares."""
+
+    settings: Settings
+    store: db.Store
+    hub: Hub
+    metrics: Metrics
+    generator: ReplyGenerator
+    secret: str
+    version: str
+    draining: bool = False
+
+
+@dataclass(slots=True)
+class PendingChat:
+    """A chat waiting for its reply, with the persona it was accepted under."""
+
+    ref: str | None
+    text: str
+    persona: str
+    received_at: float
+
+
+@dataclass(slots=True)
+class InFlight:
+    """The reply being generated right now."""
+
+    chat: PendingChat
+    message_id: int | None = None
+    reply_id: int | None = None
+    task: asyncio.Task[tuple[ReplyStatus, Usage | None]] | None = None
+    cancel_requested: bool = False
+    parts: list[str] = field(default_factory=list)
+
+    def request_cancel(self) -> None:
+        self.cancel_requested = True
+        if self.task is not None:
+            self.task.cancel()
+
+
+class DeltaCoalescer:
+    """Groups tiny pieces into `reply_delta` frames: flush at `chars`, or `delay_s` after a piece."""
+
+    __slots__ = ("_buffer", "_chars", "_delay_s", "_emit", "_size", "_timer")
+
+    def __init__(self, emit: Callable[[str], None], delay_s: float, chars: int) -> None:
+        self._emit = emit
+        self._delay_s = delay_s
+        self._chars = chars
+        self._buffer: list[str] = []
+        self._size = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, piece: str) -> None:
+        self._buffer.append(piece)
+        self._size += len(piece)
+        if self._size >= self._chars:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._delay_s, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._buffer:
+            self._emit("".join(self._buffer))
+            self._buffer.clear()
+            self._size = 0
+
+    def close(self) -> None:
+        """Stop; what is still buffered goes out in the final `reply`, which has the whole text."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._buffer.clear()
+
+
+class Session:
+    """Owns one WebSocket connection from handshake to close."""
+
+    def __init__(self, services: Services, ws: ServerConnection) -> None:
+        self.services = services
+        self.settings = services.settings
+        self.ws = ws
+        self.id = uuid.uuid4().hex
+        self.user_id = ""
+        self._avatar: db.Avatar | None = None
+        self._avatar_epoch = 0
+        self._lock = asyncio.Lock()
+        self._queue: deque[PendingChat] = deque()
+        self._worker: asyncio.Task[None] | None = None
+        self._inflight: InFlight | None = None
+        self._recent: deque[PastTurn] = deque(maxlen=self.settings.history_turns)
+        self._bucket = TokenBucket(self.settings.rate_per_s, self.settings.rate_burst, 0.0)
+        self._strikes = 0
+        self._last_strike = 0.0
+        self._outbox: deque[bytes] = deque()
+        self._outbox_bytes = 0
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        metrics = self.services.metrics
+        metrics.connections.inc()
+        try:
+            try:
+                hello_ref = await self._authenticate()
+            except ConnectionRefused as exc:
+                log.info("session %s refused: %d %s", self.id, exc.close_code, exc.reason)
+                metrics.closes.labels(str(int(exc.close_code))).inc()
+                await self.ws.close(exc.close_code, exc.reason)
+                return
+            await self._serve(hello_ref)
+        except ConnectionClosed:
+            pass
+        finally:
+            metrics.connections.dec()
+
+    async def _authenticate(self) -> str | None:
+        try:
+            async with asyncio.timeout(self.settings.hello_timeout_s):
+                raw = await self.ws.recv()
+        except TimeoutError:
+            raise ConnectionRefused(CloseCode.AUTH_TIMEOUT, "no hello in time") from None
+        try:
+            frame = decode_client_frame(raw)
+        except ProtocolError:
+            raise ConnectionRefused(CloseCode.NOT_AUTHENTICATED, "send hello first") from None
+        if not isinstance(frame, Hello):
+            raise ConnectionRefused(CloseCode.NOT_AUTHENTICATED, "send hello first")
+        self.services.metrics.frames["hello"].inc()
+        self.user_id = authenticate(self.services.secret, frame.token)
+        try:
+            self._avatar = await self.services.store.open_user(self.user_id)
+        except Unavailable:
+            raise ConnectionRefused(CloseCode.INTERNAL_ERROR, "database unavailable") from None
+        return frame.id
+
+    async def _serve(self, hello_ref: str | None) -> None:
+        services = self.services
+        services.hub.join(self.user_id, self)
+        services.metrics.sessions.inc()
+        log.info("session %s opened for user %r", self.id, self.user_id)
+        try:
+            self._emit(self._welcome(hello_ref))
+            async for raw in self.ws:
+                await self._on_frame(raw)
+                if self._closing:
+                    break
+        finally:
+            services.hub.leave(self.user_id, self)
+            services.metrics.sessions.dec()
+            await self._finish()
+            log.info(
+                "session %s closed for user %r: %s %s",
+                self.id,
+                self.user_id,
+                self.ws.close_code,
+                self.ws.close_reason or "",
+            )
+
+    def _welcome(self, ref: str | None) -> Welcome:
+        settings = self.settings
+        return Welcome(
+            ref=ref,
+            session_id=self.id,
+            user_id=self.user_id,
+            avatar=self._avatar.info() if self._avatar else None,
+            personas=PERSONA_LIST,
+            server=self.services.version,
+            limits=Limits(
+                max_frame_bytes=settings.max_frame_bytes,
+                max_text_chars=settings.max_text_chars,
+                rate_per_s=settings.rate_per_s,
+            ),
+        )
+
+    async def _finish(self) -> None:
+        """The connection is gone: stop the reply in flight (it is stored as cancelled)."""
+        self._closing = True
+        self._queue.clear()
+        if self._inflight is not None:
+            self._inflight.request_cancel()
+        if self._worker is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(
+                    asyncio.shield(self._worker), self.settings.drain_timeout_s
+                )
+
+    @property
+    def idle(self) -> bool:
+        return self._worker is None
+
+    def drain(self) -> None:
+        """Server shutdown: refuse new chats; the queued ones and the one in flight finish."""
+        self.services.draining = True
+
+    async def close(self, code: CloseCode, reason: str) -> None:
+        self._closing = True
+        self.services.metrics.closes.labels(str(int(code))).inc()
+        await self.ws.close(code, reason)
+
+    # ------------------------------------------------------------------ output
+
+    def _emit(self, frame: ServerFrame) -> None:
+        """Queue a frame for the writer; frames leave in the order they were emitted."""
+        if self.ws.close_code is not None:
+            return
+        data = encode(frame)
+        self._outbox.append(data)
+        self._outbox_bytes += len(data)
+        if self._outbox_bytes > self.settings.outbox_limit_bytes:
+            self._close_soon(CloseCode.POLICY_VIOLATION, "client does not read its answers")
+            return
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write())
+
+    def _emit_error(self, exc: Exception, ref: str | None) -> None:
+        frame = error_frame(exc, ref)
+        self.services.metrics.errors[frame.code].inc()
+        self._emit(frame)
+
+    async def _write(self) -> None:
+        try:
+            while self._outbox:
+                data = self._outbox.popleft()
+                self._outbox_bytes -= len(data)
+                async with asyncio.timeout(self.settings.send_timeout_s):
+                    await self.ws.send(data, text=True)
+        except TimeoutError:
+            self._outbox.clear()
+            self._close_soon(CloseCode.POLICY_VIOLATION, "client does not read its answers")
+        except ConnectionClosed:
+            self._outbox.clear()
+        finally:
+            self._writer = None
+
+    def _close_soon(self, code: CloseCode, reason: str) -> None:
+        if self._closing:
+            return
+        log.warning("session %s: closing %d: %s", self.id, code, reason)
+        task = asyncio.create_task(self.close(code, reason))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ input
+
+    async def _on_frame(self, raw: str | bytes) -> None:
+        ref: str | None = None
+        try:
+            frame = decode_client_frame(raw)
+            ref = frame.id
+            self.services.metrics.frames[frame.type].inc()
+            self._check_rate()
+            await self._dispatch(frame)
+        except ProtocolError as exc:
+            if isinstance(exc, BadJson | InvalidFrame):
+                self.services.metrics.frames["invalid"].inc()
+                ref = salvage_ref(raw)
+            self._emit_error(exc, ref)
+        except Exception as exc:
+            log.exception("session %s: unexpected error handling a frame", self.id)
+            self._emit_error(exc, ref)
+
+    def _check_rate(self) -> None:
+        now = time.monotonic()
+        if self._bucket.take(now):
+            return
+        if now - self._last_strike > 1.0:
+            self._strikes = 0
+        self._strikes += 1
+        self._last_strike = now
+        if self._strikes >= self.settings.abuse_close_after:
+            self._close_soon(CloseCode.POLICY_VIOLATION, "rate limit exceeded repeatedly")
+        raise RateLimited(details={"rate_per_s": self.settings.rate_per_s})
+
+    async def _dispatch(
+        self, frame: Hello | CreateAvatar | GetAvatar | SetPersona | Chat | Cancel | History | Ping
+    ) -> None:
+        store = self.services.store
+        match frame:
+            case Chat():
+                await self._chat(frame)
+            case SetPersona():
+                await self.set_persona(frame.personality, frame.id)
+            case Cancel():
+                self._cancel()
+            case GetAvatar():
+                self._emit(Avatar(ref=frame.id, avatar=(await self._current_avatar()).info()))
+            case CreateAvatar():
+                await self._create_avatar(frame)
+            case History():
+                messages = await store.history(self.user_id, frame.limit, frame.before)
+                self._emit(HistoryPage(ref=frame.id, messages=messages))
+            case Ping():
+                self._emit(Pong(ref=frame.id))
+            case Hello():
+                raise InvalidFrame("already authenticated")
+
+    # ------------------------------------------------------------------ avatar and persona
+
+    async def _current_avatar(self) -> db.Avatar:
+        """The cached avatar, or a fresh load; never caches its absence."""
+        avatar = self._avatar
+        if avatar is not None:
+            return avatar
+        async with self._lock:
+            epoch = self._avatar_epoch
+            avatar = await self.services.store.get_avatar(self.user_id)
+            if avatar is None:
+                raise NoAvatar()
+            if epoch == self._avatar_epoch:
+                self._avatar = avatar
+        return avatar
+
+    def clear_avatar_cache(self) -> None:
+        self._avatar = None
+        self._avatar_epoch += 1
+
+    async def _create_avatar(self, frame: CreateAvatar) -> None:
+        _check_persona(frame.personality)
+        async with self._lock:
+            avatar = await self.services.store.create_avatar(
+                self.user_id, frame.name, frame.personality
+            )
+            self.clear_avatar_cache()
+            self._avatar = avatar
+        self._emit(Avatar(ref=frame.id, avatar=avatar.info()))
+
+    async def set_persona(self, personality: str, ref: str | None) -> None:
+        """The one persona switch, for `set_persona` and `/persona` alike.
+
+        Validate, commit, clear this session's cached avatar under its lock, and only then
+        acknowledge; then tell the user's other sessions.
+        """
+        _check_persona(personality)
+        async with self._lock:
+            result = await self.services.store.set_persona(self.user_id, personality)
+            if result is None:
+                raise NoAvatar()
+            self.clear_avatar_cache()
+        _, previous = result
+        self.services.metrics.persona_switches.inc()
+        self._emit(PersonaSet(ref=ref, personality=personality, previous=previous))
+        self.services.hub.persona_changed(self.user_id, personality, previous, origin=self)
+
+    def on_persona_changed(self, personality: str, previous: str) -> None:
+        """Another session of this user switched persona: forget the cache, tell the client."""
+        self.clear_avatar_cache()
+        self._emit(PersonaChanged(personality=personality, previous=previous))
+
+    # ------------------------------------------------------------------ chat
+
+    async def _chat(self, frame: Chat) -> None:
+        match commands.parse_chat_text(frame.text):
+            case commands.Message(text=text):
+                await self._enqueue(frame.id, text)
+            case commands.SwitchPersona(name=name):
+                await self.set_persona(name, frame.id)
+            case commands.ListPersonas():
+                self._emit(Personas(ref=frame.id, personas=PERSONA_LIST))
+            case commands.ShowHelp():
+                self._emit(Notice(ref=frame.id, text=commands.HELP_TEXT))
+            case commands.UnknownCommand(word=word):
+                raise UnknownCommand(f"unknown command '/{word}'; send /help for the list")
+
+    async def _enqueue(self, ref: str | None, text: str) -> None:
+        if self.services.draining:
+            raise Unavailable("the server is shutting down; reconnect in a moment")
+        if len(self._queue) >= self.settings.chat_queue_depth:
+            raise Busy(details={"queued": len(self._queue)})
+        avatar = await self._current_avatar()
+        self._queue.append(PendingChat(ref, text, avatar.personality, time.perf_counter()))
+        if self._worker is None:
+            self._worker = asyncio.create_task(self._work())
+
+    def _cancel(self) -> None:
+        inflight = self._inflight
+        if inflight is None or inflight.cancel_requested:
+            raise NothingToCancel()
+        inflight.request_cancel()
+
+    async def _work(self) -> None:
+        try:
+            while self._queue:
+                await self._reply(self._queue.popleft())
+        finally:
+            self._worker = None
+
+    async def _reply(self, chat: PendingChat) -> None:
+        """Generate, commit, then answer one chat."""
+        services = self.services
+        inflight = InFlight(chat)
+        self._inflight = inflight
+        status: ReplyStatus = "failed"
+        usage: Usage | None = None
+        failure: Exception | None = None
+        try:
+            if services.generator.streams:
+                inflight.message_id, inflight.reply_id = await services.store.reserve_message_ids()
+            if not inflight.cancel_requested:
+                inflight.task = asyncio.create_task(self._generate(inflight))
+                status, usage = await inflight.task
+            else:
+                status = "cancelled"
+        except (GeneratorUnavailable, Unavailable) as exc:
+            log.warning("session %s: reply failed: %s", self.id, exc)
+            failure = exc if isinstance(exc, Unavailable) else Unavailable(str(exc))
+        except Exception as exc:
+            log.exception("session %s: reply generator crashed", self.id)
+            failure = exc
+        finally:
+            self._inflight = None
+        await self._commit_and_answer(inflight, status, usage, failure)
+
+    async def _generate(self, inflight: InFlight) -> tuple[ReplyStatus, Usage | None]:
+        chat = inflight.chat
+        turn = TurnContext(card=get_card(chat.persona), text=chat.text, recent=tuple(self._recent))
+        coalescer = None
+        if inflight.reply_id is not None:
+            reply_id = inflight.reply_id
+            coalescer = DeltaCoalescer(
+                lambda delta: self._emit(ReplyDelta(ref=chat.ref, reply_id=reply_id, delta=delta)),
+                self.settings.delta_flush_ms / 1000,
+                self.settings.delta_flush_chars,
+            )
+        usage: Usage | None = None
+        try:
+            async with contextlib.aclosing(self.services.generator.stream(turn)) as pieces:
+                async for piece in pieces:
+                    if isinstance(piece, Usage):
+                        usage = piece
+                        continue
+                    inflight.parts.append(piece)
+                    if coalescer is not None:
+                        coalescer.add(piece)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not inflight.cancel_requested or task is None:
+                raise
+            task.uncancel()
+            return "cancelled", usage
+        finally:
+            if coalescer is not None:
+                coalescer.close()
+        return "completed", usage
+
+    async def _commit_and_answer(
+        self,
+        inflight: InFlight,
+        status: ReplyStatus,
+        usage: Usage | None,
+        failure: Exception | None,
+    ) -> None:
+        services = self.services
+        chat = inflight.chat
+        text = "".join(inflight.parts)
+        turn = db.Turn(
+            user_id=self.user_id,
+            persona=chat.persona,
+            user_text=chat.text,
+            reply_text=text,
+            status=status,
+            client_id=chat.ref,
+            message_id=inflight.message_id,
+            reply_id=inflight.reply_id,
+        )
+        try:
+            stored = await services.store.commit_turn(turn)
+        except Unavailable as exc:
+            self._emit_error(exc, chat.ref)
+            return
+        if failure is not None:
+            self._emit_error(failure, chat.ref)
+            return
+        if not stored.inserted:
+            self._emit_error(DuplicateId(), chat.ref)
+            return
+        if status == "completed":
+            self._recent.append(PastTurn(chat.text, text))
+        services.metrics.replies.labels(status).inc()
+        services.metrics.reply_latency.observe(time.perf_counter() - chat.received_at)
+        self._emit(
+            Reply(
+                ref=chat.ref,
+                reply_id=stored.reply_id,
+                message_id=stored.message_id,
+                persona=chat.persona,
+                text=text,
+                status=status,
+                usage=usage,
+            )
+        )
+
+
+def _check_persona(personality: str) -> None:
+    if not personality:
+        raise InvalidPersona(
+            "name a personality, for example: /persona playful",
+            details={"allowed": list(PERSONA_IDS)},
+        )
+    if not is_known(personality):
+        raise InvalidPersona(
+            f"unknown personality {personality!r}", details={"allowed": list(PERSONA_IDS)}
+        )

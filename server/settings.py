@@ -1,0 +1,61 @@
+"""The one settings object: environment (`CHAT_*`, `DATABASE_URL`), overridden by run.py flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from protocol.frames import MAX_TEXT_CHARS
+
+
+class Settings(BaseSettings):
+    """Every knob of the server. No other module reads the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="CHAT_", extra="ignore")
+
+    # where to listen and where data lives
+    host: str = "127.0.0.1"
+    port: int = Field(default=8765, ge=0, le=65535)
+    data_dir: Path = Path(".data")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # database: an external PostgreSQL when set, else the embedded one in data_dir
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("DATABASE_URL", "CHAT_DATABASE_URL")
+    )
+    db_pool_min: int = Field(default=2, ge=1)
+    db_pool_max: int = Field(default=10, ge=1)
+    db_timeout_s: float = Field(default=5.0, gt=0)
+
+    # authentication
+    jwt_secret: SecretStr | None = None
+    hello_timeout_s: float = Field(default=10.0, gt=0)
+
+    # limits
+    max_frame_bytes: int = Field(default=64 * 1024, ge=1024)
+    max_text_chars: int = MAX_TEXT_CHARS
+    rate_per_s: float = Field(default=20.0, gt=0)
+    rate_burst: int = Field(default=40, ge=1)
+    abuse_close_after: int = Field(default=50, ge=1)
+    chat_queue_depth: int = Field(default=8, ge=1)
+    ping_interval_s: float = Field(default=20.0, gt=0)
+    ping_timeout_s: float = Field(default=20.0, gt=0)
+    send_timeout_s: float = Field(default=10.0, gt=0)
+    outbox_limit_bytes: int = Field(default=1024 * 1024, ge=64 * 1024)
+    drain_timeout_s: float = Field(default=10.0, gt=0)
+
+    # replies
+    generator: Literal["template"] = "template"
+    template_delay_ms: float = Field(default=0.0, ge=0)
+    history_turns: int = Field(default=6, ge=0)
+    delta_flush_ms: float = Field(default=20.0, ge=0)
+    delta_flush_chars: int = Field(default=64, ge=1)
+
+    def secret_path(self) -> Path:
+        return self.data_dir / "jwt_secret"
+
+    def pgdata_path(self) -> Path:
+        return self.data_dir / "pgdata"

@@ -1,0 +1,331 @@
+"""Storage: the asyncpg pool, migrations, and every SQL statement the server runs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+from protocol.errors import AvatarExists, Unavailable
+from protocol.frames import AvatarInfo, HistoryEntry
+from server.batching import Batcher
+
+log = logging.getLogger(__name__)
+
+MIGRATION_LOCK_KEY = 0x70657273  # "pers": one advisory lock for every process that migrates
+
+# Errors that mean "the database is not reachable right now", as opposed to a bug.
+_UNREACHABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Avatar:
+    id: int
+    user_id: str
+    name: str
+    personality: str
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+    def info(self) -> AvatarInfo:
+        return AvatarInfo(
+            id=self.id,
+            name=self.name,
+            personality=self.personality,
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One chat and its reply, written together in one statement or not at all."""
+
+    user_id: str
+    persona: str
+    user_text: str
+    reply_text: str
+    status: str  # completed | cancelled | failed
+    client_id: str | None = None
+    message_id: int | None = None  # reserved ids, when the reply streamed before commit
+    reply_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTurn:
+    message_id: int
+    reply_id: int
+    inserted: bool  # False: a chat with the same client id was already stored
+
+
+_AVATAR_COLUMNS = "id, user_id, name, personality, version, created_at, updated_at"
+
+_COMMIT_TURNS = """
+WITH turns AS MATERIALIZED (
+    SELECT t.ord, t.user_id, t.persona, t.user_text, t.reply_text, t.status, t.client_id,
+           coalesce(t.message_id, nextval('messages_id_seq')) AS message_id,
+           coalesce(t.reply_id, nextval('messages_id_seq')) AS reply_id
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                $7::bigint[], $8::bigint[])
+         WITH ORDINALITY
+         AS t(user_id, persona, user_text, reply_text, status, client_id, message_id, reply_id,
+              ord)
+),
+user_rows AS (
+    INSERT INTO messages (id, user_id, role, persona, text, status, client_id)
+    SELECT message_id, user_id, 'user', persona, user_text, 'completed', client_id FROM turns
+    ON CONFLICT DO NOTHING
+    RETURNING id
+),
+reply_rows AS (
+    INSERT INTO messages (id, user_id, role, persona, text, status, reply_to)
+    SELECT reply_id, user_id, 'assistant', persona, reply_text, status, message_id FROM turns
+    WHERE message_id IN (SELECT id FROM user_rows)
+    RETURNING reply_to
+)
+SELECT t.ord, t.message_id, t.reply_id, (r.reply_to IS NOT NULL) AS inserted
+FROM turns t LEFT JOIN reply_rows r ON r.reply_to = t.message_id
+ORDER BY t.ord
+"""
+
+
+class Store:
+    """The one place that speaks SQL. Every query is scoped by the authenticated user."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        timeout_s: float,
+        on_batch: Callable[[int], object] | None = None,
+    ) -> None:
+        self._pool = pool
+        self._timeout = timeout_s
+        self._turns: Batcher[Turn, StoredTurn] = Batcher(
+            self._commit_turns, name="turns", observe=on_batch
+        )
+
+    @classmethod
+    async def connect(
+        cls,
+        dsn: str,
+        *,
+        min_size: int = 2,
+        max_size: int = 10,
+        timeout_s: float = 5.0,
+        on_batch: Callable[[int], object] | None = None,
+    ) -> Store:
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout_s,
+            command_timeout=timeout_s,
+        )
+        return cls(pool, timeout_s, on_batch)
+
+    async def close(self) -> None:
+        await self._turns.drain()
+        await asyncio.wait_for(self._pool.close(), timeout=self._timeout)
+
+    @property
+    def pool_in_use(self) -> int:
+        return self._pool.get_size() - self._pool.get_idle_size()
+
+    @property
+    def batches(self) -> Batcher[Turn, StoredTurn]:
+        return self._turns
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[Any]]:
+        """A pooled connection; unreachable-database errors become `Unavailable`."""
+        try:
+            async with self._pool.acquire(timeout=self._timeout) as conn:
+                yield conn
+        except _UNREACHABLE as exc:
+            log.warning("database unreachable: %s: %s", type(exc).__name__, exc)
+            raise Unavailable("the database is unreachable; try again shortly") from exc
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def migrate(self) -> list[str]:
+        """Apply pending migrations under an advisory lock; return the names applied."""
+        applied: list[str] = []
+        async with self._connection() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+            try:
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                    " version int PRIMARY KEY, name text NOT NULL,"
+                    " applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+                done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+                for version, name, sql in _migration_files():
+                    if version in done:
+                        continue
+                    async with conn.transaction():
+                        await conn.execute(sql)
+                        await conn.execute(
+                            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                            version,
+                            name,
+                        )
+                    log.info("applied migration %03d %s", version, name)
+                    applied.append(name)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+        return applied
+
+    async def ping(self) -> bool:
+        try:
+            async with self._connection() as conn:
+                await conn.fetchval("SELECT 1", timeout=min(self._timeout, 2.0))
+        except Unavailable:
+            return False
+        return True
+
+    # ------------------------------------------------------------------ users and avatars
+
+    async def open_user(self, user_id: str) -> Avatar | None:
+        """Create the user on first sight; return its avatar, if any."""
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                "WITH new_user AS (INSERT INTO users (id) VALUES ($1) ON CONFLICT DO NOTHING)"
+                f" SELECT {_AVATAR_COLUMNS} FROM avatars WHERE user_id = $1",
+                user_id,
+            )
+        return _avatar(row)
+
+    async def get_avatar(self, user_id: str) -> Avatar | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                f"SELECT {_AVATAR_COLUMNS} FROM avatars WHERE user_id = $1", user_id
+            )
+        return _avatar(row)
+
+    async def create_avatar(self, user_id: str, name: str, personality: str) -> Avatar:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                "INSERT INTO avatars (user_id, name, personality) VALUES ($1, $2, $3)"
+                f" ON CONFLICT (user_id) DO NOTHING RETURNING {_AVATAR_COLUMNS}",
+                user_id,
+                name,
+                personality,
+            )
+        avatar = _avatar(row)
+        if avatar is None:
+            raise AvatarExists()
+        return avatar
+
+    async def set_persona(self, user_id: str, personality: str) -> tuple[Avatar, str] | None:
+        """Commit a new personality; return the avatar and the previous one, or None (no avatar)."""
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                "UPDATE avatars a SET personality = $2, version = a.version + 1,"
+                " updated_at = now()"
+                " FROM (SELECT personality FROM avatars WHERE user_id = $1 FOR UPDATE) old"
+                " WHERE a.user_id = $1"
+                " RETURNING a.id, a.user_id, a.name, a.personality, a.version, a.created_at,"
+                " a.updated_at, old.personality AS previous",
+                user_id,
+                personality,
+            )
+        avatar = _avatar(row)
+        if avatar is None or row is None:
+            return None
+        return avatar, str(row["previous"])
+
+    # ------------------------------------------------------------------ messages
+
+    async def commit_turn(self, turn: Turn) -> StoredTurn:
+        """Write a chat and its reply durably, batched with other sessions' turns."""
+        return await self._turns.submit(turn)
+
+    async def _commit_turns(self, turns: Sequence[Turn]) -> list[StoredTurn]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                _COMMIT_TURNS,
+                [t.user_id for t in turns],
+                [t.persona for t in turns],
+                [t.user_text for t in turns],
+                [t.reply_text for t in turns],
+                [t.status for t in turns],
+                [t.client_id for t in turns],
+                [t.message_id for t in turns],
+                [t.reply_id for t in turns],
+            )
+        return [
+            StoredTurn(message_id=r["message_id"], reply_id=r["reply_id"], inserted=r["inserted"])
+            for r in rows
+        ]
+
+    async def reserve_message_ids(self) -> tuple[int, int]:
+        """Two fresh ids (the chat's, the reply's) for a reply that streams before it commits."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT nextval('messages_id_seq') AS id FROM generate_series(1, 2)"
+            )
+        first, second = sorted(int(r["id"]) for r in rows)
+        return first, second
+
+    async def history(self, user_id: str, limit: int, before: int | None) -> list[HistoryEntry]:
+        """The user's messages, oldest first: the `limit` newest ones older than `before`."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT id, role, persona, text, created_at FROM messages"
+                " WHERE user_id = $1 AND ($2::bigint IS NULL OR id < $2)"
+                " ORDER BY id DESC LIMIT $3",
+                user_id,
+                before,
+                limit,
+            )
+        return [
+            HistoryEntry(
+                id=r["id"],
+                role=r["role"],
+                persona=r["persona"],
+                text=r["text"],
+                created_at=r["created_at"],
+            )
+            for r in reversed(rows)
+        ]
+
+
+def _avatar(row: asyncpg.Record | None) -> Avatar | None:
+    if row is None:
+        return None
+    return Avatar(
+        id=row["id"],
+        user_id=row["user_id"],
+        name=row["name"],
+        personality=row["personality"],
+        version=row["version"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _migration_files() -> list[tuple[int, str, str]]:
+    """(version, name, sql) for every `NNN_name.sql` in server/migrations, in order."""
+    found = []
+    for entry in resources.files("server.migrations").iterdir():
+        if entry.name.endswith(".sql"):
+            stem = entry.name.removesuffix(".sql")
+            number, _, name = stem.partition("_")
+            found.append((int(number), name, entry.read_text(encoding="utf-8")))
+    return sorted(found)

@@ -1,0 +1,99 @@
+"""Shared fixtures: one embedded PostgreSQL per test run, a real server per test, real clients."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+import pytest
+
+from server.app import App
+from server.embedded import EmbeddedPostgres
+from server.settings import Settings
+from tests.client import Client, login
+
+SECRET = "test-secret-for-the-suite-only-0123456789"
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`DATABASE_URL` when set; otherwise an embedded PostgreSQL started once for the run."""
+    external = Settings().database_url
+    if external:
+        yield external
+        return
+    pg = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "pgdata")
+    uri = pg.start()
+    try:
+        yield uri
+    finally:
+        pg.stop()
+
+
+def test_settings(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "jwt_secret": SECRET,
+        "db_pool_min": 1,
+        "db_pool_max": 4,
+        "drain_timeout_s": 5.0,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+AppFactory = Callable[..., Awaitable[App]]
+
+
+@pytest.fixture
+async def make_app(database_url: str) -> AsyncIterator[AppFactory]:
+    """Start real servers on port 0 with the given settings; stop them after the test."""
+    apps: list[App] = []
+
+    async def factory(**overrides: Any) -> App:
+        app = App(test_settings(**overrides), database_url, SECRET)
+        await app.start()
+        apps.append(app)
+        return app
+
+    yield factory
+    for app in apps:
+        await app.stop()
+
+
+@pytest.fixture
+async def app(make_app: AppFactory) -> App:
+    return await make_app()
+
+
+@pytest.fixture
+def user() -> str:
+    return f"user-{uuid.uuid4().hex[:12]}"
+
+
+ClientFactory = Callable[..., Awaitable[Client]]
+
+
+@pytest.fixture
+async def connect(app: App) -> AsyncIterator[ClientFactory]:
+    """Log in as a user (a fresh one unless named) on the test's server."""
+    async with AsyncExitStack() as stack:
+
+        async def factory(user: str | None = None, target: App | None = None) -> Client:
+            name = user or f"user-{uuid.uuid4().hex[:12]}"
+            client = await login((target or app).url, SECRET, name)
+            stack.push_async_callback(client.__aexit__, None, None, None)
+            return client
+
+        yield factory
+
+
+async def with_avatar(client: Client, personality: str = "friendly") -> dict[str, Any]:
+    answer = await client.request(
+        {"type": "create_avatar", "name": "Ava", "personality": personality}
+    )
+    assert answer["type"] == "avatar", answer
+    return answer
