@@ -20,6 +20,8 @@ from server.store import Store
 
 log = logging.getLogger("run")
 
+DEFAULT_URL = "ws://127.0.0.1:8765/ws"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -40,6 +42,26 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--log-level", default=None)
 
     commands.add_parser("schema", help="print the JSON Schema of every frame")
+
+    chat = commands.add_parser("chat", help="chat with your avatar in the terminal")
+    chat.add_argument("--url", default=DEFAULT_URL)
+    who = chat.add_mutually_exclusive_group()
+    who.add_argument("--user", help="sign in as USER with a token minted from the local secret")
+    who.add_argument("--token", help="sign in with this token")
+    chat.add_argument("--data-dir", default=None, help="where the local secret lives")
+
+    bots = commands.add_parser("bots", help="load-test bots that check persona correctness")
+    bots.add_argument("--url", default=DEFAULT_URL)
+    bots.add_argument("--clients", type=int, default=10, help="connections (default 10)")
+    bots.add_argument("--duration", type=float, default=10.0, help="seconds of chatting")
+    bots.add_argument("--ramp", type=float, default=1.0, help="seconds to open every connection")
+    bots.add_argument("--switch-every", type=int, default=5, help="chats between persona switches")
+    bots.add_argument("--think", type=float, default=0.0, help="ms between chats; 0: closed loop")
+    bots.add_argument("--users", type=int, default=None, help="distinct users (default: one each)")
+    bots.add_argument("--secret", default=None, help="the server's JWT secret")
+    bots.add_argument("--data-dir", default=None, help="or: the data directory that holds it")
+    bots.add_argument("--json", default=None, help="also write the report as JSON to this path")
+    bots.add_argument("--quiet", action="store_true", help="no live progress")
     return parser
 
 
@@ -54,6 +76,16 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="pause between the template generator's pieces, to see streaming without a model",
     )
+    parser.add_argument("--allowed-origins", nargs="*", default=None, help="extra browser origins")
+    llm = parser.add_argument_group("reply generator")
+    llm.add_argument("--generator", choices=["template", "openai"], default=None)
+    llm.add_argument("--llm-base-url", default=None, help="e.g. http://127.0.0.1:11434/v1")
+    llm.add_argument("--llm-model", default=None)
+    llm.add_argument("--llm-max-tokens", type=int, default=None)
+    llm.add_argument("--llm-temperature", type=float, default=None)
+    llm.add_argument("--llm-connect-timeout-s", type=float, default=None)
+    llm.add_argument("--llm-first-token-timeout-s", type=float, default=None)
+    llm.add_argument("--llm-idle-timeout-s", type=float, default=None)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -150,11 +182,25 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from server.terminal import main as chat_main
+
+    return chat_main(args)
+
+
+def cmd_bots(args: argparse.Namespace) -> int:
+    from server.bots import main as bots_main
+
+    return bots_main(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": cmd_serve,
     "token": cmd_token,
     "migrate": cmd_migrate,
     "schema": cmd_schema,
+    "chat": cmd_chat,
+    "bots": cmd_bots,
 }
 
 

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import mimetypes
 import signal
 from collections.abc import Awaitable, Callable, Coroutine
+from importlib import resources
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from protocol.errors import CloseCode
+from server.auth import MAX_SUBJECT_CHARS, mint_token
 from server.generators import ReplyGenerator, TemplateGenerator
 from server.hub import Hub
 from server.metrics import CONTENT_TYPE, Metrics
@@ -27,6 +34,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 WS_PATH = "/ws"
+STATIC_PACKAGE = "server.static"
+DEV_TOKEN_TTL_S = 24 * 3600
 
 
 def server_version() -> str:
@@ -38,7 +47,37 @@ def server_version() -> str:
 
 def make_generator(settings: Settings) -> ReplyGenerator:
     """The reply generator the settings name."""
+    if settings.generator == "openai":
+        from server.llm import OpenAIGenerator
+
+        return OpenAIGenerator(settings)
     return TemplateGenerator(delay_s=settings.template_delay_ms / 1000)
+
+
+def dev_token_enabled(settings: Settings) -> bool:
+    """`GET /dev/token` exists only in development: embedded database, bound to loopback."""
+    return settings.database_url is None and is_loopback(settings.host)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def origin_allowed(origin: str | None, host_header: str | None, allowed: list[str]) -> bool:
+    """Browsers send `Origin`: accept the server's own origin and the configured ones."""
+    if origin is None:
+        return True  # not a browser: native clients and bots send no Origin
+    if origin in allowed:
+        return True
+    parsed = urlsplit(origin)
+    return parsed.scheme in ("http", "https") and host_header is not None and (
+        parsed.netloc.lower() == host_header.lower()
+    )
 
 
 class App:
@@ -52,11 +91,14 @@ class App:
         self.sessions: set[Session] = set()
         self._services: Services | None = None
         self._server: Server | None = None
-        self._routes: dict[str, Callable[[ServerConnection], Awaitable[Response]]] = {
+        self._routes: dict[str, Callable[[ServerConnection, Request], Awaitable[Response]]] = {
             "/healthz": self._healthz,
             "/readyz": self._readyz,
             "/metrics": self._metrics,
+            "/": self._index,
         }
+        if dev_token_enabled(settings):
+            self._routes["/dev/token"] = self._dev_token
 
     @property
     def services(self) -> Services:
@@ -150,23 +192,54 @@ class App:
     ) -> Response | None:
         path = request.path.partition("?")[0]
         if path == WS_PATH:
+            origin = request.headers.get("Origin")
+            if not origin_allowed(origin, request.headers.get("Host"), self.settings.allowed_origins):
+                log.warning("refused a WebSocket handshake from origin %r", origin)
+                return connection.respond(403, "origin not allowed\n")
             return None
         route = self._routes.get(path)
-        if route is None:
-            return connection.respond(404, "not found\n")
-        return await route(connection)
+        if route is not None:
+            return await route(connection, request)
+        if path.startswith("/static/"):
+            return static_file(connection, path.removeprefix("/static/"))
+        return connection.respond(404, "not found\n")
 
-    async def _healthz(self, connection: ServerConnection) -> Response:
+    async def _healthz(self, connection: ServerConnection, request: Request) -> Response:
         return connection.respond(200, "ok\n")
 
-    async def _readyz(self, connection: ServerConnection) -> Response:
+    async def _readyz(self, connection: ServerConnection, request: Request) -> Response:
         if await self.services.store.ping():
             return connection.respond(200, "ready\n")
         return connection.respond(503, "database unreachable\n")
 
-    async def _metrics(self, connection: ServerConnection) -> Response:
+    async def _metrics(self, connection: ServerConnection, request: Request) -> Response:
         response = connection.respond(200, "")
         return with_body(response, self.metrics.render(), CONTENT_TYPE)
+
+    async def _index(self, connection: ServerConnection, request: Request) -> Response:
+        return static_file(connection, "index.html")
+
+    async def _dev_token(self, connection: ServerConnection, request: Request) -> Response:
+        users = parse_qs(urlsplit(request.path).query).get("user", [])
+        user = users[0] if users else ""
+        if not 1 <= len(user) <= MAX_SUBJECT_CHARS or "\x00" in user:
+            return connection.respond(400, f"user must have 1 to {MAX_SUBJECT_CHARS} characters\n")
+        token = mint_token(self._secret, user, DEV_TOKEN_TTL_S)
+        body = orjson.dumps({"user": user, "token": token})
+        return with_body(connection.respond(200, ""), body, "application/json")
+
+
+def static_file(connection: ServerConnection, name: str) -> Response:
+    """A file shipped in server/static; 404 for anything else (no paths, no dot files)."""
+    if "/" in name or "\\" in name or name.startswith((".", "_")):
+        return connection.respond(404, "not found\n")
+    resource = resources.files(STATIC_PACKAGE).joinpath(name)
+    if not resource.is_file():
+        return connection.respond(404, "not found\n")
+    content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    if content_type.startswith("text/") or content_type.endswith("javascript"):
+        content_type += "; charset=utf-8"
+    return with_body(connection.respond(200, ""), resource.read_bytes(), content_type)
 
 
 def with_body(response: Response, body: bytes, content_type: str) -> Response:

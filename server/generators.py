@@ -9,16 +9,16 @@ from typing import Protocol
 
 from protocol.frames import Usage
 from protocol.personas import PersonaCard
-from server.render import PastTurn, template_reply
+from server.render import PastMessage, template_reply
 
 
 @dataclass(frozen=True, slots=True)
 class TurnContext:
-    """What a generator gets for one reply: the persona, the recent turns, the user's text."""
+    """What a generator gets for one reply: the persona, the recent messages, the user's text."""
 
     card: PersonaCard
     text: str
-    recent: Sequence[PastTurn]
+    recent: Sequence[PastMessage]  # oldest first; the current text is not among them
 
 
 class GeneratorUnavailable(Exception):
@@ -31,6 +31,11 @@ class ReplyGenerator(Protocol):
     @property
     def streams(self) -> bool:
         """Whether pieces arrive over time (so the session sends `reply_delta` frames)."""
+        ...
+
+    @property
+    def reads_history(self) -> bool:
+        """Whether `recent` must come from the database (else the session's own turns do)."""
         ...
 
     def stream(self, turn: TurnContext) -> AsyncIterator[str | Usage]: ...
@@ -51,6 +56,10 @@ class TemplateGenerator:
     @property
     def streams(self) -> bool:
         return self._delay_s > 0
+
+    @property
+    def reads_history(self) -> bool:
+        return False
 
     async def stream(self, turn: TurnContext) -> AsyncIterator[str | Usage]:
         for index, piece in enumerate(template_reply(turn.card, turn.text, turn.recent)):

@@ -6,6 +6,7 @@ import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from protocol.personas import PersonaCard
 
@@ -15,12 +16,15 @@ EARLIER_CHARS = 40
 _WORDS = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*")
 
 
-@dataclass(frozen=True, slots=True)
-class PastTurn:
-    """One earlier exchange, as a generator sees it."""
+Role = Literal["user", "assistant"]
 
-    user_text: str
-    reply_text: str
+
+@dataclass(frozen=True, slots=True)
+class PastMessage:
+    """One earlier message of the conversation, as a generator sees it."""
+
+    role: Role
+    text: str
 
 
 def topic_of(text: str) -> str:
@@ -35,7 +39,7 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
-def template_reply(card: PersonaCard, text: str, recent: Sequence[PastTurn]) -> list[str]:
+def template_reply(card: PersonaCard, text: str, recent: Sequence[PastMessage]) -> list[str]:
     """A deterministic reply in the persona's voice, as pieces that join into the whole text.
 
     The same card, text and recent turns always give the same reply; two cards never give the
@@ -46,9 +50,9 @@ def template_reply(card: PersonaCard, text: str, recent: Sequence[PastTurn]) -> 
     reflection = card.reflections[(seed // 7) % len(card.reflections)]
     follow_up = card.follow_ups[(seed // 49) % len(card.follow_ups)]
     pieces = [opener + " ", reflection.format(topic=topic_of(text)) + " "]
-    if recent:
-        earlier = _clip(recent[-1].user_text, EARLIER_CHARS)
-        pieces.append(card.callback.format(earlier=earlier) + " ")
+    earlier = next((m.text for m in reversed(recent) if m.role == "user"), None)
+    if earlier is not None:
+        pieces.append(card.callback.format(earlier=_clip(earlier, EARLIER_CHARS)) + " ")
     pieces.append(follow_up + " ")
     pieces.append(card.sign_off)
     return pieces

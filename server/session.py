@@ -66,7 +66,7 @@ from server.generators import GeneratorUnavailable, ReplyGenerator, TurnContext
 from server.hub import Hub
 from server.limits import TokenBucket
 from server.metrics import Metrics
-from server.render import PastTurn
+from server.render import PastMessage
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ class Session:
         self._queue: deque[PendingChat] = deque()
         self._worker: asyncio.Task[None] | None = None
         self._inflight: InFlight | None = None
-        self._recent: deque[PastTurn] = deque(maxlen=self.settings.history_turns)
+        self._recent: deque[PastMessage] = deque(maxlen=2 * self.settings.history_turns)
         self._bucket = TokenBucket(self.settings.rate_per_s, self.settings.rate_burst, 0.0)
         self._strikes = 0
         self._last_strike = 0.0
@@ -496,7 +496,7 @@ class Session:
 
     async def _generate(self, inflight: InFlight) -> tuple[ReplyStatus, Usage | None]:
         chat = inflight.chat
-        turn = TurnContext(card=get_card(chat.persona), text=chat.text, recent=tuple(self._recent))
+        turn = TurnContext(card=get_card(chat.persona), text=chat.text, recent=await self._history())
         coalescer = None
         if inflight.reply_id is not None:
             reply_id = inflight.reply_id
@@ -525,6 +525,17 @@ class Session:
             if coalescer is not None:
                 coalescer.close()
         return "completed", usage
+
+    async def _history(self) -> tuple[PastMessage, ...]:
+        """The recent conversation a generator sees: from the database when it reads history."""
+        settings = self.settings
+        if not self.services.generator.reads_history:
+            return tuple(self._recent)
+        return tuple(
+            await self.services.store.recent_messages(
+                self.user_id, 2 * settings.history_turns, settings.history_chars
+            )
+        )
 
     async def _commit_and_answer(
         self,
@@ -558,7 +569,8 @@ class Session:
             self._emit_error(DuplicateId(), chat.ref)
             return
         if status == "completed":
-            self._recent.append(PastTurn(chat.text, text))
+            self._recent.append(PastMessage("user", chat.text))
+            self._recent.append(PastMessage("assistant", text))
         services.metrics.replies.labels(status).inc()
         services.metrics.reply_latency.observe(time.perf_counter() - chat.received_at)
         self._emit(

@@ -47,12 +47,26 @@ class Settings(BaseSettings):
     outbox_limit_bytes: int = Field(default=1024 * 1024, ge=64 * 1024)
     drain_timeout_s: float = Field(default=10.0, gt=0)
 
+    # browsers: origins allowed besides the server's own (same-origin is always allowed)
+    allowed_origins: list[str] = Field(default_factory=list)
+
     # replies
-    generator: Literal["template"] = "template"
+    generator: Literal["template", "openai"] = "template"
     template_delay_ms: float = Field(default=0.0, ge=0)
     history_turns: int = Field(default=6, ge=0)
+    history_chars: int = Field(default=8000, ge=0)
     delta_flush_ms: float = Field(default=20.0, ge=0)
     delta_flush_chars: int = Field(default=64, ge=1)
+
+    # the OpenAI-compatible endpoint, for --generator openai
+    llm_base_url: str = "http://127.0.0.1:11434/v1"
+    llm_api_key: SecretStr | None = None
+    llm_model: str = "llama3.2"
+    llm_connect_timeout_s: float = Field(default=5.0, gt=0)
+    llm_first_token_timeout_s: float = Field(default=60.0, gt=0)
+    llm_idle_timeout_s: float = Field(default=30.0, gt=0)
+    llm_max_tokens: int = Field(default=512, ge=1)
+    llm_temperature: float = Field(default=0.8, ge=0, le=2)
 
     def secret_path(self) -> Path:
         return self.data_dir / "jwt_secret"

@@ -16,6 +16,7 @@ import asyncpg
 from protocol.errors import AvatarExists, Unavailable
 from protocol.frames import AvatarInfo, HistoryEntry
 from server.batching import Batcher
+from server.render import PastMessage
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +283,29 @@ class Store:
             )
         first, second = sorted(int(r["id"]) for r in rows)
         return first, second
+
+    async def recent_messages(
+        self, user_id: str, max_messages: int, max_chars: int
+    ) -> list[PastMessage]:
+        """The newest completed messages, oldest first, within a count and a character budget."""
+        if max_messages <= 0:
+            return []
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT role, text FROM messages WHERE user_id = $1 AND status = 'completed'"
+                " ORDER BY id DESC LIMIT $2",
+                user_id,
+                max_messages,
+            )
+        picked: list[PastMessage] = []
+        used = 0
+        for row in rows:
+            used += len(row["text"])
+            if used > max_chars:
+                break
+            picked.append(PastMessage(role=row["role"], text=row["text"]))
+        picked.reverse()
+        return picked
 
     async def history(self, user_id: str, limit: int, before: int | None) -> list[HistoryEntry]:
         """The user's messages, oldest first: the `limit` newest ones older than `before`."""
