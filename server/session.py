@@ -451,9 +451,11 @@ class Session:
         if len(self._queue) >= self.settings.chat_queue_depth:
             raise Busy(details={"queued": len(self._queue)})
         avatar = await self._current_avatar()
-        self._queue.append(PendingChat(ref, text, avatar.personality, time.perf_counter()))
+        chat = PendingChat(ref, text, avatar.personality, time.perf_counter())
         if self._worker is None:
-            self._worker = asyncio.create_task(self._work())
+            self._worker = asyncio.create_task(self._work(chat))
+        else:
+            self._queue.append(chat)
 
     def _cancel(self) -> None:
         inflight = self._inflight
@@ -461,8 +463,10 @@ class Session:
             raise NothingToCancel()
         inflight.request_cancel()
 
-    async def _work(self) -> None:
+    async def _work(self, chat: PendingChat) -> None:
+        """Answer `chat`, then the chats that queued up meanwhile, one at a time."""
         try:
+            await self._reply(chat)
             while self._queue:
                 await self._reply(self._queue.popleft())
         finally:

@@ -14,7 +14,7 @@ from server.embedded import EmbeddedPostgres
 from server.settings import Settings
 from tests.client import Client, login
 
-SECRET = "test-secret-for-the-suite-only-0123456789"
+SECRET = "test-secret-for-the-suite-only-" + "0123456789abcdef" * 3
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,186 @@
+"""The frame decoder and encoder: every accepted shape and every rejection, without I/O."""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol.errors import BadJson, InvalidFrame, InvalidPersona
+from protocol.frames import (
+    Chat,
+    Error,
+    History,
+    Reply,
+    SetPersona,
+    Usage,
+    decode_client_frame,
+    decode_server_frame,
+    encode,
+    error_frame,
+    salvage_ref,
+)
+
+
+def test_chat_frame_decodes_with_its_id() -> None:
+    frame = decode_client_frame('{"type":"chat","id":"m1","text":"hi"}')
+    assert frame == Chat(type="chat", id="m1", text="hi")
+
+
+def test_history_defaults_to_fifty_and_no_cursor() -> None:
+    frame = decode_client_frame('{"type":"history"}')
+    assert isinstance(frame, History)
+    assert (frame.limit, frame.before) == (50, None)
+
+
+@pytest.mark.parametrize("raw", ["{bad", "[1]", "1", '"chat"', "null", ""])
+def test_text_that_is_not_a_json_object_is_bad_json(raw: str) -> None:
+    with pytest.raises(BadJson):
+        decode_client_frame(raw)
+
+
+def test_binary_frame_is_bad_json() -> None:
+    with pytest.raises(BadJson):
+        decode_client_frame(b'{"type":"ping"}')
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "{}",
+        '{"type":"dance"}',
+        '{"type":5}',
+        '{"type":"chat"}',
+        '{"type":"chat","text":""}',
+        '{"type":"chat","text":"' + "x" * 4001 + '"}',
+        '{"type":"chat","text":"hi","mood":"sunny"}',
+        '{"type":"chat","text":5}',
+        '{"type":"chat","text":"a\\u0000b"}',
+        '{"type":"ping","id":""}',
+        '{"type":"ping","id":"' + "i" * 65 + '"}',
+        '{"type":"ping","id":7}',
+        '{"type":"history","limit":0}',
+        '{"type":"history","limit":101}',
+        '{"type":"history","limit":"5"}',
+        '{"type":"history","limit":5.5}',
+        '{"type":"history","before":0}',
+        '{"type":"history","before":99999999999999999999999}',
+        '{"type":"create_avatar","name":"","personality":"witty"}',
+        '{"type":"create_avatar","name":"' + "n" * 65 + '","personality":"witty"}',
+        '{"type":"set_persona"}',
+        '{"type":"hello","token":""}',
+    ],
+)
+def test_object_that_is_not_a_valid_frame_is_invalid_frame(raw: str) -> None:
+    with pytest.raises(InvalidFrame):
+        decode_client_frame(raw)
+
+
+def test_text_of_exactly_4000_chars_is_accepted() -> None:
+    frame = decode_client_frame(orjson.dumps({"type": "chat", "text": "é" * 4000}).decode())
+    assert isinstance(frame, Chat) and len(frame.text) == 4000
+
+
+def test_unknown_personality_is_left_to_the_catalogue_check() -> None:
+    frame = decode_client_frame('{"type":"set_persona","personality":"grumpy"}')
+    assert frame == SetPersona(type="set_persona", personality="grumpy")
+
+
+@pytest.mark.parametrize(
+    ("raw", "ref"),
+    [
+        ('{"type":"dance","id":"x1"}', "x1"),
+        ('{"type":"chat","id":"x2"}', "x2"),
+        ('{"type":"chat","id":""}', None),
+        ('{"type":"chat","id":5}', None),
+        ("[1]", None),
+        ("{bad", None),
+        (b"bytes", None),
+    ],
+)
+def test_salvage_ref_keeps_only_a_valid_id(raw: str | bytes, ref: str | None) -> None:
+    assert salvage_ref(raw) == ref
+
+
+def test_encode_leaves_out_unset_optional_fields_but_keeps_null_ref() -> None:
+    reply = Reply(
+        ref=None, reply_id=2, message_id=1, persona="witty", text="hi", status="completed"
+    )
+    assert orjson.loads(encode(reply)) == {
+        "type": "reply",
+        "ref": None,
+        "reply_id": 2,
+        "message_id": 1,
+        "persona": "witty",
+        "text": "hi",
+        "status": "completed",
+    }
+
+
+def test_encode_includes_usage_when_known() -> None:
+    reply = Reply(
+        ref="m", reply_id=2, message_id=1, persona="witty", text="hi", status="completed",
+        usage=Usage(prompt_tokens=3, completion_tokens=4, total_tokens=7),
+    )  # fmt: skip
+    assert orjson.loads(encode(reply))["usage"] == {
+        "prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
+    }  # fmt: skip
+
+
+def test_error_frame_carries_code_status_and_details() -> None:
+    frame = error_frame(InvalidPersona("nope", details={"allowed": ["witty"]}), "r1")
+    assert frame == Error(
+        ref="r1", code="invalid_persona", status=422, message="nope", details={"allowed": ["witty"]}
+    )
+
+
+def test_unexpected_exception_becomes_internal_error_frame() -> None:
+    frame = error_frame(RuntimeError("secret detail"), None)
+    assert (frame.code, frame.status, frame.ref) == ("internal", 500, None)
+    assert "secret detail" not in frame.message
+
+
+def test_server_frames_round_trip_through_the_server_decoder() -> None:
+    reply = Reply(ref="m", reply_id=2, message_id=1, persona="caring", text="x", status="failed")
+    assert decode_server_frame(encode(reply)) == reply
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=12,
+)
+_frame_like = st.fixed_dictionaries(
+    {"type": st.sampled_from(["hello", "chat", "set_persona", "history", "ping", "cancel", "x"])},
+    optional={
+        "id": st.text(max_size=70) | st.integers(),
+        "text": st.text(max_size=50) | st.integers(),
+        "personality": st.text(max_size=20),
+        "limit": st.integers() | st.text(max_size=3),
+        "before": st.integers() | st.none(),
+        "token": st.text(max_size=20),
+    },
+)
+
+
+@settings(max_examples=300)
+@given(st.one_of(_json, _frame_like))
+def test_any_json_value_decodes_or_is_rejected_cleanly(value: object) -> None:
+    raw = json.dumps(value)
+    try:
+        decode_client_frame(raw)
+    except (BadJson, InvalidFrame):
+        ref = salvage_ref(raw)
+        assert ref is None or 1 <= len(ref) <= 64
+
+
+@settings(max_examples=300)
+@given(st.text(max_size=300))
+def test_any_text_decodes_or_is_rejected_cleanly(raw: str) -> None:
+    try:
+        decode_client_frame(raw)
+    except (BadJson, InvalidFrame):
+        assert salvage_ref(raw) is None or raw.lstrip().startswith("{")

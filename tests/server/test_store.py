@@ -1,0 +1,150 @@
+"""The store against a real PostgreSQL: migrations, the catalogue constraint, group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+import asyncpg
+import pytest
+
+from protocol.personas import PERSONA_IDS
+from server.batching import Batcher
+from server.store import Store, Turn
+
+
+@pytest.fixture
+async def store(database_url: str) -> AsyncIterator[Store]:
+    store = await Store.connect(database_url, min_size=1, max_size=4)
+    await store.migrate()
+    yield store
+    await store.close()
+
+
+def _user() -> str:
+    return f"store-{uuid.uuid4().hex[:12]}"
+
+
+async def test_database_accepts_every_catalogue_persona(store: Store) -> None:
+    for persona in PERSONA_IDS:
+        user = _user()
+        await store.open_user(user)
+        avatar = await store.create_avatar(user, "Ava", persona)
+        assert avatar.personality == persona
+
+
+async def test_database_refuses_a_persona_the_catalogue_does_not_know(
+    store: Store, database_url: str
+) -> None:
+    user = _user()
+    await store.open_user(user)
+    conn = await asyncpg.connect(database_url)
+    try:
+        with pytest.raises(asyncpg.CheckViolationError):
+            await conn.execute(
+                "INSERT INTO avatars (user_id, name, personality) VALUES ($1, 'x', 'grumpy')", user
+            )
+    finally:
+        await conn.close()
+
+
+async def test_concurrent_migrations_apply_each_file_once(
+    database_url: str, store: Store
+) -> None:
+    stores = [await Store.connect(database_url, min_size=1, max_size=1) for _ in range(3)]
+    try:
+        results = await asyncio.gather(*(s.migrate() for s in stores))
+    finally:
+        for other in stores:
+            await other.close()
+    assert results == [[], [], []]
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("SELECT version, count(*) FROM schema_migrations GROUP BY version")
+    finally:
+        await conn.close()
+    assert all(row["count"] == 1 for row in rows)
+    assert {row["version"] for row in rows} >= {1}
+
+
+async def test_set_persona_returns_previous_and_bumps_version(store: Store) -> None:
+    user = _user()
+    await store.open_user(user)
+    created = await store.create_avatar(user, "Ava", "friendly")
+    result = await store.set_persona(user, "witty")
+    assert result is not None
+    avatar, previous = result
+    assert (avatar.personality, previous, avatar.version) == ("witty", "friendly", created.version + 1)
+
+
+async def test_set_persona_without_avatar_returns_none(store: Store) -> None:
+    user = _user()
+    await store.open_user(user)
+    assert await store.set_persona(user, "witty") is None
+
+
+async def test_concurrent_turns_share_group_commits(store: Store) -> None:
+    user = _user()
+    await store.open_user(user)
+    flushes_before = store.batches.flushes
+    turns = [
+        Turn(user_id=user, persona="witty", user_text=f"q{i}", reply_text=f"a{i}", status="completed")
+        for i in range(50)
+    ]
+    stored = await asyncio.gather(*(store.commit_turn(t) for t in turns))
+    assert all(s.inserted for s in stored)
+    assert len({s.message_id for s in stored} | {s.reply_id for s in stored}) == 100
+    assert store.batches.flushes - flushes_before < 50
+    history = await store.history(user, 100, None)
+    pairs = {h.id: h.text for h in history}
+    assert all(pairs[s.message_id] == f"q{i}" and pairs[s.reply_id] == f"a{i}" for i, s in enumerate(stored))
+
+
+async def test_turn_with_a_used_client_id_is_not_stored_twice(store: Store) -> None:
+    user = _user()
+    await store.open_user(user)
+    turn = Turn(user_id=user, persona="caring", user_text="hi", reply_text="hello", status="completed",
+                client_id="same")  # fmt: skip
+    first, second = await asyncio.gather(store.commit_turn(turn), store.commit_turn(turn))
+    assert sorted([first.inserted, second.inserted]) == [False, True]
+    assert len(await store.history(user, 100, None)) == 2
+
+
+async def test_recent_messages_respect_count_and_characters(store: Store) -> None:
+    user = _user()
+    await store.open_user(user)
+    for i in range(4):
+        await store.commit_turn(
+            Turn(user_id=user, persona="witty", user_text=f"q{i}", reply_text="a" * 10, status="completed")
+        )
+    recent = await store.recent_messages(user, 4, 1000)
+    assert [(m.role, m.text) for m in recent] == [
+        ("user", "q2"), ("assistant", "a" * 10), ("user", "q3"), ("assistant", "a" * 10),
+    ]  # fmt: skip
+    assert [m.text for m in await store.recent_messages(user, 4, 12)] == ["q3", "a" * 10]
+
+
+async def test_batcher_hands_each_caller_its_own_result() -> None:
+    batches: list[list[int]] = []
+
+    async def flush(items: Sequence[int]) -> list[int]:
+        batches.append(list(items))
+        await asyncio.sleep(0.01)
+        return [item * 2 for item in items]
+
+    batcher: Batcher[int, int] = Batcher(flush)
+    first = asyncio.ensure_future(batcher.submit(0))
+    await asyncio.sleep(0.002)  # the first flush is in flight: the rest queue behind it
+    results = await asyncio.gather(first, *(batcher.submit(i) for i in range(1, 10)))
+    assert results == [i * 2 for i in range(10)]
+    assert batches == [[0], list(range(1, 10))]
+
+
+async def test_batcher_failure_reaches_every_caller_of_that_batch() -> None:
+    async def flush(items: Sequence[int]) -> list[int]:
+        raise RuntimeError("disk full")
+
+    batcher: Batcher[int, int] = Batcher(flush)
+    results = await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in results)
