@@ -64,12 +64,15 @@ class EmbeddedPostgres:
         if pid_file.exists() and not _is_postgres(pid_file):
             log.warning("removing a stale %s left by a crashed server", pid_file)
             pid_file.unlink()
+            for lock in self.pgdata.glob(".s.PGSQL.*.lock"):
+                lock.unlink(missing_ok=True)
 
 
 def _is_postgres(pid_file: Path) -> bool:
-    """Whether the pid in postmaster.pid belongs to a running postgres process."""
+    """Whether the pid in postmaster.pid belongs to a live postgres process (not a zombie)."""
     try:
         pid = int(pid_file.read_text().splitlines()[0])
-        return psutil.Process(pid).name() == "postgres"
+        process = psutil.Process(pid)
+        return process.name() == "postgres" and process.status() != psutil.STATUS_ZOMBIE
     except (ValueError, IndexError, OSError, psutil.Error):
         return False

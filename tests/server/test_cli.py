@@ -50,16 +50,18 @@ class Served:
 
 
 async def _serve(data_dir: Path) -> Served:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "run.py"), "--port", "0", "--data-dir", str(data_dir),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=_env(), cwd=ROOT,
-    )  # fmt: skip
+    log_path = data_dir.parent / "serve.log"
+    with log_path.open("ab") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, str(ROOT / "run.py"), "--port", "0", "--data-dir", str(data_dir),
+            stdout=asyncio.subprocess.PIPE, stderr=log, env=_env(), cwd=ROOT,
+        )  # fmt: skip
     assert process.stdout is not None
     lines: list[str] = []
     async with asyncio.timeout(60):
         while True:
             line = (await process.stdout.readline()).decode()
-            assert line, "run.py exited before printing its banner"
+            assert line, "run.py exited before its banner:\n" + log_path.read_text()[-3000:]
             lines.append(line)
             match = BANNER.search(line)
             if match:
