@@ -32,7 +32,7 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pg.stop()
 
 
-def test_settings(**overrides: Any) -> Settings:
+def settings_for_tests(**overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "host": "127.0.0.1",
         "port": 0,
@@ -54,7 +54,7 @@ async def make_app(database_url: str) -> AsyncIterator[AppFactory]:
     apps: list[App] = []
 
     async def factory(**overrides: Any) -> App:
-        app = App(test_settings(**overrides), database_url, SECRET)
+        app = App(settings_for_tests(**overrides), database_url, SECRET)
         await app.start()
         apps.append(app)
         return app
