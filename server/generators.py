@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -38,7 +38,7 @@ class ReplyGenerator(Protocol):
         """Whether `recent` must come from the database (else the session's own turns do)."""
         ...
 
-    def stream(self, turn: TurnContext) -> AsyncIterator[str | Usage]: ...
+    def stream(self, turn: TurnContext) -> AsyncGenerator[str | Usage, None]: ...
 
     async def aclose(self) -> None: ...
 
@@ -61,7 +61,7 @@ class TemplateGenerator:
     def reads_history(self) -> bool:
         return False
 
-    async def stream(self, turn: TurnContext) -> AsyncIterator[str | Usage]:
+    async def stream(self, turn: TurnContext) -> AsyncGenerator[str | Usage, None]:
         for index, piece in enumerate(template_reply(turn.card, turn.text, turn.recent)):
             if self._delay_s and index:
                 await asyncio.sleep(self._delay_s)

@@ -116,7 +116,7 @@ class InFlight:
 
 
 class DeltaCoalescer:
-    """Groups tiny pieces into `reply_delta` frames: flush at `chars`, or `delay_s` after a piece."""
+    """Groups small pieces into `reply_delta` frames: flush at `chars`, or `delay_s` after one."""
 
     __slots__ = ("_buffer", "_chars", "_delay_s", "_emit", "_size", "_timer")
 
@@ -264,9 +264,7 @@ class Session:
             self._inflight.request_cancel()
         if self._worker is not None:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(
-                    asyncio.shield(self._worker), self.settings.drain_timeout_s
-                )
+                await asyncio.wait_for(asyncio.shield(self._worker), self.settings.drain_timeout_s)
 
     @property
     def idle(self) -> bool:
@@ -500,7 +498,9 @@ class Session:
 
     async def _generate(self, inflight: InFlight) -> tuple[ReplyStatus, Usage | None]:
         chat = inflight.chat
-        turn = TurnContext(card=get_card(chat.persona), text=chat.text, recent=await self._history())
+        turn = TurnContext(
+            card=get_card(chat.persona), text=chat.text, recent=await self._history()
+        )
         coalescer = None
         if inflight.reply_id is not None:
             reply_id = inflight.reply_id

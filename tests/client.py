@@ -61,7 +61,9 @@ class Client:
             if frame["type"] == kind:
                 return frame
 
-    async def request(self, frame: dict[str, Any], timeout: float = RECV_TIMEOUT_S) -> dict[str, Any]:
+    async def request(
+        self, frame: dict[str, Any], timeout: float = RECV_TIMEOUT_S
+    ) -> dict[str, Any]:
         """Send `frame` with a fresh id and return its final answer (skipping deltas and pushes)."""
         frame = {"id": self.next_id(), **frame}
         await self.send(frame)

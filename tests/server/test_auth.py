@@ -24,7 +24,11 @@ async def _closed_with(client: Client) -> tuple[int | None, str | None]:
 async def test_hello_with_valid_token_gets_welcome_with_its_ref(app: App) -> None:
     async with Client(app.url) as client:
         welcome = await client.hello(mint_token(SECRET, "alice-auth"))
-        assert (welcome["type"], welcome["user_id"], welcome["ref"]) == ("welcome", "alice-auth", "c1")
+        assert (welcome["type"], welcome["user_id"], welcome["ref"]) == (
+            "welcome",
+            "alice-auth",
+            "c1",
+        )
 
 
 async def test_no_hello_within_deadline_closes_4408(make_app: AppFactory) -> None:

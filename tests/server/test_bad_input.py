@@ -79,7 +79,9 @@ async def test_frame_over_64_kib_closes_1009(connect: ClientFactory) -> None:
     assert client.conn.close_code == 1009
 
 
-async def test_too_many_frames_are_rate_limited(make_app: AppFactory, connect: ClientFactory) -> None:
+async def test_too_many_frames_are_rate_limited(
+    make_app: AppFactory, connect: ClientFactory
+) -> None:
     app = await make_app(rate_per_s=1, rate_burst=3)
     client = await connect(target=app)
     for index in range(5):
@@ -106,12 +108,23 @@ async def test_client_that_keeps_abusing_the_rate_limit_is_closed_1008(
 
 _values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 _frames = st.fixed_dictionaries(
-    {"type": st.sampled_from(["chat", "set_persona", "history", "get_avatar", "ping", "hello", "zz"])},
-    optional={"id": st.text(max_size=70), "text": _values, "personality": _values, "limit": _values},
+    {
+        "type": st.sampled_from(
+            ["chat", "set_persona", "history", "get_avatar", "ping", "hello", "zz"]
+        )
+    },
+    optional={
+        "id": st.text(max_size=70),
+        "text": _values,
+        "personality": _values,
+        "limit": _values,
+    },
 )
 
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-
-from server.app import App
 from tests.client import Client, login
 from tests.conftest import SECRET, AppFactory, ClientFactory, with_avatar
 
@@ -135,9 +132,7 @@ async def test_deltas_join_into_a_prefix_of_the_reply(
     assert frame["text"].startswith("".join(deltas))
 
 
-async def test_ninth_waiting_chat_is_busy(
-    make_app: AppFactory, connect: ClientFactory
-) -> None:
+async def test_ninth_waiting_chat_is_busy(make_app: AppFactory, connect: ClientFactory) -> None:
     client = await _slow_client(make_app, connect, delay_ms=200)
     for index in range(10):
         await client.send({"type": "chat", "id": f"q{index}", "text": f"chat {index}"})

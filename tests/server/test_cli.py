@@ -93,7 +93,7 @@ def _postgres_running(data_dir: Path) -> bool:
     pid_file = data_dir / "pgdata" / "postmaster.pid"
     if not pid_file.exists():
         return False
-    return psutil.pid_exists(int(pid_file.read_text().split()[0]))
+    return bool(psutil.pid_exists(int(pid_file.read_text().split()[0])))
 
 
 async def test_serve_prints_url_token_hint_and_data_dir(data_dir: Path) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from tests.conftest import AppFactory, ClientFactory, with_avatar
 
@@ -48,7 +48,7 @@ async def test_chat_sent_while_draining_is_unavailable(
     stopping = asyncio.create_task(app.stop())
     await asyncio.sleep(0.05)
     await client.send({"type": "chat", "id": "late", "text": "two"})
-    answers = {}
+    answers: dict[str, dict[str, object]] = {}
     while len(answers) < 2:
         frame = await client.recv()
         if frame["type"] in ("reply", "error"):

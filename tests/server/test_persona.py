@@ -166,7 +166,9 @@ async def test_avatar_created_elsewhere_is_visible_on_the_next_frame(
     assert (await second.request({"type": "get_avatar"}))["avatar"]["personality"] == "playful"
 
 
-async def test_welcome_carries_the_existing_avatar(app: App, connect: ClientFactory, user: str) -> None:
+async def test_welcome_carries_the_existing_avatar(
+    app: App, connect: ClientFactory, user: str
+) -> None:
     first = await connect(user)
     await with_avatar(first, "witty")
     second = await connect(user)

@@ -49,9 +49,7 @@ async def test_database_refuses_a_persona_the_catalogue_does_not_know(
         await conn.close()
 
 
-async def test_concurrent_migrations_apply_each_file_once(
-    database_url: str, store: Store
-) -> None:
+async def test_concurrent_migrations_apply_each_file_once(database_url: str, store: Store) -> None:
     stores = [await Store.connect(database_url, min_size=1, max_size=1) for _ in range(3)]
     try:
         results = await asyncio.gather(*(s.migrate() for s in stores))
@@ -75,7 +73,11 @@ async def test_set_persona_returns_previous_and_bumps_version(store: Store) -> N
     result = await store.set_persona(user, "witty")
     assert result is not None
     avatar, previous = result
-    assert (avatar.personality, previous, avatar.version) == ("witty", "friendly", created.version + 1)
+    assert (avatar.personality, previous, avatar.version) == (
+        "witty",
+        "friendly",
+        created.version + 1,
+    )
 
 
 async def test_set_persona_without_avatar_returns_none(store: Store) -> None:
@@ -89,7 +91,9 @@ async def test_concurrent_turns_share_group_commits(store: Store) -> None:
     await store.open_user(user)
     flushes_before = store.batches.flushes
     turns = [
-        Turn(user_id=user, persona="witty", user_text=f"q{i}", reply_text=f"a{i}", status="completed")
+        Turn(
+            user_id=user, persona="witty", user_text=f"q{i}", reply_text=f"a{i}", status="completed"
+        )
         for i in range(50)
     ]
     stored = await asyncio.gather(*(store.commit_turn(t) for t in turns))
@@ -98,14 +102,23 @@ async def test_concurrent_turns_share_group_commits(store: Store) -> None:
     assert store.batches.flushes - flushes_before < 50
     history = await store.history(user, 100, None)
     pairs = {h.id: h.text for h in history}
-    assert all(pairs[s.message_id] == f"q{i}" and pairs[s.reply_id] == f"a{i}" for i, s in enumerate(stored))
+    assert all(
+        pairs[s.message_id] == f"q{i}" and pairs[s.reply_id] == f"a{i}"
+        for i, s in enumerate(stored)
+    )
 
 
 async def test_turn_with_a_used_client_id_is_not_stored_twice(store: Store) -> None:
     user = _user()
     await store.open_user(user)
-    turn = Turn(user_id=user, persona="caring", user_text="hi", reply_text="hello", status="completed",
-                client_id="same")  # fmt: skip
+    turn = Turn(
+        user_id=user,
+        persona="caring",
+        user_text="hi",
+        reply_text="hello",
+        status="completed",
+        client_id="same",
+    )
     first, second = await asyncio.gather(store.commit_turn(turn), store.commit_turn(turn))
     assert sorted([first.inserted, second.inserted]) == [False, True]
     assert len(await store.history(user, 100, None)) == 2
@@ -116,7 +129,13 @@ async def test_recent_messages_respect_count_and_characters(store: Store) -> Non
     await store.open_user(user)
     for i in range(4):
         await store.commit_turn(
-            Turn(user_id=user, persona="witty", user_text=f"q{i}", reply_text="a" * 10, status="completed")
+            Turn(
+                user_id=user,
+                persona="witty",
+                user_text=f"q{i}",
+                reply_text="a" * 10,
+                status="completed",
+            )
         )
     recent = await store.recent_messages(user, 4, 1000)
     assert [(m.role, m.text) for m in recent] == [
