@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import time
 import warnings
 from pathlib import Path
 
@@ -18,6 +20,8 @@ log = logging.getLogger(__name__)
 
 HANDLES_FILE = ".handle_pids.json"
 PID_FILE = "postmaster.pid"
+START_ATTEMPTS = 5
+RETRY_DELAY_S = 1.0
 
 
 class EmbeddedPostgres:
@@ -41,7 +45,19 @@ class EmbeddedPostgres:
         log.info(
             "%s embedded PostgreSQL in %s", "initialising" if fresh else "starting", self.pgdata
         )
-        self._server = get_server(self.pgdata, cleanup_mode="stop")
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                self._server = get_server(self.pgdata, cleanup_mode="stop")
+                break
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+                # After a crash, the old server's children can hold its shared memory for a
+                # moment; postgres refuses to start until they are gone.
+                if attempt == START_ATTEMPTS:
+                    raise
+                log.warning("PostgreSQL did not start (attempt %d); retrying", attempt)
+                time.sleep(RETRY_DELAY_S)
+                self._clear_stale_state()
+        assert self._server is not None
         return str(self._server.get_uri())
 
     def stop(self) -> None:
