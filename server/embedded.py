@@ -52,6 +52,7 @@ class EmbeddedPostgres:
             except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
                 # After a crash, the old server's children can hold its shared memory for a
                 # moment; postgres refuses to start until they are gone.
+                PostgresServer._instances.pop(self.pgdata, None)  # else get_server reuses it
                 if attempt == START_ATTEMPTS:
                     raise
                 log.warning("PostgreSQL did not start (attempt %d); retrying", attempt)
