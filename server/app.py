@@ -24,7 +24,8 @@ from server.auth import MAX_SUBJECT_CHARS, mint_token
 from server.generators import ReplyGenerator, TemplateGenerator
 from server.hub import Hub
 from server.metrics import CONTENT_TYPE, Metrics
-from server.session import Services, Session
+from server.services import Services
+from server.session import Session
 from server.settings import Settings
 from server.store import Store
 

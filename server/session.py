@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
@@ -17,14 +14,11 @@ from websockets.exceptions import ConnectionClosed
 from protocol import commands
 from protocol.errors import (
     BadJson,
-    Busy,
     CloseCode,
     ConnectionRefused,
-    DuplicateId,
     InvalidFrame,
     InvalidPersona,
     NoAvatar,
-    NothingToCancel,
     ProtocolError,
     RateLimited,
     Unavailable,
@@ -47,110 +41,24 @@ from protocol.frames import (
     PersonaSet,
     Ping,
     Pong,
-    Reply,
-    ReplyDelta,
-    ReplyStatus,
     ServerFrame,
     SetPersona,
-    Usage,
     Welcome,
     decode_client_frame,
     encode,
     error_frame,
     salvage_ref,
 )
-from protocol.personas import CATALOGUE, PERSONA_IDS, get_card, is_known
+from protocol.personas import CATALOGUE, PERSONA_IDS, is_known
 from server import store as db
 from server.auth import authenticate
-from server.generators import GeneratorUnavailable, ReplyGenerator, TurnContext
-from server.hub import Hub
 from server.limits import TokenBucket
-from server.metrics import Metrics
-from server.render import PastMessage
-from server.settings import Settings
+from server.replies import PendingChat, Replies
+from server.services import Services
 
 log = logging.getLogger(__name__)
 
 PERSONA_LIST = [PersonaInfo(id=c.id, name=c.name, description=c.description) for c in CATALOGUE]
-
-
-@dataclass(slots=True)
-class Services:
-    """What every session of one process shares."""
-
-    settings: Settings
-    store: db.Store
-    hub: Hub
-    metrics: Metrics
-    generator: ReplyGenerator
-    secret: str
-    version: str
-    draining: bool = False
-
-
-@dataclass(slots=True)
-class PendingChat:
-    """A chat waiting for its reply, with the persona it was accepted under."""
-
-    ref: str | None
-    text: str
-    persona: str
-    received_at: float
-
-
-@dataclass(slots=True)
-class InFlight:
-    """The reply being generated right now."""
-
-    chat: PendingChat
-    message_id: int | None = None
-    reply_id: int | None = None
-    task: asyncio.Task[tuple[ReplyStatus, Usage | None]] | None = None
-    cancel_requested: bool = False
-    parts: list[str] = field(default_factory=list)
-
-    def request_cancel(self) -> None:
-        self.cancel_requested = True
-        if self.task is not None:
-            self.task.cancel()
-
-
-class DeltaCoalescer:
-    """Groups small pieces into `reply_delta` frames: flush at `chars`, or `delay_s` after one."""
-
-    __slots__ = ("_buffer", "_chars", "_delay_s", "_emit", "_size", "_timer")
-
-    def __init__(self, emit: Callable[[str], None], delay_s: float, chars: int) -> None:
-        self._emit = emit
-        self._delay_s = delay_s
-        self._chars = chars
-        self._buffer: list[str] = []
-        self._size = 0
-        self._timer: asyncio.TimerHandle | None = None
-
-    def add(self, piece: str) -> None:
-        self._buffer.append(piece)
-        self._size += len(piece)
-        if self._size >= self._chars:
-            self.flush()
-        elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._delay_s, self.flush)
-
-    def flush(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._buffer:
-            self._emit("".join(self._buffer))
-            self._buffer.clear()
-            self._size = 0
-
-    def close(self) -> None:
-        """Stop; what is still buffered goes out in the final `reply`, which has the whole text."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self._buffer.clear()
 
 
 class Session:
@@ -165,10 +73,7 @@ class Session:
         self._avatar: db.Avatar | None = None
         self._avatar_epoch = 0
         self._lock = asyncio.Lock()
-        self._queue: deque[PendingChat] = deque()
-        self._worker: asyncio.Task[None] | None = None
-        self._inflight: InFlight | None = None
-        self._recent: deque[PastMessage] = deque(maxlen=2 * self.settings.history_turns)
+        self._replies = Replies(services, "", self.id, self._emit, self._emit_error)  # until hello
         self._bucket = TokenBucket(self.settings.rate_per_s, self.settings.rate_burst, 0.0)
         self._strikes = 0
         self._last_strike = 0.0
@@ -211,6 +116,7 @@ class Session:
             raise ConnectionRefused(CloseCode.NOT_AUTHENTICATED, "send hello first")
         self.services.metrics.frames["hello"].inc()
         self.user_id = authenticate(self.services.secret, frame.token)
+        self._replies = Replies(self.services, self.user_id, self.id, self._emit, self._emit_error)
         try:
             self._avatar = await self.services.store.open_user(self.user_id)
         except Unavailable:
@@ -259,16 +165,11 @@ class Session:
     async def _finish(self) -> None:
         """The connection is gone: stop the reply in flight (it is stored as cancelled)."""
         self._closing = True
-        self._queue.clear()
-        if self._inflight is not None:
-            self._inflight.request_cancel()
-        if self._worker is not None:
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(self._worker), self.settings.drain_timeout_s)
+        await self._replies.finish()
 
     @property
     def idle(self) -> bool:
-        return self._worker is None
+        return self._replies.idle
 
     def drain(self) -> None:
         """Server shutdown: refuse new chats; the queued ones and the one in flight finish."""
@@ -363,7 +264,7 @@ class Session:
             case SetPersona():
                 await self.set_persona(frame.personality, frame.id)
             case Cancel():
-                self._cancel()
+                self._replies.cancel()
             case GetAvatar():
                 self._emit(Avatar(ref=frame.id, avatar=(await self._current_avatar()).info()))
             case CreateAvatar():
@@ -444,150 +345,8 @@ class Session:
                 raise UnknownCommand(f"unknown command '/{word}'; send /help for the list")
 
     async def _enqueue(self, ref: str | None, text: str) -> None:
-        if self.services.draining:
-            raise Unavailable("the server is shutting down; reconnect in a moment")
-        if len(self._queue) >= self.settings.chat_queue_depth:
-            raise Busy(details={"queued": len(self._queue)})
         avatar = await self._current_avatar()
-        chat = PendingChat(ref, text, avatar.personality, time.perf_counter())
-        if self._worker is None:
-            self._worker = asyncio.create_task(self._work(chat))
-        else:
-            self._queue.append(chat)
-
-    def _cancel(self) -> None:
-        inflight = self._inflight
-        if inflight is None or inflight.cancel_requested:
-            raise NothingToCancel()
-        inflight.request_cancel()
-
-    async def _work(self, chat: PendingChat) -> None:
-        """Answer `chat`, then the chats that queued up meanwhile, one at a time."""
-        try:
-            await self._reply(chat)
-            while self._queue:
-                await self._reply(self._queue.popleft())
-        finally:
-            self._worker = None
-
-    async def _reply(self, chat: PendingChat) -> None:
-        """Generate, commit, then answer one chat."""
-        services = self.services
-        inflight = InFlight(chat)
-        self._inflight = inflight
-        status: ReplyStatus = "failed"
-        usage: Usage | None = None
-        failure: Exception | None = None
-        try:
-            if services.generator.streams:
-                inflight.message_id, inflight.reply_id = await services.store.reserve_message_ids()
-            if not inflight.cancel_requested:
-                inflight.task = asyncio.create_task(self._generate(inflight))
-                status, usage = await inflight.task
-            else:
-                status = "cancelled"
-        except (GeneratorUnavailable, Unavailable) as exc:
-            log.warning("session %s: reply failed: %s", self.id, exc)
-            failure = exc if isinstance(exc, Unavailable) else Unavailable(str(exc))
-        except Exception as exc:
-            log.exception("session %s: reply generator crashed", self.id)
-            failure = exc
-        finally:
-            self._inflight = None
-        await self._commit_and_answer(inflight, status, usage, failure)
-
-    async def _generate(self, inflight: InFlight) -> tuple[ReplyStatus, Usage | None]:
-        chat = inflight.chat
-        turn = TurnContext(
-            card=get_card(chat.persona), text=chat.text, recent=await self._history()
-        )
-        coalescer = None
-        if inflight.reply_id is not None:
-            reply_id = inflight.reply_id
-            coalescer = DeltaCoalescer(
-                lambda delta: self._emit(ReplyDelta(ref=chat.ref, reply_id=reply_id, delta=delta)),
-                self.settings.delta_flush_ms / 1000,
-                self.settings.delta_flush_chars,
-            )
-        usage: Usage | None = None
-        try:
-            async with contextlib.aclosing(self.services.generator.stream(turn)) as pieces:
-                async for piece in pieces:
-                    if isinstance(piece, Usage):
-                        usage = piece
-                        continue
-                    inflight.parts.append(piece)
-                    if coalescer is not None:
-                        coalescer.add(piece)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if not inflight.cancel_requested or task is None:
-                raise
-            task.uncancel()
-            return "cancelled", usage
-        finally:
-            if coalescer is not None:
-                coalescer.close()
-        return "completed", usage
-
-    async def _history(self) -> tuple[PastMessage, ...]:
-        """The recent conversation a generator sees: from the database when it reads history."""
-        settings = self.settings
-        if not self.services.generator.reads_history:
-            return tuple(self._recent)
-        return tuple(
-            await self.services.store.recent_messages(
-                self.user_id, 2 * settings.history_turns, settings.history_chars
-            )
-        )
-
-    async def _commit_and_answer(
-        self,
-        inflight: InFlight,
-        status: ReplyStatus,
-        usage: Usage | None,
-        failure: Exception | None,
-    ) -> None:
-        services = self.services
-        chat = inflight.chat
-        text = "".join(inflight.parts)
-        turn = db.Turn(
-            user_id=self.user_id,
-            persona=chat.persona,
-            user_text=chat.text,
-            reply_text=text,
-            status=status,
-            client_id=chat.ref,
-            message_id=inflight.message_id,
-            reply_id=inflight.reply_id,
-        )
-        try:
-            stored = await services.store.commit_turn(turn)
-        except Unavailable as exc:
-            self._emit_error(exc, chat.ref)
-            return
-        if failure is not None:
-            self._emit_error(failure, chat.ref)
-            return
-        if not stored.inserted:
-            self._emit_error(DuplicateId(), chat.ref)
-            return
-        if status == "completed":
-            self._recent.append(PastMessage("user", chat.text))
-            self._recent.append(PastMessage("assistant", text))
-        services.metrics.replies.labels(status).inc()
-        services.metrics.reply_latency.observe(time.perf_counter() - chat.received_at)
-        self._emit(
-            Reply(
-                ref=chat.ref,
-                reply_id=stored.reply_id,
-                message_id=stored.message_id,
-                persona=chat.persona,
-                text=text,
-                status=status,
-                usage=usage,
-            )
-        )
+        self._replies.accept(PendingChat(ref, text, avatar.personality, time.perf_counter()))
 
 
 def _check_persona(personality: str) -> None:

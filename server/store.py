@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 
 from protocol.errors import AvatarExists, Unavailable
-from protocol.frames import AvatarInfo, HistoryEntry
+from protocol.frames import AvatarInfo, HistoryEntry, ReplyStatus
 from server.batching import Batcher
 from server.render import PastMessage
 
@@ -66,6 +66,18 @@ class Turn:
     client_id: str | None = None
     message_id: int | None = None  # reserved ids, when the reply streamed before commit
     reply_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PastTurn:
+    """A stored chat and its reply, found by the chat's client id."""
+
+    message_id: int
+    user_text: str
+    reply_id: int
+    persona: str
+    reply_text: str
+    status: ReplyStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +288,28 @@ class Store:
             StoredTurn(message_id=r["message_id"], reply_id=r["reply_id"], inserted=r["inserted"])
             for r in rows
         ]
+
+    async def find_turn(self, user_id: str, client_id: str) -> PastTurn | None:
+        """The stored chat with this client id, with its reply."""
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT u.id AS message_id, u.text AS user_text, a.id AS reply_id, a.persona,"
+                " a.text AS reply_text, a.status"
+                " FROM messages u JOIN messages a ON a.reply_to = u.id"
+                " WHERE u.user_id = $1 AND u.client_id = $2 AND u.role = 'user'",
+                user_id,
+                client_id,
+            )
+        if row is None:
+            return None
+        return PastTurn(
+            message_id=row["message_id"],
+            user_text=row["user_text"],
+            reply_id=row["reply_id"],
+            persona=row["persona"],
+            reply_text=row["reply_text"],
+            status=row["status"],
+        )
 
     async def reserve_message_ids(self) -> tuple[int, int]:
         """Two fresh ids (the chat's, the reply's) for a reply that streams before it commits."""

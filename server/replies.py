@@ -1,0 +1,319 @@
+"""One session's chats: the queue of waiting chats and the reply in flight, generated, committed,
+then answered; retried chats are answered from storage."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from protocol.errors import Busy, DuplicateId, NothingToCancel, Unavailable
+from protocol.frames import Reply, ReplyDelta, ReplyStatus, ServerFrame, Usage
+from protocol.personas import get_card
+from server import store as db
+from server.generators import GeneratorUnavailable, TurnContext
+from server.render import PastMessage
+from server.services import Services
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[[ServerFrame], None]
+EmitError = Callable[[Exception, str | None], None]
+
+
+@dataclass(slots=True)
+class PendingChat:
+    """A chat waiting for its reply, with the persona it was accepted under."""
+
+    ref: str | None
+    text: str
+    persona: str
+    received_at: float
+
+
+@dataclass(slots=True)
+class InFlight:
+    """The reply being generated right now."""
+
+    chat: PendingChat
+    message_id: int | None = None
+    reply_id: int | None = None
+    task: asyncio.Task[tuple[ReplyStatus, Usage | None]] | None = None
+    cancel_requested: bool = False
+    parts: list[str] = field(default_factory=list)
+
+    def request_cancel(self) -> None:
+        self.cancel_requested = True
+        if self.task is not None:
+            self.task.cancel()
+
+
+class DeltaCoalescer:
+    """Groups small pieces into `reply_delta` frames: flush at `chars`, or `delay_s` after one."""
+
+    __slots__ = ("_buffer", "_chars", "_delay_s", "_emit", "_size", "_timer")
+
+    def __init__(self, emit: Callable[[str], None], delay_s: float, chars: int) -> None:
+        self._emit = emit
+        self._delay_s = delay_s
+        self._chars = chars
+        self._buffer: list[str] = []
+        self._size = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, piece: str) -> None:
+        self._buffer.append(piece)
+        self._size += len(piece)
+        if self._size >= self._chars:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._delay_s, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._buffer:
+            self._emit("".join(self._buffer))
+            self._buffer.clear()
+            self._size = 0
+
+    def close(self) -> None:
+        """Stop; what is still buffered goes out in the final `reply`, which has the whole text."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._buffer.clear()
+
+
+class Replies:
+    """Answers one session's chats one at a time, in order; at most `chat_queue_depth` wait."""
+
+    def __init__(
+        self, services: Services, user_id: str, session_id: str, emit: Emit, emit_error: EmitError
+    ) -> None:
+        self._services = services
+        self._user_id = user_id
+        self._session_id = session_id
+        self._emit = emit
+        self._emit_error = emit_error
+        self._queue: deque[PendingChat] = deque()
+        self._worker: asyncio.Task[None] | None = None
+        self._inflight: InFlight | None = None
+        self._recent: deque[PastMessage] = deque(maxlen=2 * services.settings.history_turns)
+
+    @property
+    def idle(self) -> bool:
+        return self._worker is None
+
+    def accept(self, chat: PendingChat) -> None:
+        """Queue a chat (or start on it at once); Busy when too many wait or its id is in use."""
+        services = self._services
+        if services.draining:
+            raise Unavailable("the server is shutting down; reconnect in a moment")
+        key = (self._user_id, chat.ref) if chat.ref is not None else None
+        if key is not None and key in services.chats_in_flight:
+            raise Busy("a chat with this id is still being answered")
+        if self._worker is not None and len(self._queue) >= services.settings.chat_queue_depth:
+            raise Busy(details={"queued": len(self._queue)})
+        if key is not None:
+            services.chats_in_flight.add(key)
+        if self._worker is None:
+            self._worker = asyncio.create_task(self._work(chat))
+        else:
+            self._queue.append(chat)
+
+    def cancel(self) -> None:
+        inflight = self._inflight
+        if inflight is None or inflight.cancel_requested:
+            raise NothingToCancel()
+        inflight.request_cancel()
+
+    async def finish(self) -> None:
+        """The connection is gone: drop waiting chats; the reply in flight is stored cancelled."""
+        while self._queue:
+            self._release(self._queue.popleft())
+        if self._inflight is not None:
+            self._inflight.request_cancel()
+        if self._worker is not None:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(
+                    asyncio.shield(self._worker), self._services.settings.drain_timeout_s
+                )
+
+    def _release(self, chat: PendingChat) -> None:
+        if chat.ref is not None:
+            self._services.chats_in_flight.discard((self._user_id, chat.ref))
+
+    async def _work(self, chat: PendingChat) -> None:
+        """Answer `chat`, then the chats that queued up meanwhile."""
+        try:
+            await self._answer(chat)
+            while self._queue:
+                await self._answer(self._queue.popleft())
+        finally:
+            self._worker = None
+
+    async def _answer(self, chat: PendingChat) -> None:
+        try:
+            await self._reply(chat)
+        except Unavailable as exc:
+            self._emit_error(exc, chat.ref)
+        except Exception as exc:
+            log.exception("session %s: reply failed unexpectedly", self._session_id)
+            self._emit_error(exc, chat.ref)
+        finally:
+            self._release(chat)
+
+    async def _reply(self, chat: PendingChat) -> None:
+        """Generate, commit, then answer one chat."""
+        store = self._services.store
+        inflight = InFlight(chat)
+        self._inflight = inflight  # from here on, `cancel` applies to this chat
+        try:
+            if self._services.generator.streams:
+                # Deltas carry the reply id, so ids come first; a retried chat is answered
+                # from storage before anything is generated again.
+                if chat.ref is not None and await self._replay(chat):
+                    return
+                inflight.message_id, inflight.reply_id = await store.reserve_message_ids()
+            status, usage, failure = await self._run(inflight)
+        finally:
+            self._inflight = None
+        await self._commit_and_answer(inflight, status, usage, failure)
+
+    async def _run(self, inflight: InFlight) -> tuple[ReplyStatus, Usage | None, Exception | None]:
+        if inflight.cancel_requested:
+            return "cancelled", None, None
+        inflight.task = asyncio.create_task(self._generate(inflight))
+        try:
+            status, usage = await inflight.task
+        except (GeneratorUnavailable, Unavailable) as exc:
+            log.warning("session %s: reply failed: %s", self._session_id, exc)
+            return "failed", None, exc if isinstance(exc, Unavailable) else Unavailable(str(exc))
+        except Exception as exc:
+            log.exception("session %s: reply generator crashed", self._session_id)
+            return "failed", None, exc
+        return status, usage, None
+
+    async def _generate(self, inflight: InFlight) -> tuple[ReplyStatus, Usage | None]:
+        chat = inflight.chat
+        turn = TurnContext(
+            card=get_card(chat.persona), text=chat.text, recent=await self._history()
+        )
+        coalescer = self._coalescer(inflight)
+        usage: Usage | None = None
+        try:
+            async with contextlib.aclosing(self._services.generator.stream(turn)) as pieces:
+                async for piece in pieces:
+                    if isinstance(piece, Usage):
+                        usage = piece
+                        continue
+                    inflight.parts.append(piece)
+                    if coalescer is not None:
+                        coalescer.add(piece)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not inflight.cancel_requested or task is None:
+                raise
+            task.uncancel()  # our own cancel: keep the partial text
+            return "cancelled", usage
+        finally:
+            if coalescer is not None:
+                coalescer.close()
+        return "completed", usage
+
+    def _coalescer(self, inflight: InFlight) -> DeltaCoalescer | None:
+        reply_id = inflight.reply_id
+        if reply_id is None:
+            return None
+        ref = inflight.chat.ref
+        settings = self._services.settings
+        return DeltaCoalescer(
+            lambda delta: self._emit(ReplyDelta(ref=ref, reply_id=reply_id, delta=delta)),
+            settings.delta_flush_ms / 1000,
+            settings.delta_flush_chars,
+        )
+
+    async def _history(self) -> tuple[PastMessage, ...]:
+        """The recent conversation a generator sees: from the database when it reads history."""
+        settings = self._services.settings
+        if not self._services.generator.reads_history:
+            return tuple(self._recent)
+        return tuple(
+            await self._services.store.recent_messages(
+                self._user_id, 2 * settings.history_turns, settings.history_chars
+            )
+        )
+
+    async def _commit_and_answer(
+        self,
+        inflight: InFlight,
+        status: ReplyStatus,
+        usage: Usage | None,
+        failure: Exception | None,
+    ) -> None:
+        services = self._services
+        chat = inflight.chat
+        text = "".join(inflight.parts)
+        stored = await services.store.commit_turn(
+            db.Turn(
+                user_id=self._user_id,
+                persona=chat.persona,
+                user_text=chat.text,
+                reply_text=text,
+                status=status,
+                client_id=chat.ref,
+                message_id=inflight.message_id,
+                reply_id=inflight.reply_id,
+            )
+        )
+        if not stored.inserted:
+            await self._replay(chat)
+            return
+        if failure is not None:
+            self._emit_error(failure, chat.ref)
+            return
+        if status == "completed":
+            self._recent.append(PastMessage("user", chat.text))
+            self._recent.append(PastMessage("assistant", text))
+        services.metrics.replies.labels(status).inc()
+        services.metrics.reply_latency.observe(time.perf_counter() - chat.received_at)
+        self._emit(
+            Reply(
+                ref=chat.ref,
+                reply_id=stored.reply_id,
+                message_id=stored.message_id,
+                persona=chat.persona,
+                text=text,
+                status=status,
+                usage=usage,
+            )
+        )
+
+    async def _replay(self, chat: PendingChat) -> bool:
+        """Answer a chat whose id is already stored: its stored reply, or `duplicate_id`."""
+        assert chat.ref is not None
+        stored = await self._services.store.find_turn(self._user_id, chat.ref)
+        if stored is None:
+            return False
+        if stored.user_text != chat.text:
+            self._emit_error(DuplicateId(details={"message_id": stored.message_id}), chat.ref)
+            return True
+        self._services.metrics.replies.labels("replayed").inc()
+        self._emit(
+            Reply(
+                ref=chat.ref,
+                reply_id=stored.reply_id,
+                message_id=stored.message_id,
+                persona=stored.persona,
+                text=stored.reply_text,
+                status=stored.status,
+                replayed=True,
+            )
+        )
+        return True

@@ -1,0 +1,27 @@
+"""What every session of one process shares: settings, store, hub, metrics, generator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from server.generators import ReplyGenerator
+from server.hub import Hub
+from server.metrics import Metrics
+from server.settings import Settings
+from server.store import Store
+
+
+@dataclass(slots=True)
+class Services:
+    """The process-wide pieces a session works with."""
+
+    settings: Settings
+    store: Store
+    hub: Hub
+    metrics: Metrics
+    generator: ReplyGenerator
+    secret: str
+    version: str
+    draining: bool = False
+    # (user id, chat id) of every chat queued or being answered in this process
+    chats_in_flight: set[tuple[str, str]] = field(default_factory=set)
