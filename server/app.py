@@ -194,6 +194,10 @@ class App:
     ) -> Response | None:
         path = request.path.partition("?")[0]
         if path == WS_PATH:
+            refusal = self._over_capacity()
+            if refusal is not None:
+                log.warning("refused a WebSocket handshake: %s", refusal)
+                return connection.respond(503, refusal + "\n")
             origin = request.headers.get("Origin")
             if not origin_allowed(
                 origin, request.headers.get("Host"), self.settings.allowed_origins
@@ -207,6 +211,17 @@ class App:
         if path.startswith("/static/"):
             return static_file(connection, path.removeprefix("/static/"))
         return connection.respond(404, "not found\n")
+
+    def _over_capacity(self) -> str | None:
+        """Why a new connection cannot be taken now, or None."""
+        settings = self.settings
+        if len(self.sessions) >= settings.max_connections:
+            return f"at the connection limit ({settings.max_connections})"
+        if self.services.preauth >= settings.max_preauth:
+            return f"too many connections waiting to authenticate ({settings.max_preauth})"
+        if self.services.draining:
+            return "shutting down"
+        return None
 
     async def _healthz(self, connection: ServerConnection, request: Request) -> Response:
         return connection.respond(200, "ok\n")

@@ -23,5 +23,6 @@ class Services:
     secret: str
     version: str
     draining: bool = False
+    preauth: int = 0  # connections that have not sent a valid hello yet
     # (user id, chat id) of every chat queued or being answered in this process
     chats_in_flight: set[tuple[str, str]] = field(default_factory=set)

@@ -91,6 +91,7 @@ class Session:
         try:
             try:
                 hello_ref = await self._authenticate()
+                self._check_user_connections()
             except ConnectionRefused as exc:
                 log.info("session %s refused: %d %s", self.id, exc.close_code, exc.reason)
                 metrics.closes.labels(str(int(exc.close_code))).inc()
@@ -103,6 +104,21 @@ class Session:
             metrics.connections.dec()
 
     async def _authenticate(self) -> str | None:
+        self.services.preauth += 1
+        try:
+            return await self._read_hello()
+        finally:
+            self.services.preauth -= 1
+
+    def _check_user_connections(self) -> None:
+        """At most `max_connections_per_user` sessions of one user in this process."""
+        limit = self.settings.max_connections_per_user
+        if self.services.hub.count(self.user_id) >= limit:
+            raise ConnectionRefused(
+                CloseCode.TOO_MANY_CONNECTIONS, f"too many connections for this user (max {limit})"
+            )
+
+    async def _read_hello(self) -> str | None:
         try:
             async with asyncio.timeout(self.settings.hello_timeout_s):
                 raw = await self.ws.recv()

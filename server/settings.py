@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     hello_timeout_s: float = Field(default=10.0, gt=0)
 
     # limits
+    max_connections: int = Field(default=20_000, ge=1)
+    max_connections_per_user: int = Field(default=16, ge=1)
+    max_preauth: int = Field(default=512, ge=1)
     max_frame_bytes: int = Field(default=64 * 1024, ge=1024)
     max_text_chars: int = MAX_TEXT_CHARS
     rate_per_s: float = Field(default=20.0, gt=0)
