@@ -24,6 +24,7 @@ from server.auth import MAX_SUBJECT_CHARS, mint_token
 from server.generators import ReplyGenerator, TemplateGenerator
 from server.hub import Hub
 from server.metrics import CONTENT_TYPE, Metrics
+from server.notify import ChangeListener, PersonaChange, process_tag
 from server.services import Services
 from server.session import Session
 from server.settings import Settings
@@ -93,6 +94,7 @@ class App:
         self.sessions: set[Session] = set()
         self._services: Services | None = None
         self._server: Server | None = None
+        self._listener: ChangeListener | None = None
         self._routes: dict[str, Callable[[ServerConnection, Request], Awaitable[Response]]] = {
             "/healthz": self._healthz,
             "/readyz": self._readyz,
@@ -129,7 +131,8 @@ class App:
             timeout_s=settings.db_timeout_s,
             on_batch=self.metrics.commit_batch.observe,
         )
-        await store.migrate()
+        if settings.run_migrations:
+            await store.migrate()
         self._services = Services(
             settings=settings,
             store=store,
@@ -138,7 +141,16 @@ class App:
             generator=make_generator(settings),
             secret=self._secret,
             version=server_version(),
+            origin=process_tag(),
         )
+        self._listener = ChangeListener(
+            self._dsn,
+            self.services.origin,
+            self._on_persona_change,
+            self._on_listener_state,
+            settings.db_timeout_s,
+        )
+        await self._listener.start()
         self._server = await serve(
             self._handle,
             settings.host,
@@ -184,8 +196,24 @@ class App:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(server.wait_closed(), self.settings.drain_timeout_s)
         await services.generator.aclose()
+        if self._listener is not None:
+            await self._listener.stop()
         await services.store.close()
         log.info("stopped")
+
+    def _on_persona_change(self, change: PersonaChange) -> None:
+        """A persona switch committed by another process."""
+        self.metrics.notifications.inc()
+        self.services.hub.persona_changed(
+            change.user_id, change.personality, change.previous, change.version
+        )
+
+    def _on_listener_state(self, up: bool) -> None:
+        services = self.services
+        if up and not services.cache_trusted:
+            services.hub.clear_all_caches()  # changes made while it was down were missed
+        services.cache_trusted = up
+        self.metrics.listener_up.set(1 if up else 0)
 
     # ------------------------------------------------------------------ HTTP
 

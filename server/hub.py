@@ -9,7 +9,9 @@ from typing import Protocol
 class Listener(Protocol):
     """What the hub needs of a session."""
 
-    def on_persona_changed(self, personality: str, previous: str) -> None: ...
+    def on_persona_changed(self, personality: str, previous: str, version: int) -> None: ...
+
+    def clear_avatar_cache(self) -> None: ...
 
 
 class Hub:
@@ -36,12 +38,23 @@ class Hub:
         return len(self._by_user.get(user_id, ()))
 
     def persona_changed(
-        self, user_id: str, personality: str, previous: str, origin: Listener | None
+        self,
+        user_id: str,
+        personality: str,
+        previous: str,
+        version: int,
+        origin: Listener | None = None,
     ) -> int:
         """Tell every session of the user except `origin`; return how many were told."""
         told = 0
         for session in tuple(self._by_user.get(user_id, ())):
             if session is not origin:
-                session.on_persona_changed(personality, previous)
+                session.on_persona_changed(personality, previous, version)
                 told += 1
         return told
+
+    def clear_all_caches(self) -> None:
+        """Notifications may have been missed: every session reloads its avatar."""
+        for sessions in self._by_user.values():
+            for session in sessions:
+                session.clear_avatar_cache()

@@ -39,6 +39,16 @@ class Metrics:
             "chat_closes", "Connections closed by the server, by close code", ["code"],
             registry=self.registry,
         )  # fmt: skip
+        self.notifications = Counter(
+            "chat_persona_notifications",
+            "Persona changes received from other processes",
+            registry=self.registry,
+        )
+        self.listener_up = Gauge(
+            "chat_persona_listener_up",
+            "1 while the LISTEN connection for persona changes is up",
+            registry=self.registry,
+        )
         self.persona_switches = Counter(
             "chat_persona_switches", "Committed persona switches", registry=self.registry
         )

@@ -24,5 +24,8 @@ class Services:
     version: str
     draining: bool = False
     preauth: int = 0  # connections that have not sent a valid hello yet
+    origin: str = ""  # this process's tag on the persona changes it notifies
+    # False while the LISTEN connection is down: sessions then reload the avatar every time
+    cache_trusted: bool = True
     # (user id, chat id) of every chat queued or being answered in this process
     chats_in_flight: set[tuple[str, str]] = field(default_factory=set)

@@ -72,6 +72,7 @@ class Session:
         self.user_id = ""
         self._avatar: db.Avatar | None = None
         self._avatar_epoch = 0
+        self._persona_version = 0  # the newest avatar version this session has seen
         self._lock = asyncio.Lock()
         self._replies = Replies(services, "", self.id, self._emit, self._emit_error)  # until hello
         self._bucket = TokenBucket(self.settings.rate_per_s, self.settings.rate_burst, 0.0)
@@ -135,6 +136,8 @@ class Session:
         self._replies = Replies(self.services, self.user_id, self.id, self._emit, self._emit_error)
         try:
             self._avatar = await self.services.store.open_user(self.user_id)
+            if self._avatar is not None:
+                self._persona_version = self._avatar.version
         except Unavailable:
             raise ConnectionRefused(CloseCode.INTERNAL_ERROR, "database unavailable") from None
         return frame.id
@@ -298,13 +301,14 @@ class Session:
     async def _current_avatar(self) -> db.Avatar:
         """The cached avatar, or a fresh load; never caches its absence."""
         avatar = self._avatar
-        if avatar is not None:
+        if avatar is not None and self.services.cache_trusted:
             return avatar
         async with self._lock:
             epoch = self._avatar_epoch
             avatar = await self.services.store.get_avatar(self.user_id)
             if avatar is None:
                 raise NoAvatar()
+            self._persona_version = max(self._persona_version, avatar.version)
             if epoch == self._avatar_epoch:
                 self._avatar = avatar
         return avatar
@@ -321,6 +325,7 @@ class Session:
             )
             self.clear_avatar_cache()
             self._avatar = avatar
+            self._persona_version = avatar.version
         self._emit(Avatar(ref=frame.id, avatar=avatar.info()))
 
     async def set_persona(self, personality: str, ref: str | None) -> None:
@@ -330,18 +335,27 @@ class Session:
         acknowledge; then tell the user's other sessions.
         """
         _check_persona(personality)
+        services = self.services
         async with self._lock:
-            result = await self.services.store.set_persona(self.user_id, personality)
+            result = await services.store.set_persona(self.user_id, personality, services.origin)
             if result is None:
                 raise NoAvatar()
             self.clear_avatar_cache()
-        _, previous = result
-        self.services.metrics.persona_switches.inc()
+        avatar, previous = result
+        self._persona_version = max(self._persona_version, avatar.version)
+        services.metrics.persona_switches.inc()
         self._emit(PersonaSet(ref=ref, personality=personality, previous=previous))
-        self.services.hub.persona_changed(self.user_id, personality, previous, origin=self)
+        services.hub.persona_changed(self.user_id, personality, previous, avatar.version, self)
 
-    def on_persona_changed(self, personality: str, previous: str) -> None:
-        """Another session of this user switched persona: forget the cache, tell the client."""
+    def on_persona_changed(self, personality: str, previous: str, version: int) -> None:
+        """Another connection of this user switched persona: forget the cache, tell the client.
+
+        A change no newer than one already seen (notifications can arrive late, or twice) is
+        ignored, so an older persona never comes back.
+        """
+        if version <= self._persona_version:
+            return
+        self._persona_version = version
         self.clear_avatar_cache()
         self._emit(PersonaChanged(personality=personality, previous=previous))
 

@@ -29,6 +29,7 @@ class Settings(BaseSettings):
     db_pool_min: int = Field(default=2, ge=1)
     db_pool_max: int = Field(default=10, ge=1)
     db_timeout_s: float = Field(default=5.0, gt=0)
+    run_migrations: bool = True  # workers under a supervisor leave this to it
 
     # authentication
     jwt_secret: SecretStr | None = None

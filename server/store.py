@@ -118,6 +118,21 @@ ORDER BY t.ord
 """
 
 
+_SET_PERSONA = """
+WITH old AS (SELECT personality FROM avatars WHERE user_id = $1 FOR UPDATE),
+changed AS (
+    UPDATE avatars a SET personality = $2, version = a.version + 1, updated_at = now()
+    FROM old WHERE a.user_id = $1
+    RETURNING a.id, a.user_id, a.name, a.personality, a.version, a.created_at, a.updated_at,
+              old.personality AS previous
+)
+SELECT changed.*, pg_notify('persona_changed', json_build_object(
+    'user_id', user_id, 'personality', personality, 'previous', previous,
+    'version', version, 'origin', $3::text)::text)
+FROM changed
+"""
+
+
 class Store:
     """The one place that speaks SQL. Every query is scoped by the authenticated user."""
 
@@ -247,19 +262,16 @@ class Store:
             raise AvatarExists()
         return avatar
 
-    async def set_persona(self, user_id: str, personality: str) -> tuple[Avatar, str] | None:
-        """Commit a new personality; return the avatar and the previous one, or None (no avatar)."""
+    async def set_persona(
+        self, user_id: str, personality: str, origin: str = ""
+    ) -> tuple[Avatar, str] | None:
+        """Commit a new personality; return the avatar and the previous one, or None (no avatar).
+
+        The same statement notifies `persona_changed` (delivered on commit) so that every
+        process can tell the user's other connections.
+        """
         async with self._connection() as conn:
-            row = await conn.fetchrow(
-                "UPDATE avatars a SET personality = $2, version = a.version + 1,"
-                " updated_at = now()"
-                " FROM (SELECT personality FROM avatars WHERE user_id = $1 FOR UPDATE) old"
-                " WHERE a.user_id = $1"
-                " RETURNING a.id, a.user_id, a.name, a.personality, a.version, a.created_at,"
-                " a.updated_at, old.personality AS previous",
-                user_id,
-                personality,
-            )
+            row = await conn.fetchrow(_SET_PERSONA, user_id, personality, origin)
         avatar = _avatar(row)
         if avatar is None or row is None:
             return None

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import re
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,59 +12,15 @@ import psutil
 import pytest
 
 from tests.client import Client
-
-ROOT = Path(__file__).resolve().parents[2]
-BANNER = re.compile(r"listening on (ws://127\.0\.0\.1:(\d+)/ws)")
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_") and k != "DATABASE_URL"}
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+from tests.processes import Served, run_py, serve
 
 
 async def _run(*args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "run.py"), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=_env(), cwd=ROOT,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(process.communicate(), 60)
-    assert process.returncode is not None
-    return process.returncode, out.decode(), err.decode()
-
-
-class Served:
-    """A `run.py serve` subprocess and the URL it printed."""
-
-    def __init__(self, process: asyncio.subprocess.Process, url: str, banner: str) -> None:
-        self.process = process
-        self.url = url
-        self.banner = banner
-
-    async def stop(self, signum: int = signal.SIGTERM) -> int:
-        self.process.send_signal(signum)
-        return await asyncio.wait_for(self.process.wait(), 30)
+    return await run_py(*args)
 
 
 async def _serve(data_dir: Path) -> Served:
-    log_path = data_dir.parent / "serve.log"
-    with log_path.open("ab") as log:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, str(ROOT / "run.py"), "--port", "0", "--data-dir", str(data_dir),
-            stdout=asyncio.subprocess.PIPE, stderr=log, env=_env(), cwd=ROOT,
-        )  # fmt: skip
-    assert process.stdout is not None
-    lines: list[str] = []
-    async with asyncio.timeout(60):
-        while True:
-            line = (await process.stdout.readline()).decode()
-            assert line, "run.py exited before its banner:\n" + log_path.read_text()[-3000:]
-            lines.append(line)
-            match = BANNER.search(line)
-            if match:
-                break
-        lines += [(await process.stdout.readline()).decode() for _ in range(4)]
-    return Served(process, match.group(1), "".join(lines))
+    return await serve("--data-dir", str(data_dir), log_path=data_dir.parent / "serve.log")
 
 
 @pytest.fixture
