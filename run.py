@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -14,9 +16,10 @@ import orjson
 from protocol.schema import json_schema
 from server.app import App, run_async, serve_until_signalled
 from server.auth import load_or_create_secret, mint_token
-from server.embedded import EmbeddedPostgres
+from server.embedded import Database
 from server.settings import Settings
-from server.store import Store
+from server.store import migrate_database
+from server.supervisor import Supervisor, metrics_dir, remove_metrics_dir, reserve_port
 
 log = logging.getLogger("run")
 
@@ -31,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the server (the default)")
     _add_server_options(serve)
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
     token = commands.add_parser("token", help="print a token for USER")
     token.add_argument("user")
@@ -88,8 +93,8 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     llm.add_argument("--llm-idle-timeout-s", type=float, default=None)
 
 
-def settings_from(args: argparse.Namespace) -> Settings:
-    """Environment settings, overridden by the flags that were given."""
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings that flags were given for."""
     overrides: dict[str, Any] = {
         name: value
         for name, value in vars(args).items()
@@ -97,58 +102,99 @@ def settings_from(args: argparse.Namespace) -> Settings:
     }
     if isinstance(overrides.get("log_level"), str):
         overrides["log_level"] = overrides["log_level"].upper()
-    return Settings(**overrides)
+    return overrides
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Environment settings, overridden by the flags that were given."""
+    return Settings(**_overrides(args))
 
 
 def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        format="%(asctime)s [%(process)d] %(levelname)-7s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     logging.getLogger("websockets").setLevel(logging.WARNING)
 
 
-class Database:
-    """The configured PostgreSQL: `DATABASE_URL` as it is, or the embedded one, started here."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._embedded: EmbeddedPostgres | None = None
-
-    def __enter__(self) -> str:
-        if self._settings.database_url:
-            return self._settings.database_url
-        self._embedded = EmbeddedPostgres(self._settings.pgdata_path())
-        return self._embedded.start()
-
-    def __exit__(self, *exc: object) -> None:
-        if self._embedded is not None:
-            self._embedded.stop()
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     configure_logging(settings.log_level)
+    if args.worker:
+        return _serve_worker(settings)
     secret = load_or_create_secret(settings)
-    with Database(settings) as dsn:
+    with Database(settings.database_url, settings.pgdata_path()) as dsn:
+        if args.workers > 1:
+            return _serve_workers(args, settings, dsn, secret)
         app = App(settings, dsn, secret)
-        run_async(serve_until_signalled(app, lambda app: _banner(app, settings)))
+        run_async(serve_until_signalled(app, lambda app: _banner(app.url, app.port, settings)))
     return 0
 
 
-def _banner(app: App, settings: Settings) -> None:
+def _serve_worker(settings: Settings) -> int:
+    """One worker of `serve --workers N`: its settings come from the supervisor's environment."""
+    if not settings.database_url or settings.jwt_secret is None:
+        raise SystemExit("--worker is started by `serve --workers N`, not by hand")
+
+    def ready(app: App) -> None:
+        print("ready", flush=True)
+
+    app = App(settings, settings.database_url, settings.jwt_secret.get_secret_value())
+    run_async(serve_until_signalled(app, ready))
+    return 0
+
+
+def _serve_workers(args: argparse.Namespace, settings: Settings, dsn: str, secret: str) -> int:
+    """Migrate once, hold the port, and run `args.workers` workers under a supervisor."""
+    asyncio.run(migrate_database(dsn, settings.db_timeout_s))
+    holder = reserve_port(settings.host, settings.port)
+    port = holder.getsockname()[1]
+    metrics_path = metrics_dir()
+    env = {
+        **os.environ,
+        **{f"CHAT_{k.upper()}": _env_value(v) for k, v in _overrides(args).items()},
+        "DATABASE_URL": dsn,
+        "CHAT_JWT_SECRET": secret,
+        "CHAT_PORT": str(port),
+        "CHAT_REUSE_PORT": "true",
+        "CHAT_RUN_MIGRATIONS": "false",
+        "PROMETHEUS_MULTIPROC_DIR": metrics_path,
+    }
+    supervisor = Supervisor(
+        [sys.executable, str(Path(__file__).resolve()), "serve", "--worker"],
+        env,
+        args.workers,
+        settings.drain_timeout_s,
+        metrics_path,
+    )
+    url = f"ws://{settings.host}:{port}/ws"
+    try:
+        return supervisor.run(lambda: _banner(url, port, settings, args.workers))
+    finally:
+        holder.close()
+        remove_metrics_dir(metrics_path)
+
+
+def _env_value(value: object) -> str:
+    return orjson.dumps(value).decode() if isinstance(value, list) else str(value)
+
+
+def _banner(url: str, port: int, settings: Settings, workers: int = 1) -> None:
     where = (
         "PostgreSQL at DATABASE_URL"
         if settings.database_url
         else f"embedded PostgreSQL in {settings.pgdata_path().resolve()}"
     )
     print(
-        f"Persona chat server listening on {app.url}\n"
-        f"  get a token:  python run.py token alice"
+        f"Persona chat server listening on {url}"
+        + (f" ({workers} workers)" if workers > 1 else "")
+        + "\n"
+        "  get a token:  python run.py token alice"
         + (f" --data-dir {settings.data_dir}" if settings.data_dir != Settings().data_dir else "")
         + f"\n  data:         {settings.data_dir.resolve()} ({where})\n"
-        f"  health:       http://{settings.host}:{app.port}/healthz\n"
+        f"  health:       http://{settings.host}:{port}/healthz\n"
         "  stop:         Ctrl-C",
         flush=True,
     )
@@ -164,15 +210,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     configure_logging(settings.log_level)
 
-    async def migrate(dsn: str) -> list[str]:
-        store = await Store.connect(dsn, min_size=1, max_size=1, timeout_s=settings.db_timeout_s)
-        try:
-            return await store.migrate()
-        finally:
-            await store.close()
-
-    with Database(settings) as dsn:
-        applied = asyncio.run(migrate(dsn))
+    with Database(settings.database_url, settings.pgdata_path()) as dsn:
+        applied = asyncio.run(migrate_database(dsn, settings.db_timeout_s))
     print("applied: " + ", ".join(applied) if applied else "the schema is up to date")
     return 0
 

@@ -90,11 +90,12 @@ class App:
         self.settings = settings
         self._dsn = dsn
         self._secret = secret
-        self.metrics = Metrics(pool_in_use=self._pool_in_use)
+        self.metrics = Metrics(multiprocess_mode=settings.prometheus_multiproc_dir is not None)
         self.sessions: set[Session] = set()
         self._services: Services | None = None
         self._server: Server | None = None
         self._listener: ChangeListener | None = None
+        self._ticker: asyncio.Task[None] | None = None
         self._routes: dict[str, Callable[[ServerConnection, Request], Awaitable[Response]]] = {
             "/healthz": self._healthz,
             "/readyz": self._readyz,
@@ -118,9 +119,6 @@ class App:
     @property
     def url(self) -> str:
         return f"ws://{self.settings.host}:{self.port}{WS_PATH}"
-
-    def _pool_in_use(self) -> float:
-        return float(self._services.store.pool_in_use) if self._services else 0.0
 
     async def start(self) -> None:
         settings = self.settings
@@ -162,7 +160,9 @@ class App:
             close_timeout=2,
             compression=None,
             server_header=f"persona-chat/{self.services.version}",
+            reuse_port=settings.reuse_port,
         )
+        self._ticker = asyncio.create_task(self._tick(), name="metrics-ticker")
         log.info("listening on %s", self.url)
 
     async def _handle(self, ws: ServerConnection) -> None:
@@ -179,6 +179,8 @@ class App:
             return
         server, self._server = self._server, None
         server.close(close_connections=False)
+        if self._ticker is not None:
+            self._ticker.cancel()
         services = self.services
         for session in tuple(self.sessions):
             session.drain()
@@ -200,6 +202,12 @@ class App:
             await self._listener.stop()
         await services.store.close()
         log.info("stopped")
+
+    async def _tick(self) -> None:
+        """Gauges that are read rather than counted, refreshed every second."""
+        while True:
+            self.metrics.pool_in_use.set(self.services.store.pool_in_use)
+            await asyncio.sleep(1.0)
 
     def _on_persona_change(self, change: PersonaChange) -> None:
         """A persona switch committed by another process."""

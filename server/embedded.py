@@ -98,3 +98,22 @@ def _is_postgres(pid_file: Path) -> bool:
         return bool(process.name() == "postgres" and process.status() != psutil.STATUS_ZOMBIE)
     except (ValueError, IndexError, OSError, psutil.Error):
         return False
+
+
+class Database:
+    """The configured PostgreSQL: `database_url` as it is, or the embedded one, started here."""
+
+    def __init__(self, database_url: str | None, pgdata: Path) -> None:
+        self._database_url = database_url
+        self._pgdata = pgdata
+        self._embedded: EmbeddedPostgres | None = None
+
+    def __enter__(self) -> str:
+        if self._database_url:
+            return self._database_url
+        self._embedded = EmbeddedPostgres(self._pgdata)
+        return self._embedded.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._embedded is not None:
+            self._embedded.stop()

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from protocol.errors import ERROR_CODES
@@ -19,13 +24,22 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 class Metrics:
     """Counters and gauges the session and app update; rendered at GET /metrics."""
 
-    def __init__(self, pool_in_use: Callable[[], float] = lambda: 0.0) -> None:
+    def __init__(self, multiprocess_mode: bool = False) -> None:
+        """With `multiprocess_mode`, /metrics sums the workers of `serve --workers N`
+        (prometheus-client's multiprocess mode, PROMETHEUS_MULTIPROC_DIR)."""
+        self.multiprocess_mode = multiprocess_mode
         self.registry = CollectorRegistry(auto_describe=True)
         self.connections = Gauge(
-            "chat_connections_open", "Open WebSocket connections", registry=self.registry
+            "chat_connections_open",
+            "Open WebSocket connections",
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.sessions = Gauge(
-            "chat_sessions_authenticated", "Authenticated sessions", registry=self.registry
+            "chat_sessions_authenticated",
+            "Authenticated sessions",
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
         frames = Counter(
             "chat_frames_received", "Frames received, by type", ["type"], registry=self.registry
@@ -46,8 +60,9 @@ class Metrics:
         )
         self.listener_up = Gauge(
             "chat_persona_listener_up",
-            "1 while the LISTEN connection for persona changes is up",
+            "Processes whose LISTEN connection for persona changes is up",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.persona_switches = Counter(
             "chat_persona_switches", "Committed persona switches", registry=self.registry
@@ -67,10 +82,16 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
             registry=self.registry,
         )
-        pool = Gauge(
-            "chat_db_pool_in_use", "Database connections checked out", registry=self.registry
+        self.pool_in_use = Gauge(
+            "chat_db_pool_in_use",
+            "Database connections checked out",
+            registry=self.registry,
+            multiprocess_mode="livesum",
         )
-        pool.set_function(pool_in_use)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.multiprocess_mode:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)

@@ -19,6 +19,7 @@ class Settings(BaseSettings):
     # where to listen and where data lives
     host: str = "127.0.0.1"
     port: int = Field(default=8765, ge=0, le=65535)
+    reuse_port: bool = False  # set for the workers of `serve --workers N`
     data_dir: Path = Path(".data")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -30,6 +31,10 @@ class Settings(BaseSettings):
     db_pool_max: int = Field(default=10, ge=1)
     db_timeout_s: float = Field(default=5.0, gt=0)
     run_migrations: bool = True  # workers under a supervisor leave this to it
+    # prometheus-client's multiprocess mode (set by `serve --workers N`)
+    prometheus_multiproc_dir: Path | None = Field(
+        default=None, validation_alias=AliasChoices("PROMETHEUS_MULTIPROC_DIR")
+    )
 
     # authentication
     jwt_secret: SecretStr | None = None

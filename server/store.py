@@ -378,6 +378,15 @@ class Store:
         ]
 
 
+async def migrate_database(dsn: str, timeout_s: float) -> list[str]:
+    """Apply pending migrations with a short-lived pool; return the names applied."""
+    store = await Store.connect(dsn, min_size=1, max_size=1, timeout_s=timeout_s)
+    try:
+        return await store.migrate()
+    finally:
+        await store.close()
+
+
 def _avatar(row: asyncpg.Record | None) -> Avatar | None:
     if row is None:
         return None
