@@ -13,7 +13,7 @@ from protocol.personas import PersonaCard
 TOPIC_WORDS = 8
 TOPIC_CHARS = 60
 EARLIER_CHARS = 40
-_WORDS = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*")
+_WORDS = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*")  # noqa: RUF001
 
 
 Role = Literal["user", "assistant"]
@@ -56,3 +56,32 @@ def template_reply(card: PersonaCard, text: str, recent: Sequence[PastMessage]) 
     pieces.append(follow_up + " ")
     pieces.append(card.sign_off)
     return pieces
+
+
+ChatMessage = dict[str, str]
+
+
+def persona_system_prompt(card: PersonaCard) -> str:
+    """The system message for a persona: who it is, how it talks, and lines in its voice."""
+    sections = [card.system_prompt, f"About you: {card.description}"]
+    if card.style_rules:
+        sections.append("Style rules:\n" + "\n".join(f"- {rule}" for rule in card.style_rules))
+    if card.example_lines:
+        sections.append(
+            "Example lines in your voice:\n" + "\n".join(f"- {line}" for line in card.example_lines)
+        )
+    return "\n\n".join(sections)
+
+
+def build_prompt(card: PersonaCard, recent: Sequence[PastMessage], text: str) -> list[ChatMessage]:
+    """The OpenAI chat messages for one turn, rendered afresh from the card every time.
+
+    The persona's system prompt, the recent history (oldest first; blank messages are left
+    out), the user's text, then the persona's post-history instruction as a last system message.
+    """
+    messages = [{"role": "system", "content": persona_system_prompt(card)}]
+    messages.extend({"role": m.role, "content": m.text} for m in recent if m.text.strip())
+    messages.append({"role": "user", "content": text})
+    if card.post_history_instruction:
+        messages.append({"role": "system", "content": card.post_history_instruction})
+    return messages

@@ -53,9 +53,13 @@ class InFlight:
 
 
 class DeltaCoalescer:
-    """Groups small pieces into `reply_delta` frames: flush at `chars`, or `delay_s` after one."""
+    """Groups small pieces into `reply_delta` frames: at most one per `delay_s`, or at `chars`.
 
-    __slots__ = ("_buffer", "_chars", "_delay_s", "_emit", "_size", "_timer")
+    A piece that comes when no frame went out for `delay_s` goes out at once (so the first
+    token is never held back); pieces that follow sooner wait until `delay_s` after that frame.
+    """
+
+    __slots__ = ("_buffer", "_chars", "_delay_s", "_emit", "_last", "_size", "_timer")
 
     def __init__(self, emit: Callable[[str], None], delay_s: float, chars: int) -> None:
         self._emit = emit
@@ -64,6 +68,7 @@ class DeltaCoalescer:
         self._buffer: list[str] = []
         self._size = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._last = float("-inf")
 
     def add(self, piece: str) -> None:
         self._buffer.append(piece)
@@ -71,7 +76,12 @@ class DeltaCoalescer:
         if self._size >= self._chars:
             self.flush()
         elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._delay_s, self.flush)
+            loop = asyncio.get_running_loop()
+            due = self._last + self._delay_s
+            if loop.time() >= due:
+                self.flush()
+            else:
+                self._timer = loop.call_at(due, self.flush)
 
     def flush(self) -> None:
         if self._timer is not None:
@@ -81,6 +91,7 @@ class DeltaCoalescer:
             self._emit("".join(self._buffer))
             self._buffer.clear()
             self._size = 0
+            self._last = asyncio.get_running_loop().time()
 
     def close(self) -> None:
         """Stop; what is still buffered goes out in the final `reply`, which has the whole text."""

@@ -1,0 +1,392 @@
+"""The OpenAI-compatible reply generator: chat completions streamed over HTTP (SSE) with httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import socket
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import orjson
+
+from protocol.frames import Usage
+from server.generators import GeneratorUnavailable, TurnContext
+from server.render import ChatMessage, build_prompt
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DONE = "[DONE]"
+DETAIL_CHARS = 200
+MAX_LINE_BYTES = 1 << 20
+DRAIN_S = 0.25
+KEEPALIVE_CONNECTIONS = 32
+_EOL = re.compile(rb"\r\n|\r|\n")
+_USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
+
+
+class StreamError(Exception):
+    """The endpoint answered, but not with a usable stream; the text completes "the endpoint …"."""
+
+
+class SseDecoder:
+    """Server-sent events from raw bytes: feed chunks, get the `data` of each complete event.
+
+    Lines end with CRLF, LF or CR (split on bytes, so no Unicode line separator inside a JSON
+    string can cut a line); `data` lines of one event join with LF; comments and other fields
+    are skipped.
+    """
+
+    __slots__ = ("_after_cr", "_buffer", "_data")
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._data: list[str] = []
+        self._after_cr = False
+
+    def feed(self, chunk: bytes) -> list[str]:
+        if not chunk:
+            return []
+        if self._after_cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        self._after_cr = False
+        buffer = self._buffer + chunk
+        events: list[str] = []
+        start = 0
+        for match in _EOL.finditer(buffer):
+            if match.group() == b"\r" and match.end() == len(buffer):
+                self._after_cr = True  # a CRLF may be split across two chunks
+            self._line(buffer[start : match.start()], events)
+            start = match.end()
+        self._buffer = buffer[start:]
+        if len(self._buffer) > MAX_LINE_BYTES:
+            raise StreamError(f"sent an event stream line longer than {MAX_LINE_BYTES} bytes")
+        return events
+
+    def close(self) -> list[str]:
+        """End of stream: an unterminated last line or event still counts."""
+        events: list[str] = []
+        if self._buffer:
+            self._line(self._buffer, events)
+            self._buffer = b""
+        self._line(b"", events)
+        return events
+
+    def _line(self, line: bytes, events: list[str]) -> None:
+        if not line:
+            if self._data:
+                events.append("\n".join(self._data))
+                self._data = []
+            return
+        field, _, value = line.partition(b":")
+        if field != b"data":
+            return  # a comment (empty field name), `event:`, `id:`, `retry:`
+        try:
+            self._data.append(value.removeprefix(b" ").decode("utf-8"))
+        except UnicodeDecodeError:
+            raise StreamError("sent an event stream that is not UTF-8") from None
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """What one `chat.completion.chunk` event carries for us."""
+
+    content: str = ""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+def parse_chunk(data: str) -> Chunk:
+    """One event's `data`: `choices[0].delta.content`, `finish_reason` and `usage`.
+
+    `choices` may be empty (the usage chunk). An `error` object is raised as a `StreamError`.
+    """
+    try:
+        event = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        raise StreamError(f"sent a malformed event stream: {clip(data)!r}") from None
+    if not isinstance(event, dict):
+        raise StreamError(f"sent a malformed event stream: {clip(data)!r}")
+    if "error" in event:
+        raise StreamError(f"reported an error mid-stream: {error_detail(event)}")
+    choices = event.get("choices") or []
+    if not isinstance(choices, list):
+        raise StreamError("sent a malformed event stream: `choices` is not a list")
+    usage = parse_usage(event.get("usage"))
+    if not choices:
+        return Chunk(usage=usage)
+    choice = choices[0]
+    delta = choice.get("delta") if isinstance(choice, dict) else None
+    if not isinstance(choice, dict) or not isinstance(delta, dict | None):
+        raise StreamError("sent a malformed event stream: a choice without a `delta` object")
+    content = (delta or {}).get("content") or ""
+    finish = choice.get("finish_reason")
+    if not isinstance(content, str) or not isinstance(finish, str | None):
+        raise StreamError("sent a malformed event stream: `content` is not a string")
+    return Chunk(content=content, finish_reason=finish, usage=usage)
+
+
+def parse_usage(value: object) -> Usage | None:
+    """The token counts of a `usage` object, when it has any."""
+    if not isinstance(value, dict):
+        return None
+    counts = {
+        name: count
+        for name in _USAGE_FIELDS
+        if isinstance(count := value.get(name), int) and not isinstance(count, bool)
+    }
+    if not counts:
+        return None
+    return Usage(
+        prompt_tokens=counts.get("prompt_tokens"),
+        completion_tokens=counts.get("completion_tokens"),
+        total_tokens=counts.get("total_tokens"),
+    )
+
+
+def error_detail(body: object) -> str:
+    """The message of an OpenAI-style error body (`{"error": {"message": …}}`), clipped."""
+    if isinstance(body, dict):
+        error = body.get("error", body.get("detail", body.get("message")))
+        if isinstance(error, dict):
+            error = error.get("message", error)
+        if error is not None:
+            return clip(error if isinstance(error, str) else orjson.dumps(error).decode())
+    return clip(body if isinstance(body, str) else orjson.dumps(body).decode())
+
+
+def clip(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= DETAIL_CHARS else text[: DETAIL_CHARS - 1] + "…"
+
+
+def display_url(url: str) -> str:
+    """The endpoint as it may be shown to users and logs: no credentials, query or fragment."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path.rstrip("/"), "", ""))
+
+
+class _Clock:
+    """The stream's deadlines: the first token by a fixed time, then at most `idle_s` per read."""
+
+    def __init__(self, first_token_s: float, idle_s: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._first_token_s = first_token_s
+        self._idle_s = idle_s
+        self.deadline = self._loop.time() + first_token_s
+        self.streaming = False
+
+    async def read(self, chunks: AsyncIterator[bytes]) -> bytes | None:
+        """The next chunk of the body, or None at its end; TimeoutError past the deadline."""
+        when = self._loop.time() + self._idle_s if self.streaming else self.deadline
+        async with asyncio.timeout_at(when):
+            return await anext(chunks, None)
+
+    def describe_timeout(self) -> str:
+        if self.streaming:
+            return f"stalled: nothing received for {self._idle_s:g} s"
+        return f"sent no first token within {self._first_token_s:g} s"
+
+
+class OpenAIGenerator:
+    """Streams replies from an OpenAI-compatible `/chat/completions` endpoint.
+
+    Ollama, llama.cpp's `llama-server`, vLLM and OpenAI all speak it. One `httpx.AsyncClient`
+    (one connection pool) serves every session of the process.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._url = settings.llm_base_url.rstrip("/") + "/chat/completions"
+        if httpx.URL(self._url).scheme not in ("http", "https"):
+            raise ValueError(f"llm_base_url must be an http(s) URL, not {settings.llm_base_url!r}")
+        self.endpoint = display_url(settings.llm_base_url)
+        self._key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else ""
+        headers = {
+            "Accept": "text/event-stream",
+            "Accept-Encoding": "identity",  # a compressed event stream would hold tokens back
+            "Content-Type": "application/json",
+        }
+        if self._key:
+            headers["Authorization"] = f"Bearer {self._key}"
+        connect_s = settings.llm_connect_timeout_s
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(connect=connect_s, read=None, write=connect_s, pool=connect_s),
+            limits=httpx.Limits(
+                max_connections=None, max_keepalive_connections=KEEPALIVE_CONNECTIONS
+            ),
+        )
+        self._include_usage = True
+
+    @property
+    def streams(self) -> bool:
+        return True
+
+    @property
+    def reads_history(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def stream(self, turn: TurnContext) -> AsyncGenerator[str | Usage, None]:
+        """The reply's pieces, then its `Usage` when the endpoint reports one.
+
+        Closing this iterator (or cancelling the task that iterates it) closes the upstream
+        HTTP stream at once. Every upstream failure raises `GeneratorUnavailable`.
+        """
+        messages = build_prompt(turn.card, turn.recent, turn.text)
+        settings = self._settings
+        clock = _Clock(settings.llm_first_token_timeout_s, settings.llm_idle_timeout_s)
+        response: httpx.Response | None = None
+        chunks: AsyncIterator[bytes] | None = None
+        try:
+            response = await self._open(messages, clock)
+            chunks = response.aiter_bytes()
+            async with contextlib.aclosing(self._items(chunks, clock)) as items:
+                async for item in items:
+                    yield item
+        except (httpx.HTTPError, TimeoutError, StreamError) as exc:
+            raise self._unavailable(exc, clock) from exc
+        finally:
+            if isinstance(chunks, AsyncGenerator):
+                await chunks.aclose()
+            if response is not None:
+                await response.aclose()
+
+    async def _items(
+        self, chunks: AsyncIterator[bytes], clock: _Clock
+    ) -> AsyncGenerator[str | Usage, None]:
+        decoder = SseDecoder()
+        usage: Usage | None = None
+        finished = False
+        while True:
+            raw = await clock.read(chunks)
+            for data in decoder.feed(raw) if raw is not None else decoder.close():
+                if data.strip() == DONE:
+                    await _drain(chunks)
+                    if usage is not None:
+                        yield usage
+                    return
+                chunk = parse_chunk(data)
+                usage = chunk.usage or usage
+                finished = finished or chunk.finish_reason is not None
+                if chunk.content:
+                    clock.streaming = True
+                    yield chunk.content
+            if raw is None:
+                break
+        if not finished:
+            raise StreamError("closed the stream before the reply finished")
+        if usage is not None:
+            yield usage
+
+    async def _open(self, messages: list[ChatMessage], clock: _Clock) -> httpx.Response:
+        """POST the request; retry once without `stream_options` if the endpoint refuses them."""
+        include_usage = self._include_usage
+        response = await self._post(messages, include_usage, clock)
+        if response.status_code == 400 and include_usage:
+            detail = await self._error_detail(response, clock)
+            log.info(
+                "LLM endpoint %s answered 400 to stream_options (%s); retrying without them",
+                self.endpoint,
+                detail,
+            )
+            response = await self._post(messages, False, clock)
+            if response.status_code != 400:
+                self._include_usage = False
+        if not response.is_success:
+            detail = await self._error_detail(response, clock)
+            status = f"answered {response.status_code} {response.reason_phrase}"
+            raise StreamError(f"{status}: {detail}" if detail else status)
+        return response
+
+    async def _post(
+        self, messages: list[ChatMessage], include_usage: bool, clock: _Clock
+    ) -> httpx.Response:
+        settings = self._settings
+        body: dict[str, Any] = {
+            "model": settings.llm_model,
+            "messages": messages,
+            "stream": True,
+            "max_tokens": settings.llm_max_tokens,
+            "temperature": settings.llm_temperature,
+        }
+        if include_usage:
+            body["stream_options"] = {"include_usage": True}
+        request = self._client.build_request("POST", self._url, content=orjson.dumps(body))
+        async with asyncio.timeout_at(clock.deadline):
+            return await self._client.send(request, stream=True)
+
+    async def _error_detail(self, response: httpx.Response, clock: _Clock) -> str:
+        """The error message in a refusal's body; the response is closed afterwards."""
+        try:
+            async with asyncio.timeout_at(clock.deadline):
+                body = await response.aread()
+        finally:
+            await response.aclose()
+        try:
+            detail = error_detail(orjson.loads(body))
+        except orjson.JSONDecodeError:
+            detail = clip(body.decode("utf-8", "replace"))
+        return self._redact(detail)
+
+    def _unavailable(self, exc: Exception, clock: _Clock) -> GeneratorUnavailable:
+        """One upstream failure as a message that names the endpoint, never the key."""
+        where = f"the LLM endpoint {self.endpoint}"
+        match exc:
+            case StreamError():
+                message = f"{where} {exc}"
+            case TimeoutError():
+                message = f"{where} {clock.describe_timeout()}"
+            case httpx.ConnectTimeout():
+                message = f"timed out connecting to {where}"
+            case httpx.ConnectError():
+                message = f"cannot connect to {where}: {connect_failure(exc)}"
+            case httpx.RemoteProtocolError() | httpx.ReadError():
+                message = f"{where} closed the stream before the reply finished ({exc})"
+            case _:
+                message = f"lost the connection to {where}: {type(exc).__name__} {exc}"
+        return GeneratorUnavailable(self._redact(message))
+
+    def _redact(self, text: str) -> str:
+        """`text` with the API key masked, should an endpoint echo it back."""
+        return text.replace(self._key, "***") if self._key else text
+
+
+def connect_failure(exc: BaseException) -> str:
+    """Why a connection failed, from the causes httpx and anyio chain (refused, unknown host)."""
+    pending: list[BaseException] = [exc]
+    seen: set[int] = set()
+    while pending:
+        cause = pending.pop()
+        if id(cause) in seen:
+            continue
+        seen.add(id(cause))
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, socket.gaierror):
+            return f"unknown host ({cause.strerror})"
+        if isinstance(cause, BaseExceptionGroup):
+            pending.extend(cause.exceptions)
+        pending.extend(c for c in (cause.__cause__, cause.__context__) if c is not None)
+    return str(exc) or type(exc).__name__
+
+
+async def _drain(chunks: AsyncIterator[bytes]) -> None:
+    """Read what follows `[DONE]` (the body's end) so the connection can go back to the pool."""
+    with contextlib.suppress(TimeoutError, httpx.HTTPError):
+        async with asyncio.timeout(DRAIN_S):
+            async for _ in chunks:
+                pass

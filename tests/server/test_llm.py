@@ -1,0 +1,542 @@
+"""The OpenAI-compatible generator: its SSE parsing, then end to end against a fake endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from protocol.frames import Usage
+from protocol.personas import get_card
+from server.app import App
+from server.llm import SseDecoder, StreamError, display_url, parse_chunk
+from server.render import persona_system_prompt
+from tests.client import Client
+from tests.conftest import AppFactory, ClientFactory, with_avatar
+from tests.server.fake_llm import FakeLLM, Received, Script
+
+FAST = {
+    "generator": "openai",
+    "llm_connect_timeout_s": 1.0,
+    "llm_first_token_timeout_s": 0.5,
+    "llm_idle_timeout_s": 0.3,
+}
+WHOLE = "Hello there, friend!"
+KEY = "sk-test-0123456789abcdef"
+SLOW = Script(tokens=("tok ",) * 100, token_delay_s=0.02)
+CANCEL_CLOSE_S = 0.1
+
+
+# ---------------------------------------------------------------- SSE parsing, no I/O
+
+
+def decode(*chunks: bytes) -> list[str]:
+    decoder = SseDecoder()
+    events = [event for chunk in chunks for event in decoder.feed(chunk)]
+    return events + decoder.close()
+
+
+def test_sse_events_end_at_blank_lines() -> None:
+    assert decode(b"data: one\n\ndata: two\n\n") == ["one", "two"]
+
+
+def test_sse_accepts_crlf_lf_and_cr_line_ends() -> None:
+    assert decode(b"data: a\r\n\r\ndata: b\n\ndata: c\r\rdata: d\r\n\r\n") == ["a", "b", "c", "d"]
+
+
+def test_sse_crlf_split_across_chunks_is_one_line_end() -> None:
+    assert decode(b"data: a\r", b"\n\r", b"\ndata: b\n\n") == ["a", "b"]
+
+
+def test_sse_multi_line_data_joins_with_newlines() -> None:
+    assert decode(b"data: one\ndata:two\n\n") == ["one\ntwo"]
+
+
+def test_sse_comments_and_other_fields_are_skipped() -> None:
+    assert decode(b": keep-alive\n\nevent: message\nid: 7\ndata: x\n\n") == ["x"]
+
+
+def test_sse_unicode_line_separators_stay_inside_data() -> None:
+    data = '{"content": "a\u2028b\x85c"}'
+    assert decode(f"data: {data}\n\n".encode()) == [data]
+
+
+def test_sse_unterminated_last_event_still_counts() -> None:
+    assert decode(b"data: [DONE]") == ["[DONE]"]
+
+
+def test_sse_invalid_utf8_is_a_stream_error() -> None:
+    with pytest.raises(StreamError, match="not UTF-8"):
+        decode(b"data: \xff\n\n")
+
+
+@given(st.lists(st.integers(min_value=0, max_value=200), max_size=8))
+def test_sse_events_do_not_depend_on_chunk_boundaries(cuts: list[int]) -> None:
+    stream = (
+        b'data: {"a": 1}\r\n\r\n: ping\n\ndata: x\ndata: y\r\rdata: \xc3\xa9\n\ndata: [DONE]\n\n'
+    )
+    points = sorted({min(cut, len(stream)) for cut in cuts})
+    pieces = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+    assert decode(*pieces) == ['{"a": 1}', "x\ny", "é", "[DONE]"]
+
+
+def test_chunk_content_and_finish_reason() -> None:
+    chunk = parse_chunk(
+        '{"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": null}]}'
+    )
+    assert (chunk.content, chunk.finish_reason, chunk.usage) == ("Hi", None, None)
+
+
+def test_chunk_with_only_a_role_has_no_content() -> None:
+    chunk = parse_chunk('{"choices": [{"delta": {"role": "assistant"}, "finish_reason": null}]}')
+    assert chunk.content == ""
+
+
+def test_usage_chunk_with_empty_choices() -> None:
+    chunk = parse_chunk(
+        '{"choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12,'
+        ' "prompt_tokens_details": {"cached_tokens": 0}}}'
+    )
+    assert chunk.usage == Usage(prompt_tokens=9, completion_tokens=3, total_tokens=12)
+    assert chunk.content == ""
+
+
+def test_chunk_that_is_not_json_is_a_stream_error() -> None:
+    with pytest.raises(StreamError, match="malformed"):
+        parse_chunk('{"choices": [')
+
+
+def test_error_event_is_a_stream_error_with_its_message() -> None:
+    with pytest.raises(StreamError, match="model overloaded"):
+        parse_chunk('{"error": {"message": "model overloaded"}}')
+
+
+def test_endpoint_is_shown_without_credentials() -> None:
+    assert display_url("https://me:pw@llm.example:8443/v1/?k=1") == "https://llm.example:8443/v1"
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeLLM]:
+    async with FakeLLM() as fake:
+        yield fake
+
+
+@pytest.fixture
+async def app(make_app: AppFactory, fake: FakeLLM) -> App:
+    """The server under test streams from the fake (overrides conftest's `app`)."""
+    return await make_app(llm_base_url=fake.url, **FAST)
+
+
+@pytest.fixture
+async def client(connect: ClientFactory) -> Client:
+    client = await connect()
+    await with_avatar(client, "friendly")
+    return client
+
+
+@pytest.fixture
+def refused_url() -> Iterator[str]:
+    """A port that is bound but never listens, so every connection to it is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+
+async def chat(client: Client, text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Send a chat; its `reply_delta` frames and its final answer (a `reply` or an `error`)."""
+    ref = client.next_id()
+    await client.send({"type": "chat", "id": ref, "text": text})
+    deltas: list[dict[str, Any]] = []
+    while True:
+        frame = await client.recv()
+        if frame.get("ref") != ref:
+            continue
+        if frame["type"] != "reply_delta":
+            return deltas, frame
+        deltas.append(frame)
+
+
+async def first_delta(client: Client, text: str) -> str:
+    """Send a chat and wait for its first `reply_delta`; the chat's ref."""
+    ref = client.next_id()
+    await client.send({"type": "chat", "id": ref, "text": text})
+    frame = await client.recv_type("reply_delta")
+    assert frame["ref"] == ref
+    return ref
+
+
+async def final(client: Client, ref: str) -> dict[str, Any]:
+    while True:
+        frame = await client.recv()
+        if frame.get("ref") == ref and frame["type"] != "reply_delta":
+            return frame
+
+
+async def history(client: Client) -> list[tuple[str, str]]:
+    page = await client.request({"type": "history"})
+    return [(m["role"], m["text"]) for m in page["messages"]]
+
+
+async def upstream_closed(request: Received, timeout: float = 2.0) -> float:
+    """When the fake saw the server close the connection that carried `request`."""
+    await asyncio.wait_for(request.connection.closed.wait(), timeout)
+    assert request.connection.closed_at is not None
+    return request.connection.closed_at
+
+
+async def test_reply_streams_deltas_then_the_whole_text(client: Client, fake: FakeLLM) -> None:
+    fake.script = Script(token_delay_s=0.03)
+    deltas, reply = await chat(client, "hi")
+    assert reply["type"] == "reply"
+    assert (reply["status"], reply["text"], reply["persona"]) == ("completed", WHOLE, "friendly")
+    streamed = "".join(d["delta"] for d in deltas)
+    assert len(deltas) >= 2
+    assert WHOLE.startswith(streamed)  # what was still buffered at the end is only in the reply
+    assert {d["reply_id"] for d in deltas} == {reply["reply_id"]}
+
+
+async def test_fast_tokens_are_coalesced_into_fewer_deltas(client: Client, fake: FakeLLM) -> None:
+    fake.script = Script(tokens=("ab ",) * 60)
+    deltas, reply = await chat(client, "hi")
+    assert reply["text"] == "ab " * 60
+    assert 1 <= len(deltas) < 60
+
+
+async def test_completed_streams_reuse_one_upstream_connection(
+    client: Client, fake: FakeLLM
+) -> None:
+    await chat(client, "hi")
+    await chat(client, "again")
+    assert len(fake.requests) == 2
+    assert len(fake.connections) == 1
+
+
+async def test_usage_from_the_chunk_with_empty_choices_is_in_the_reply(client: Client) -> None:
+    _, reply = await chat(client, "hi")
+    usage = reply["usage"]
+    assert usage["completion_tokens"] == 4
+    assert usage["prompt_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 4
+
+
+async def test_request_asks_for_a_stream_with_usage_and_the_settings(
+    client: Client, fake: FakeLLM, app: App
+) -> None:
+    await chat(client, "hi")
+    body = fake.requests[0].body
+    settings = app.settings
+    assert body["model"] == settings.llm_model
+    assert body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    assert body["max_tokens"] == settings.llm_max_tokens
+    assert body["temperature"] == settings.llm_temperature
+
+
+async def test_no_authorization_header_without_a_key(client: Client, fake: FakeLLM) -> None:
+    await chat(client, "hi")
+    assert "authorization" not in fake.requests[0].headers
+
+
+async def test_api_key_is_sent_as_a_bearer_token(
+    make_app: AppFactory, connect: ClientFactory, fake: FakeLLM
+) -> None:
+    keyed = await make_app(llm_base_url=fake.url, llm_api_key=KEY, **FAST)
+    client = await connect(target=keyed)
+    await with_avatar(client)
+    await chat(client, "hi")
+    assert fake.requests[0].headers["authorization"] == f"Bearer {KEY}"
+
+
+async def test_error_names_the_endpoint_but_never_the_key(
+    make_app: AppFactory, connect: ClientFactory, fake: FakeLLM
+) -> None:
+    fake.script = Script(status=401, error_message=f"Incorrect API key provided: {KEY}")
+    keyed = await make_app(llm_base_url=fake.url, llm_api_key=KEY, **FAST)
+    client = await connect(target=keyed)
+    await with_avatar(client)
+    _, error = await chat(client, "hi")
+    assert (error["type"], error["code"], error["status"]) == ("error", "unavailable", 503)
+    assert fake.url in error["message"]
+    assert "401" in error["message"]
+    assert KEY not in error["message"]
+
+
+async def test_logs_never_contain_the_key(
+    make_app: AppFactory,
+    connect: ClientFactory,
+    fake: FakeLLM,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake.script = Script(status=400, error_message=f"stream_options unknown for key {KEY}")
+    caplog.set_level(logging.DEBUG)
+    keyed = await make_app(llm_base_url=fake.url, llm_api_key=KEY, **FAST)
+    client = await connect(target=keyed)
+    await with_avatar(client)
+    await chat(client, "hi")
+    assert "stream_options" in caplog.text
+    assert KEY not in caplog.text
+
+
+async def test_400_on_stream_options_is_retried_once_without_them(
+    client: Client, fake: FakeLLM
+) -> None:
+    fake.script = Script(reject_stream_options=True)
+    _, reply = await chat(client, "hi")
+    assert (reply["status"], reply["text"]) == ("completed", WHOLE)
+    assert "usage" not in reply
+    assert [r.status for r in fake.requests] == [400, 200]
+    assert ["stream_options" in r.body for r in fake.requests] == [True, False]
+
+
+async def test_endpoint_that_refused_stream_options_is_not_asked_again(
+    client: Client, fake: FakeLLM
+) -> None:
+    fake.script = Script(reject_stream_options=True)
+    await chat(client, "hi")
+    _, reply = await chat(client, "again")
+    assert reply["status"] == "completed"
+    assert len(fake.requests) == 3
+    assert "stream_options" not in fake.requests[2].body
+
+
+async def test_slow_tokens_within_the_idle_timeout_complete(client: Client, fake: FakeLLM) -> None:
+    fake.script = Script(token_delay_s=0.1)
+    deltas, reply = await chat(client, "hi")
+    assert (reply["status"], reply["text"]) == ("completed", WHOLE)
+    assert len(deltas) >= 2
+
+
+async def test_no_first_token_in_time_answers_unavailable(client: Client, fake: FakeLLM) -> None:
+    fake.script = Script(first_token_delay_s=5.0)
+    started = time.perf_counter()
+    _, error = await chat(client, "hi")
+    assert (error["code"], error["status"]) == ("unavailable", 503)
+    assert error["message"] == f"the LLM endpoint {fake.url} sent no first token within 0.5 s"
+    assert 0.5 <= time.perf_counter() - started < 2.0
+
+
+async def test_stall_mid_stream_answers_unavailable_after_the_idle_timeout(
+    client: Client, fake: FakeLLM
+) -> None:
+    fake.script = Script(stall_after=2)
+    _, error = await chat(client, "hi")
+    assert (error["code"], error["status"]) == ("unavailable", 503)
+    assert error["message"] == f"the LLM endpoint {fake.url} stalled: nothing received for 0.3 s"
+
+
+async def test_timed_out_stream_is_closed_upstream(client: Client, fake: FakeLLM) -> None:
+    fake.script = Script(stall_after=2)
+    await chat(client, "hi")
+    await upstream_closed(fake.requests[0])
+    assert fake.requests[0].connection.closed.is_set()
+
+
+async def test_failed_reply_is_stored_with_its_partial_text(client: Client, fake: FakeLLM) -> None:
+    fake.script = Script(stall_after=2)
+    await chat(client, "hi")
+    assert (await history(client))[-2:] == [("user", "hi"), ("assistant", "Hello there")]
+
+
+async def test_mid_stream_disconnect_answers_unavailable(client: Client, fake: FakeLLM) -> None:
+    fake.script = Script(disconnect_after=2)
+    _, error = await chat(client, "hi")
+    assert (error["code"], error["status"]) == ("unavailable", 503)
+    assert error["message"].startswith(
+        f"the LLM endpoint {fake.url} closed the stream before the reply finished"
+    )
+
+
+async def test_malformed_event_answers_unavailable(client: Client, fake: FakeLLM) -> None:
+    fake.script = Script(malformed_after=1)
+    _, error = await chat(client, "hi")
+    assert (error["code"], error["status"]) == ("unavailable", 503)
+    assert error["message"].startswith(f"the LLM endpoint {fake.url} sent a malformed event stream")
+
+
+async def test_server_error_answers_unavailable_with_the_status(
+    client: Client, fake: FakeLLM
+) -> None:
+    fake.script = Script(status=500, error_message="CUDA out of memory")
+    _, error = await chat(client, "hi")
+    assert (error["code"], error["status"]) == ("unavailable", 503)
+    assert error["message"] == (
+        f"the LLM endpoint {fake.url} answered 500 Internal Server Error: CUDA out of memory"
+    )
+
+
+async def test_refused_connection_answers_unavailable(
+    make_app: AppFactory, connect: ClientFactory, refused_url: str
+) -> None:
+    down = await make_app(llm_base_url=refused_url, **FAST)
+    client = await connect(target=down)
+    await with_avatar(client)
+    _, error = await chat(client, "hi")
+    assert (error["code"], error["status"]) == ("unavailable", 503)
+    assert (
+        error["message"] == f"cannot connect to the LLM endpoint {refused_url}: connection refused"
+    )
+
+
+async def test_connection_stays_usable_after_a_refused_connection(
+    make_app: AppFactory, connect: ClientFactory, refused_url: str
+) -> None:
+    down = await make_app(llm_base_url=refused_url, **FAST)
+    client = await connect(target=down)
+    await with_avatar(client)
+    await chat(client, "hi")
+    assert (await client.request({"type": "ping"}))["type"] == "pong"
+    _, again = await chat(client, "still there?")
+    assert (again["type"], again["code"]) == ("error", "unavailable")
+    assert [role for role, _ in await history(client)] == ["user", "assistant"] * 2
+
+
+FAILURES = {  # the scripts that answer the failing chat's requests, in order
+    "first-token-timeout": (Script(first_token_delay_s=5.0),),
+    "idle-timeout": (Script(stall_after=1),),
+    "disconnect": (Script(disconnect_after=1),),
+    "malformed": (Script(malformed_after=1),),
+    "status-500": (Script(status=500),),
+    "status-400-twice": (Script(status=400), Script(status=400)),
+}
+
+
+@pytest.mark.parametrize("failure", FAILURES.values(), ids=FAILURES.keys())
+async def test_connection_stays_usable_after_a_failure(
+    client: Client, fake: FakeLLM, failure: tuple[Script, ...]
+) -> None:
+    fake.then(*failure)
+    _, error = await chat(client, "hi")
+    assert error["code"] == "unavailable"
+    assert (await client.request({"type": "ping"}))["type"] == "pong"
+    _, reply = await chat(client, "and now?")
+    assert (reply["type"], reply["status"], reply["text"]) == ("reply", "completed", WHOLE)
+
+
+async def test_cancel_closes_the_upstream_stream_within_100ms(
+    client: Client, fake: FakeLLM
+) -> None:
+    fake.script = SLOW
+    await first_delta(client, "tell me a long story")
+    cancelled_at = time.perf_counter()
+    await client.send({"type": "cancel"})
+    closed_at = await upstream_closed(fake.requests[0])
+    assert closed_at - cancelled_at < CANCEL_CLOSE_S
+
+
+async def test_cancel_ends_the_reply_cancelled_with_the_partial_text(
+    client: Client, fake: FakeLLM
+) -> None:
+    fake.script = SLOW
+    ref = await first_delta(client, "tell me a long story")
+    await client.send({"type": "cancel"})
+    reply = await final(client, ref)
+    assert (reply["type"], reply["status"], reply["persona"]) == ("reply", "cancelled", "friendly")
+    assert reply["text"].startswith("tok ")
+    assert reply["text"] == "tok " * (len(reply["text"]) // 4)
+    assert len(reply["text"]) < len("tok ") * 100
+
+
+async def test_cancelled_partial_text_is_stored(client: Client, fake: FakeLLM) -> None:
+    fake.script = SLOW
+    ref = await first_delta(client, "tell me a long story")
+    await client.send({"type": "cancel"})
+    reply = await final(client, ref)
+    assert await history(client) == [
+        ("user", "tell me a long story"),
+        ("assistant", reply["text"]),
+    ]
+
+
+async def test_connection_stays_usable_after_cancel(client: Client, fake: FakeLLM) -> None:
+    fake.then(SLOW)
+    ref = await first_delta(client, "tell me a long story")
+    await client.send({"type": "cancel"})
+    await final(client, ref)
+    _, reply = await chat(client, "short one")
+    assert (reply["status"], reply["text"]) == ("completed", WHOLE)
+
+
+async def test_closing_the_websocket_closes_the_upstream_stream(
+    client: Client, fake: FakeLLM
+) -> None:
+    fake.script = SLOW
+    await first_delta(client, "tell me a long story")
+    gone_at = time.perf_counter()
+    await client.conn.close()
+    closed_at = await upstream_closed(fake.requests[0])
+    assert closed_at - gone_at < CANCEL_CLOSE_S
+
+
+SWITCHES = {
+    "set_persona": {"type": "set_persona", "personality": "witty"},
+    "slash-persona": {"type": "chat", "text": "/persona witty"},
+}
+
+
+@pytest.mark.parametrize("switch", SWITCHES.values(), ids=SWITCHES.keys())
+async def test_persona_switch_during_a_stream_is_answered_before_the_reply(
+    client: Client, fake: FakeLLM, switch: dict[str, str]
+) -> None:
+    fake.script = Script(tokens=("tok ",) * 10, token_delay_s=0.03)
+    ref = await first_delta(client, "hi")
+    await client.send({"id": "switch", **switch})
+    frames: list[dict[str, Any]] = []
+    while not frames or frames[-1].get("ref") != ref or frames[-1]["type"] == "reply_delta":
+        frames.append(await client.recv())
+    answers = [(f["type"], f["ref"]) for f in frames if f["type"] != "reply_delta"]
+    assert answers == [("persona_set", "switch"), ("reply", ref)]
+
+
+async def test_reply_streaming_during_a_switch_keeps_its_persona(
+    client: Client, fake: FakeLLM
+) -> None:
+    fake.script = Script(tokens=("tok ",) * 10, token_delay_s=0.03)
+    ref = await first_delta(client, "hi")
+    await client.send({"type": "set_persona", "personality": "witty"})
+    reply = await final(client, ref)
+    assert (reply["status"], reply["persona"]) == ("completed", "friendly")
+    assert reply["text"] == "tok " * 10
+    assert fake.requests[0].system_prompt == persona_system_prompt(get_card("friendly"))
+
+
+async def test_chat_after_a_switch_during_a_stream_uses_the_new_persona(
+    client: Client, fake: FakeLLM
+) -> None:
+    fake.then(Script(tokens=("tok ",) * 10, token_delay_s=0.03))
+    await first_delta(client, "hi")
+    await client.send({"type": "set_persona", "personality": "witty"})
+    _, reply = await chat(client, "who are you now?")
+    assert (reply["status"], reply["persona"]) == ("completed", "witty")
+    assert fake.requests[1].system_prompt == persona_system_prompt(get_card("witty"))
+
+
+async def test_system_prompt_belongs_to_the_new_persona_right_after_a_switch(
+    client: Client, fake: FakeLLM
+) -> None:
+    witty = get_card("witty")
+    await client.send({"type": "set_persona", "personality": "witty"})
+    _, reply = await chat(client, "hi")
+    assert reply["persona"] == "witty"
+    messages = fake.requests[0].messages
+    assert messages[0] == {"role": "system", "content": persona_system_prompt(witty)}
+    assert messages[-1] == {"role": "system", "content": witty.post_history_instruction}
+
+
+async def test_recent_history_from_the_database_is_sent(client: Client, fake: FakeLLM) -> None:
+    await chat(client, "I adopted a cat")
+    await chat(client, "She is called Miso")
+    assert fake.requests[1].messages[1:-1] == [
+        {"role": "user", "content": "I adopted a cat"},
+        {"role": "assistant", "content": WHOLE},
+        {"role": "user", "content": "She is called Miso"},
+    ]
