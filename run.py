@@ -91,6 +91,8 @@ def _add_server_options(parser: argparse.ArgumentParser) -> None:
     llm.add_argument("--llm-connect-timeout-s", type=float, default=None)
     llm.add_argument("--llm-first-token-timeout-s", type=float, default=None)
     llm.add_argument("--llm-idle-timeout-s", type=float, default=None)
+    llm.add_argument("--history-turns", type=int, default=None, help="turns the model sees")
+    llm.add_argument("--history-chars", type=int, default=None, help="characters it sees")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
