@@ -15,7 +15,11 @@ async def test_welcome_describes_the_session(connect: ClientFactory) -> None:
     assert [p["id"] for p in welcome["personas"]] == [
         "friendly", "playful", "caring", "witty", "professional", "romantic",
     ]  # fmt: skip
-    assert welcome["limits"] == {"max_frame_bytes": 65536, "max_text_chars": 4000, "rate_per_s": 20.0}
+    assert welcome["limits"] == {
+        "max_frame_bytes": 65536,
+        "max_text_chars": 4000,
+        "rate_per_s": 20.0,
+    }
     assert welcome["ref"] == "c1"
     assert len(welcome["session_id"]) == 32
 

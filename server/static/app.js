@@ -1,0 +1,508 @@
+// Persona chat in the browser: sign in, create the avatar, chat, switch persona, reconnect.
+// Speaks version 1 of the wire protocol over one WebSocket. No framework, no build step.
+
+const RETRY_DELAYS_MS = [10, 50, 100, 150, 200, 250, 500, 1000, 2000]; // as Phoenix does
+const MAX_RETRY_DELAY_MS = 5000;
+const HISTORY_PAGE = 50;
+const STORAGE_KEY = "persona-chat.signin";
+
+const ERROR_TEXT = {
+  invalid_persona: (frame) =>
+    `${sentence(frame.message)} Choose one of: ${(frame.details?.allowed ?? []).join(", ")}.`,
+  rate_limited: () => "You are sending too fast. Wait a moment, then try again.",
+  unavailable: () =>
+    "The server cannot reach its database or reply generator right now. Try again shortly.",
+  busy: () => "Too many messages are waiting for a reply. Wait for one first.",
+};
+
+const state = {
+  signin: null, // {user, token}
+  ws: null,
+  connected: false, // true between `welcome` and the socket's close
+  attempts: 0,
+  retryTimer: null,
+  personas: [],
+  avatar: null,
+  historyLoaded: false,
+  oldestId: null,
+  requests: new Map(), // frame id -> its type, until the answer arrives
+  pending: new Map(), // chat id -> its reply's <li> (null until the first delta)
+};
+
+const $ = (id) => document.getElementById(id);
+
+// ------------------------------------------------------------------ frame ids
+
+const idPrefix = Array.from(crypto.getRandomValues(new Uint32Array(2)), (n) => n.toString(36))
+  .join("");
+let idCounter = 0;
+
+// Unique across page loads: the server refuses a reused chat id with a different text.
+function nextId() {
+  idCounter += 1;
+  return `${idPrefix}-${idCounter}`;
+}
+
+// ------------------------------------------------------------------ connection
+
+function wsUrl() {
+  const scheme = location.protocol === "https:" ? "wss:" : "ws:";
+  return `${scheme}//${location.host}/ws`;
+}
+
+function connect() {
+  clearTimeout(state.retryTimer);
+  const ws = new WebSocket(wsUrl());
+  state.ws = ws;
+  ws.addEventListener("open", () => send({ type: "hello", token: state.signin.token }));
+  ws.addEventListener("message", (event) => onMessage(event.data));
+  ws.addEventListener("close", (event) => onClose(ws, event));
+}
+
+function send(frame) {
+  if (state.ws?.readyState !== WebSocket.OPEN) return null;
+  const id = nextId();
+  state.ws.send(JSON.stringify({ id, ...frame }));
+  if (frame.type !== "cancel") state.requests.set(id, frame.type); // cancel has no answer
+  return id;
+}
+
+function disconnect() {
+  const ws = state.ws;
+  state.ws = null;
+  state.connected = false;
+  clearTimeout(state.retryTimer);
+  ws?.close(1000, "signed out");
+}
+
+function onClose(ws, event) {
+  if (ws !== state.ws) return; // closed on purpose
+  state.ws = null;
+  state.connected = false;
+  interruptPendingReplies();
+  updateControls();
+  if (event.code === 4401) {
+    signOut(`The server refused the sign-in: ${event.reason || "invalid token"}.`);
+    return;
+  }
+  scheduleReconnect();
+}
+
+function scheduleReconnect() {
+  const delay = RETRY_DELAYS_MS[state.attempts] ?? MAX_RETRY_DELAY_MS;
+  state.attempts += 1;
+  const when = delay >= 1000 ? ` in ${delay / 1000} s` : "";
+  showBanner(`Connection lost. Reconnecting${when}… (attempt ${state.attempts})`);
+  state.retryTimer = setTimeout(connect, delay);
+}
+
+// ------------------------------------------------------------------ incoming frames
+
+const HANDLERS = {
+  welcome: onWelcome,
+  avatar: onAvatar,
+  history: onHistory,
+  persona_set: onPersonaSet,
+  persona_changed: onPersonaChanged,
+  reply_delta: onReplyDelta,
+  reply: onReply,
+  personas: onPersonas,
+  notice: (frame) => addNote(frame.text, "notice"),
+  error: onError,
+  pong: () => {},
+};
+
+function onMessage(data) {
+  let frame;
+  try {
+    frame = JSON.parse(data);
+  } catch {
+    return;
+  }
+  HANDLERS[frame.type]?.(frame);
+  if (frame.type !== "reply_delta") state.requests.delete(frame.ref);
+}
+
+function onWelcome(frame) {
+  const reconnected = state.attempts > 0;
+  state.attempts = 0;
+  state.connected = true;
+  state.signin = { ...state.signin, user: frame.user_id };
+  hideBanner();
+  state.personas = frame.personas;
+  fillPersonaOptions($("persona-picker"));
+  fillPersonaOptions($("avatar-persona"));
+  $("session").hidden = false;
+  if (frame.avatar) showChat(frame.avatar);
+  else showAvatarForm();
+  if (reconnected) addNote("Reconnected.", "notice");
+  updateControls();
+}
+
+function onAvatar(frame) {
+  showChat(frame.avatar);
+}
+
+function onHistory(frame) {
+  const items = frame.messages.map((entry) =>
+    messageItem(entry.role, entry.text, { persona: entry.persona, at: entry.created_at }),
+  );
+  const scroller = $("scroller");
+  const heightBefore = scroller.scrollHeight;
+  $("log").prepend(...items);
+  if (frame.messages.length) state.oldestId = frame.messages[0].id;
+  $("older").hidden = frame.messages.length < HISTORY_PAGE;
+  if (state.historyLoaded) scroller.scrollTop += scroller.scrollHeight - heightBefore;
+  else scrollToEnd();
+  state.historyLoaded = true;
+}
+
+function onPersonaSet(frame) {
+  setPersona(frame.personality);
+  addNote(`Now speaking as ${personaName(frame.personality)}.`, "notice");
+}
+
+function onPersonaChanged(frame) {
+  setPersona(frame.personality);
+  addNote(`Persona changed to ${personaName(frame.personality)} in another window.`, "notice");
+}
+
+function onReplyDelta(frame) {
+  const item = replyItem(frame.ref);
+  item.querySelector(".text").textContent += frame.delta;
+  scrollToEnd();
+}
+
+function onReply(frame) {
+  const item = replyItem(frame.ref);
+  item.querySelector(".text").textContent = frame.text;
+  labelReply(item, frame.persona, frame.status);
+  state.pending.delete(frame.ref);
+  updateControls();
+  scrollToEnd();
+}
+
+function onPersonas(frame) {
+  const lines = frame.personas.map((p) => `${p.id}: ${p.description}`);
+  addNote(["Personalities:", ...lines].join("\n"), "notice");
+}
+
+function onError(frame) {
+  const kind = state.requests.get(frame.ref);
+  if (state.pending.has(frame.ref)) endReply(frame.ref, "failed");
+  if (kind === "set_persona") $("persona-picker").value = state.avatar?.personality ?? "";
+  if (kind === "create_avatar") return onAvatarError(frame);
+  if (frame.code === "no_avatar") return showAvatarForm();
+  if (frame.code === "nothing_to_cancel") return;
+  addNote(describeError(frame), "error");
+}
+
+function describeError(frame) {
+  return ERROR_TEXT[frame.code]?.(frame) ?? sentence(frame.message);
+}
+
+function onAvatarError(frame) {
+  if (frame.code === "avatar_exists") {
+    send({ type: "get_avatar" });
+    return;
+  }
+  const error = $("avatar-error");
+  error.textContent = describeError(frame);
+  error.hidden = false;
+}
+
+// ------------------------------------------------------------------ chatting
+
+function sendChat(text) {
+  const id = send({ type: "chat", text });
+  if (isCommand(text)) {
+    addNote(text, "command");
+    return;
+  }
+  appendToLog(messageItem("user", text.startsWith("//") ? text.slice(1) : text));
+  state.pending.set(id, null);
+  updateControls();
+}
+
+function isCommand(text) {
+  return text.startsWith("/") && !text.startsWith("//");
+}
+
+function stopReply() {
+  send({ type: "cancel" });
+  $("stop").disabled = true;
+}
+
+function changePersona(personality) {
+  if (personality !== state.avatar?.personality) send({ type: "set_persona", personality });
+}
+
+// The reply <li> for a chat, created when its first delta (or the reply) arrives.
+function replyItem(ref) {
+  let item = state.pending.get(ref);
+  if (!item) {
+    item = messageItem("assistant", "", { persona: state.avatar?.personality, status: "streaming" });
+    appendToLog(item);
+    if (state.pending.has(ref)) state.pending.set(ref, item);
+  }
+  return item;
+}
+
+function endReply(ref, status) {
+  const item = state.pending.get(ref);
+  if (item) labelReply(item, item.dataset.persona, status);
+  state.pending.delete(ref);
+  updateControls();
+}
+
+function interruptPendingReplies() {
+  for (const ref of [...state.pending.keys()]) endReply(ref, "interrupted");
+  state.requests.clear();
+}
+
+// ------------------------------------------------------------------ the conversation log
+
+function messageItem(role, text, { persona, status = "completed", at } = {}) {
+  const item = element("li", `msg ${role}`);
+  if (role === "assistant") item.append(element("span", "persona"));
+  item.append(element("p", "text", text));
+  if (at) item.title = new Date(at).toLocaleString();
+  if (role === "assistant") labelReply(item, persona, status);
+  return item;
+}
+
+function labelReply(item, persona, status) {
+  item.dataset.persona = persona ?? "";
+  item.dataset.status = status;
+  item.querySelector(".persona").textContent = personaName(persona);
+  item.querySelector(".status")?.remove();
+  const marks = { cancelled: "stopped", failed: "failed", interrupted: "interrupted" };
+  if (marks[status]) item.append(element("span", "status", marks[status]));
+}
+
+function addNote(text, kind) {
+  appendToLog(element("li", `note ${kind}`, text));
+}
+
+function appendToLog(item) {
+  $("log").append(item);
+  scrollToEnd();
+}
+
+function scrollToEnd() {
+  const scroller = $("scroller");
+  scroller.scrollTop = scroller.scrollHeight;
+}
+
+function element(tag, className, text) {
+  const node = document.createElement(tag);
+  node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+// ------------------------------------------------------------------ personas
+
+function personaName(id) {
+  return state.personas.find((p) => p.id === id)?.name ?? id ?? "";
+}
+
+function fillPersonaOptions(select) {
+  const current = select.value;
+  select.replaceChildren(
+    ...state.personas.map((p) => {
+      const option = element("option", "", p.name);
+      option.value = p.id;
+      option.title = p.description;
+      return option;
+    }),
+  );
+  if (current) select.value = current;
+}
+
+function setPersona(personality) {
+  if (state.avatar) state.avatar = { ...state.avatar, personality };
+  $("persona-picker").value = personality;
+  showWho();
+}
+
+function describeSelectedPersona() {
+  const id = $("avatar-persona").value;
+  $("avatar-description").textContent =
+    state.personas.find((p) => p.id === id)?.description ?? "";
+}
+
+// ------------------------------------------------------------------ screens
+
+function showOnly(id) {
+  for (const section of ["signin", "create-avatar", "chat"]) $(section).hidden = section !== id;
+}
+
+function showAvatarForm() {
+  state.avatar = null;
+  updateControls();
+  showOnly("create-avatar");
+  describeSelectedPersona();
+  $("avatar-name").focus();
+}
+
+function showChat(avatar) {
+  state.avatar = avatar;
+  setPersona(avatar.personality);
+  showOnly("chat");
+  if (!state.historyLoaded) send({ type: "history", limit: HISTORY_PAGE });
+  updateControls();
+  $("message").focus();
+}
+
+function showWho() {
+  const avatar = state.avatar ? ` · talking to ${state.avatar.name}` : "";
+  $("who").textContent = `${state.signin?.user ?? ""}${avatar}`;
+}
+
+function updateControls() {
+  const ready = state.connected && state.avatar !== null;
+  $("send").disabled = !ready;
+  $("persona-picker").disabled = !ready;
+  $("picker").hidden = state.avatar === null;
+  $("stop").hidden = state.pending.size === 0;
+  $("stop").disabled = !state.connected;
+}
+
+function showBanner(text) {
+  $("banner").textContent = text;
+  $("banner").hidden = false;
+}
+
+function hideBanner() {
+  $("banner").hidden = true;
+}
+
+function sentence(text) {
+  const trimmed = String(text ?? "").trim();
+  const capital = trimmed.charAt(0).toUpperCase() + trimmed.slice(1);
+  return /[.!?]$/.test(capital) ? capital : `${capital}.`;
+}
+
+// ------------------------------------------------------------------ signing in
+
+async function onSignInSubmit(event) {
+  event.preventDefault();
+  const name = $("signin-name").value.trim();
+  if (!$("signin-token-row").hidden) {
+    signIn({ user: "", token: $("signin-token").value.trim() });
+    return;
+  }
+  const answer = await fetchDevToken(name);
+  if (answer.token) signIn({ user: name, token: answer.token });
+  else if (answer.status === 404) askForToken();
+  else $("signin-hint").textContent = answer.message;
+}
+
+// `GET /dev/token` exists only on a development server; elsewhere it answers 404.
+async function fetchDevToken(user) {
+  try {
+    const response = await fetch(`/dev/token?user=${encodeURIComponent(user)}`);
+    if (response.ok) return { token: (await response.json()).token };
+    return { status: response.status, message: (await response.text()).trim() };
+  } catch {
+    return { status: 0, message: "Cannot reach the server. Is it running?" };
+  }
+}
+
+function askForToken() {
+  $("signin-name-row").hidden = true;
+  $("signin-name").required = false;
+  $("signin-token-row").hidden = false;
+  $("signin-token").required = true;
+  $("signin-hint").textContent =
+    "This server does not hand out development tokens. Paste the token you were given.";
+  $("signin-token").focus();
+}
+
+function signIn(signin) {
+  state.signin = signin;
+  sessionStorage.setItem(STORAGE_KEY, JSON.stringify(signin));
+  showOnly(null);
+  showWho();
+  showBanner("Connecting…");
+  connect();
+}
+
+function signOut(message = "") {
+  disconnect();
+  sessionStorage.removeItem(STORAGE_KEY);
+  Object.assign(state, {
+    signin: null,
+    avatar: null,
+    attempts: 0,
+    historyLoaded: false,
+    oldestId: null,
+  });
+  state.pending.clear();
+  state.requests.clear();
+  $("log").replaceChildren();
+  $("session").hidden = true;
+  hideBanner();
+  $("signin-hint").textContent = message;
+  showOnly("signin");
+  $("signin-name").focus();
+}
+
+function storedSignIn() {
+  try {
+    return JSON.parse(sessionStorage.getItem(STORAGE_KEY) ?? "null");
+  } catch {
+    return null;
+  }
+}
+
+// ------------------------------------------------------------------ wiring
+
+function onComposerSubmit(event) {
+  event.preventDefault();
+  const box = $("message");
+  const text = box.value.trim();
+  if (!text || $("send").disabled) return;
+  sendChat(text);
+  box.value = "";
+}
+
+function onComposerKey(event) {
+  if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
+    event.preventDefault();
+    $("composer").requestSubmit();
+  }
+}
+
+function onAvatarSubmit(event) {
+  event.preventDefault();
+  $("avatar-error").hidden = true;
+  const name = $("avatar-name").value.trim();
+  if (name && state.connected) {
+    send({ type: "create_avatar", name, personality: $("avatar-persona").value });
+  }
+}
+
+function loadOlder() {
+  if (state.connected && state.oldestId !== null) {
+    send({ type: "history", limit: HISTORY_PAGE, before: state.oldestId });
+  }
+}
+
+function start() {
+  $("signin-form").addEventListener("submit", onSignInSubmit);
+  $("avatar-form").addEventListener("submit", onAvatarSubmit);
+  $("avatar-persona").addEventListener("change", describeSelectedPersona);
+  $("composer").addEventListener("submit", onComposerSubmit);
+  $("message").addEventListener("keydown", onComposerKey);
+  $("stop").addEventListener("click", stopReply);
+  $("persona-picker").addEventListener("change", (event) => changePersona(event.target.value));
+  $("sign-out").addEventListener("click", () => signOut());
+  $("older").addEventListener("click", loadOlder);
+  const signin = storedSignIn();
+  if (signin) signIn(signin);
+  else signOut();
+}
+
+start();

@@ -1,0 +1,335 @@
+"""The terminal client (`run.py chat`): interactive on a terminal, line by line from a pipe."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from prompt_toolkit import PromptSession
+from prompt_toolkit.completion import WordCompleter
+from prompt_toolkit.formatted_text import FormattedText
+from prompt_toolkit.history import FileHistory
+from prompt_toolkit.patch_stdout import patch_stdout
+from prompt_toolkit.styles import Style
+
+from protocol.frames import (
+    AnyServerFrame,
+    Avatar,
+    AvatarInfo,
+    Error,
+    Notice,
+    PersonaChanged,
+    PersonaInfo,
+    Personas,
+    PersonaSet,
+    Reply,
+)
+from server.auth import load_or_create_secret, mint_token
+from server.chatlink import (
+    EXIT_AUTH_REFUSED,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    ChatLink,
+    ClientError,
+    open_link,
+)
+from server.settings import Settings
+
+TOKEN_TTL_S = 24 * 3600
+DEFAULT_AVATAR = ("Ava", "friendly")
+RATE_LIMIT_RETRIES = 5
+LOCAL_HELP = "/quit          leave (Ctrl-D works too; Ctrl-C stops a reply)"
+STYLE = Style.from_dict({"persona": "ansicyan bold"})
+
+
+@dataclass(slots=True)
+class Conversation:
+    """What the client knows: the avatar's name, its current persona, the catalogue."""
+
+    link: ChatLink
+    personas: list[PersonaInfo]
+    avatar_name: str = ""
+    persona: str = ""
+    failures: int = 0
+
+    def adopt(self, avatar: AvatarInfo) -> None:
+        self.avatar_name = avatar.name
+        self.persona = avatar.personality
+
+
+def describe(frame: AnyServerFrame) -> str:
+    """A command's answer (or an error) as text for the terminal."""
+    match frame:
+        case Error(code="invalid_persona", message=message, details=details):
+            allowed = ", ".join((details or {}).get("allowed", []))
+            return f"error: {message}; choose one of: {allowed}"
+        case Error(code=code, message=message):
+            return f"error ({code}): {message}"
+        case PersonaSet(personality=personality, previous=previous):
+            return f"persona: {personality} (was {previous})"
+        case Personas(personas=personas):
+            return "\n".join(f"  {p.id:<13} {p.description}" for p in personas)
+        case Notice(text=text):
+            return text
+        case _:
+            return f"({frame.type})"
+
+
+def write(text: str, end: str = "\n") -> None:
+    print(text, end=end, flush=True)
+
+
+def warn(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+async def run_batch(conversation: Conversation) -> int:
+    """Read lines from stdin; send each as a chat; print each reply. Exit at end of input."""
+    while line := await asyncio.to_thread(sys.stdin.readline):
+        text = line.rstrip("\r\n")
+        if text.strip() == "/quit":
+            break
+        if not text.strip():
+            continue
+        answer = await chat_with_retry(conversation, text)
+        if isinstance(answer, Error) and answer.code == "no_avatar":
+            await create_default_avatar(conversation)
+            answer = await chat_with_retry(conversation, text)
+        print_batch_answer(conversation, answer)
+    return EXIT_FAILED if conversation.failures else EXIT_OK
+
+
+async def create_default_avatar(conversation: Conversation) -> None:
+    name, personality = DEFAULT_AVATAR
+    answer = await conversation.link.request(
+        {"type": "create_avatar", "name": name, "personality": personality}
+    )
+    if isinstance(answer, Avatar):
+        conversation.adopt(answer.avatar)
+        warn(f"created the avatar {name} ({personality}); rename it on the web page")
+        return
+    raise ClientError(f"cannot create an avatar: {describe(answer)}")
+
+
+async def chat_with_retry(conversation: Conversation, text: str) -> AnyServerFrame:
+    """Send one chat; when it is rate limited, wait a little and send it again."""
+    for attempt in range(1, RATE_LIMIT_RETRIES):
+        answer = await conversation.link.request({"type": "chat", "text": text})
+        if not (isinstance(answer, Error) and answer.code == "rate_limited"):
+            return answer
+        await asyncio.sleep(0.5 * attempt)
+    return await conversation.link.request({"type": "chat", "text": text})
+
+
+def print_batch_answer(conversation: Conversation, answer: AnyServerFrame) -> None:
+    """Replies on stdout; what the user asked for with a command too; the rest on stderr."""
+    match answer:
+        case Reply(status="completed", text=text):
+            write(text)
+        case Reply(status=status, text=text):
+            write(text)
+            warn(f"the reply {status}")
+            conversation.failures += 1
+        case PersonaSet(personality=personality):
+            conversation.persona = personality
+            warn(describe(answer))
+        case Personas() | Notice():
+            write(describe(answer))
+        case _:
+            warn(describe(answer))
+            conversation.failures += 1
+
+
+class Terminal:
+    """The interactive client: a prompt with the persona, streamed replies, Ctrl-C to stop."""
+
+    def __init__(self, conversation: Conversation, history: Path) -> None:
+        self.conversation = conversation
+        self.cancel_sent = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        history.parent.mkdir(parents=True, exist_ok=True)
+        commands = [f"/persona {p.id}" for p in conversation.personas]
+        commands += ["/personas", "/help", "/quit"]
+        self.session: PromptSession[str] = PromptSession(
+            history=FileHistory(str(history)),
+            completer=WordCompleter(commands, sentence=True),
+            style=STYLE,
+        )
+
+    def prompt_text(self) -> FormattedText:
+        return FormattedText([("class:persona", f"[{self.conversation.persona}]"), ("", " > ")])
+
+    async def run(self) -> int:
+        if not self.conversation.avatar_name:
+            await self.create_avatar()
+        c = self.conversation
+        write(f"Talking to {c.avatar_name} ({c.persona}). /help lists the commands.")
+        while (line := await self.read_line()) is not None:
+            if line == "/quit":
+                break
+            if line:
+                await self.handle(line)
+        return EXIT_OK
+
+    async def read_line(self) -> str | None:
+        """The next line typed, stripped; None on Ctrl-D. Ctrl-C clears the line."""
+        while True:
+            try:
+                return (await self.prompt(self.prompt_text)).strip()
+            except KeyboardInterrupt:
+                continue
+            except EOFError:
+                return None
+
+    async def prompt(self, message: Callable[[], FormattedText] | str) -> str:
+        """One prompt; what arrives meanwhile (a push) is printed above it."""
+        with patch_stdout():
+            return await self.session.prompt_async(message)
+
+    @contextlib.contextmanager
+    def ctrl_c_cancels(self) -> Iterator[None]:
+        """While a reply streams, Ctrl-C is a SIGINT (prompt_toolkit owns it while prompting)."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGINT, self.interrupt)
+        try:
+            yield
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
+
+    async def create_avatar(self) -> None:
+        write("You have no avatar yet. Let's create one.")
+        ids = [p.id for p in self.conversation.personas]
+        name = (await self.prompt("Name [Ava]: ")).strip() or "Ava"
+        while True:
+            choice = await self.prompt(f"Personality ({', '.join(ids)}) [friendly]: ")
+            answer = await self.conversation.link.request(
+                {"type": "create_avatar", "name": name, "personality": choice.strip() or "friendly"}
+            )
+            if isinstance(answer, Avatar):
+                self.conversation.adopt(answer.avatar)
+                return
+            write(describe(answer))
+
+    async def handle(self, line: str) -> None:
+        """Send the line as a chat (the server runs the commands) and show the answer."""
+        if not line.startswith("/") or line.startswith("//"):
+            await self.chat(line)
+            return
+        answer = await self.conversation.link.request({"type": "chat", "text": line})
+        if isinstance(answer, PersonaSet):
+            self.conversation.persona = answer.personality
+        write(describe(answer))
+        if line == "/help":
+            write(LOCAL_HELP)
+
+    async def chat(self, text: str) -> None:
+        """Stream the reply as it arrives; the final `reply` holds the whole text."""
+        speaker = f"{self.conversation.avatar_name} ({self.conversation.persona}): "
+        shown: list[str] = []
+
+        def on_delta(delta: str) -> None:
+            write(("" if shown else speaker) + delta, end="")
+            shown.append(delta)
+
+        self.cancel_sent = False
+        with self.ctrl_c_cancels():
+            try:
+                answer = await self.conversation.link.request(
+                    {"type": "chat", "text": text}, on_delta=on_delta
+                )
+            except ClientError:
+                if shown:
+                    write("")  # end the half-printed reply before the error
+                raise
+        if not isinstance(answer, Reply):
+            write(("\n" if shown else "") + describe(answer))
+            return
+        printed = "".join(shown)
+        rest = answer.text.removeprefix(printed) if printed else speaker + answer.text
+        write(rest)
+        if answer.status != "completed":
+            write(f"[{'stopped' if answer.status == 'cancelled' else answer.status}]")
+
+    def interrupt(self) -> None:
+        """Ctrl-C while a reply streams: ask the server to stop it."""
+        if self.cancel_sent:
+            return
+        self.cancel_sent = True
+        task = asyncio.create_task(self.send_cancel())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def send_cancel(self) -> None:
+        with contextlib.suppress(ClientError):  # a lost connection ends the reply's wait anyway
+            await self.conversation.link.send({"type": "cancel"})
+
+    def on_push(self, frame: AnyServerFrame) -> None:
+        """persona_changed from another window of this user; errors without a waiter."""
+        if isinstance(frame, PersonaChanged):
+            self.conversation.persona = frame.personality
+            write(f"persona changed to {frame.personality} in another window")
+            self.session.app.invalidate()
+        elif isinstance(frame, Error) and frame.code != "nothing_to_cancel":
+            write(describe(frame))
+
+
+def resolve_token(args: argparse.Namespace) -> str:
+    """`--token` as given, or a token for `--user` signed with the local secret."""
+    if args.token:
+        return str(args.token)
+    if not args.user:
+        raise ClientError("sign in with --user NAME (local server) or --token TOKEN", EXIT_USAGE)
+    try:
+        return mint_token(load_or_create_secret(local_settings(args)), args.user, TOKEN_TTL_S)
+    except ValueError as exc:
+        raise ClientError(str(exc), EXIT_USAGE) from None
+
+
+def local_settings(args: argparse.Namespace) -> Settings:
+    return Settings(data_dir=args.data_dir) if args.data_dir else Settings()
+
+
+async def run(args: argparse.Namespace, token: str, interactive: bool) -> int:
+    link, welcome = await open_link(args.url, token)
+    conversation = Conversation(link, welcome.personas)
+    if welcome.avatar is not None:
+        conversation.adopt(welcome.avatar)
+    try:
+        if interactive:
+            terminal = Terminal(conversation, local_settings(args).data_dir / "chat_history")
+            link.on_push = terminal.on_push
+            return await terminal.run()
+        link.on_push = lambda frame: batch_push(conversation, frame)
+        return await run_batch(conversation)
+    finally:
+        await link.close()
+
+
+def batch_push(conversation: Conversation, frame: AnyServerFrame) -> None:
+    if isinstance(frame, PersonaChanged):
+        conversation.persona = frame.personality
+    elif isinstance(frame, Error):
+        warn(describe(frame))
+
+
+def main(args: argparse.Namespace) -> int:
+    """`python run.py chat`: returns the process exit code (see EXIT_* above)."""
+    try:
+        token = resolve_token(args)
+        return asyncio.run(run(args, token, interactive=sys.stdin.isatty()))
+    except ClientError as exc:
+        warn(f"chat: {exc}")
+        if exc.exit_code == EXIT_AUTH_REFUSED and args.user:
+            where = local_settings(args).data_dir
+            warn(f"(--user signs with the secret in {where}: use the server's --data-dir)")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED

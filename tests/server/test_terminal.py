@@ -1,0 +1,315 @@
+"""`python run.py chat` against a real server: in a pseudo-terminal, and fed from a pipe."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from server.app import App
+from server.auth import mint_token
+from tests.client import Client
+from tests.conftest import SECRET, AppFactory, ClientFactory, with_avatar
+
+ROOT = Path(__file__).resolve().parents[2]
+RUN_PY = str(ROOT / "run.py")
+TIMEOUT_S = 20.0
+
+
+def client_env(home: Path) -> dict[str, str]:
+    """The environment without the server's settings, so that only the flags count."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_")}
+    env.pop("DATABASE_URL", None)
+    env.update(HOME=str(home), TERM="xterm-256color", PROMPT_TOOLKIT_NO_CPR="1")
+    return env
+
+
+# ---------------------------------------------------------------------------- from a pipe
+
+
+@dataclass(frozen=True)
+class Finished:
+    code: int
+    stdout: str
+    stderr: str
+
+
+async def run_piped(tmp_path: Path, args: list[str], stdin: str = "") -> Finished:
+    """Run the client with stdin from a pipe (not a terminal) and wait for it to exit."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        RUN_PY,
+        "chat",
+        "--data-dir",
+        str(tmp_path),
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+        env=client_env(tmp_path),
+    )
+    out, err = await asyncio.wait_for(process.communicate(stdin.encode()), TIMEOUT_S)
+    assert process.returncode is not None
+    return Finished(process.returncode, out.decode(), err.decode())
+
+
+async def history_of(client: Client) -> list[tuple[str, str, str]]:
+    answer = await client.request({"type": "history"})
+    return [(m["role"], m["persona"], m["text"]) for m in answer["messages"]]
+
+
+async def test_piped_lines_print_one_reply_each_and_exit_0(
+    app: App, connect: ClientFactory, user: str, tmp_path: Path
+) -> None:
+    await with_avatar(await connect(user))
+    lines = "I baked bread today\nthe garden is blooming\n"
+    result = await run_piped(
+        tmp_path, ["--url", app.url, "--token", mint_token(SECRET, user)], lines
+    )
+    assert result.code == 0, result.stderr
+    replies = result.stdout.splitlines()
+    assert len(replies) == 2
+    assert "baked bread today" in replies[0]
+    assert "garden is blooming" in replies[1]
+
+
+async def test_piped_persona_command_applies_to_the_next_reply(
+    app: App, connect: ClientFactory, user: str, tmp_path: Path
+) -> None:
+    client = await connect(user)
+    await with_avatar(client, "friendly")
+    token = mint_token(SECRET, user)
+    result = await run_piped(tmp_path, ["--url", app.url, "--token", token], "/persona witty\nhi\n")
+    assert result.code == 0, result.stderr
+    assert "persona: witty (was friendly)" in result.stderr
+    assert (await history_of(client))[-1][:2] == ("assistant", "witty")
+
+
+async def test_piped_chat_creates_a_default_avatar_for_a_new_user(
+    app: App, connect: ClientFactory, user: str, tmp_path: Path
+) -> None:
+    result = await run_piped(
+        tmp_path, ["--url", app.url, "--token", mint_token(SECRET, user)], "hi\n"
+    )
+    assert result.code == 0, result.stderr
+    assert "created the avatar Ava (friendly)" in result.stderr
+    avatar = (await connect(user)).welcome["avatar"]
+    assert (avatar["name"], avatar["personality"]) == ("Ava", "friendly")
+
+
+async def test_piped_error_answer_is_reported_and_exits_1(
+    app: App, connect: ClientFactory, user: str, tmp_path: Path
+) -> None:
+    await with_avatar(await connect(user))
+    token = mint_token(SECRET, user)
+    result = await run_piped(tmp_path, ["--url", app.url, "--token", token], "/persona grumpy\n")
+    assert result.code == 1
+    assert "unknown personality 'grumpy'" in result.stderr
+    assert result.stdout == ""
+
+
+async def test_user_flag_signs_with_the_secret_in_the_data_dir(
+    app: App, connect: ClientFactory, user: str, tmp_path: Path
+) -> None:
+    (tmp_path / "jwt_secret").write_text(SECRET + "\n", encoding="utf-8")
+    result = await run_piped(tmp_path, ["--url", app.url, "--user", user], "hello from a pipe\n")
+    assert result.code == 0, result.stderr
+    history = await history_of(await connect(user))
+    assert history[0] == ("user", "friendly", "hello from a pipe")
+
+
+async def test_unreachable_server_exits_3_and_says_so(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"ws://127.0.0.1:{port}/ws"
+    result = await run_piped(tmp_path, ["--url", url, "--token", "t"])
+    assert result.code == 3
+    assert f"cannot connect to {url}: connection refused" in result.stderr
+
+
+async def test_wrong_path_exits_3_with_the_http_status(app: App, tmp_path: Path) -> None:
+    url = app.url.replace("/ws", "/nope")
+    result = await run_piped(tmp_path, ["--url", url, "--token", "t"])
+    assert result.code == 3
+    assert "the server answered HTTP 404" in result.stderr
+
+
+async def test_refused_token_exits_4_with_the_close_reason(app: App, tmp_path: Path) -> None:
+    token = mint_token("some-other-secret-0123456789-0123456789", "mallory")
+    result = await run_piped(tmp_path, ["--url", app.url, "--token", token], "hi\n")
+    assert result.code == 4
+    assert "the server refused the sign-in: bad token signature" in result.stderr
+
+
+async def test_missing_user_and_token_exits_2(tmp_path: Path) -> None:
+    result = await run_piped(tmp_path, [])
+    assert result.code == 2
+    assert "--user NAME" in result.stderr
+
+
+# ---------------------------------------------------------------------------- in a terminal
+
+
+class Terminal:
+    """The client in a pseudo-terminal; the blocking pexpect calls run in a worker thread."""
+
+    def __init__(self, child: pexpect.spawn[str]) -> None:
+        self.child = child
+
+    async def expect(self, pattern: str) -> None:
+        await asyncio.to_thread(self.child.expect, pattern)
+
+    def sendline(self, text: str) -> None:
+        self.child.sendline(text)
+
+    def interrupt(self) -> None:
+        self.child.sendintr()
+
+    async def exit_code(self) -> int:
+        await asyncio.to_thread(self.child.expect, pexpect.EOF)
+        await asyncio.to_thread(self.child.close)
+        assert self.child.exitstatus is not None
+        return self.child.exitstatus
+
+
+TerminalFactory = Callable[[App, str], Awaitable[Terminal]]
+
+
+@pytest.fixture
+async def terminal(tmp_path: Path) -> AsyncIterator[TerminalFactory]:
+    """Start `run.py chat` for a user in a pseudo-terminal; make sure it is gone afterwards."""
+    children: list[pexpect.spawn[str]] = []
+
+    async def start(app: App, user: str) -> Terminal:
+        args = ["chat", "--url", app.url, "--token", mint_token(SECRET, user)]
+        child = pexpect.spawn(
+            sys.executable,
+            [RUN_PY, *args, "--data-dir", str(tmp_path)],
+            cwd=ROOT,
+            env=client_env(tmp_path),
+            encoding="utf-8",
+            timeout=TIMEOUT_S,
+            dimensions=(40, 160),
+        )
+        children.append(child)
+        return Terminal(child)
+
+    yield start
+    for child in children:
+        if child.isalive():
+            await asyncio.to_thread(child.terminate, True)
+
+
+async def test_prompt_shows_the_current_persona(
+    app: App, connect: ClientFactory, user: str, terminal: TerminalFactory
+) -> None:
+    await with_avatar(await connect(user), "playful")
+    tty = await terminal(app, user)
+    await tty.expect("Talking to Ava \\(playful\\)")
+    await tty.expect("\\[playful\\]")
+
+
+async def test_persona_command_switches_the_prompt(
+    app: App, connect: ClientFactory, user: str, terminal: TerminalFactory
+) -> None:
+    await with_avatar(await connect(user), "friendly")
+    tty = await terminal(app, user)
+    await tty.expect("\\[friendly\\]")
+    tty.sendline("/persona witty")
+    await tty.expect("persona: witty \\(was friendly\\)")
+    await tty.expect("\\[witty\\]")
+
+
+async def test_reply_is_printed_after_the_avatar_and_persona(
+    app: App, connect: ClientFactory, user: str, terminal: TerminalFactory
+) -> None:
+    await with_avatar(await connect(user), "caring")
+    tty = await terminal(app, user)
+    await tty.expect("\\[caring\\]")
+    tty.sendline("I baked bread today")
+    await tty.expect("Ava \\(caring\\): ")
+    await tty.expect("baked bread today")
+    await tty.expect("\\[caring\\]")
+
+
+async def test_streamed_reply_is_printed_whole(
+    make_app: AppFactory, connect: ClientFactory, user: str, terminal: TerminalFactory
+) -> None:
+    app = await make_app(template_delay_ms=60)
+    client = await connect(user, target=app)
+    await with_avatar(client, "witty")
+    tty = await terminal(app, user)
+    await tty.expect("\\[witty\\]")
+    tty.sendline("tell me about tides")
+    await tty.expect("Ava \\(witty\\): ")
+    await tty.expect("\\[witty\\]")
+    stored = (await history_of(client))[-1][2]
+    assert stored in str(tty.child.before)
+
+
+async def test_ctrl_c_during_a_reply_stops_it(
+    make_app: AppFactory, connect: ClientFactory, user: str, terminal: TerminalFactory
+) -> None:
+    app = await make_app(template_delay_ms=500)
+    await with_avatar(await connect(user, target=app))
+    tty = await terminal(app, user)
+    await tty.expect("\\[friendly\\]")
+    tty.sendline("tell me a long story")
+    await tty.expect("Ava \\(friendly\\): ")
+    tty.interrupt()
+    await tty.expect("\\[stopped\\]")
+    await tty.expect("\\[friendly\\]")
+
+
+async def test_persona_changed_in_another_window_updates_the_prompt(
+    app: App, connect: ClientFactory, user: str, terminal: TerminalFactory
+) -> None:
+    client = await connect(user)
+    await with_avatar(client, "friendly")
+    tty = await terminal(app, user)
+    await tty.expect("\\[friendly\\]")
+    await client.request({"type": "set_persona", "personality": "romantic"})
+    await tty.expect("persona changed to romantic in another window")
+    await tty.expect("\\[romantic\\]")
+
+
+async def test_new_user_is_asked_for_name_and_personality(
+    app: App, connect: ClientFactory, user: str, terminal: TerminalFactory
+) -> None:
+    tty = await terminal(app, user)
+    await tty.expect("Name \\[Ava\\]:")
+    tty.sendline("Juniper")
+    await tty.expect("Personality .*\\[friendly\\]:")
+    tty.sendline("professional")
+    await tty.expect("Talking to Juniper \\(professional\\)")
+    avatar = (await connect(user)).welcome["avatar"]
+    assert (avatar["name"], avatar["personality"]) == ("Juniper", "professional")
+
+
+async def test_quit_exits_0(
+    app: App, connect: ClientFactory, user: str, terminal: TerminalFactory
+) -> None:
+    await with_avatar(await connect(user))
+    tty = await terminal(app, user)
+    await tty.expect("\\[friendly\\]")
+    tty.sendline("/quit")
+    assert await tty.exit_code() == 0
+
+
+async def test_ctrl_d_exits_0(
+    app: App, connect: ClientFactory, user: str, terminal: TerminalFactory
+) -> None:
+    await with_avatar(await connect(user))
+    tty = await terminal(app, user)
+    await tty.expect("\\[friendly\\]")
+    tty.child.sendeof()
+    assert await tty.exit_code() == 0

@@ -1,0 +1,252 @@
+"""The web page end to end, in Debian's headless Chromium driven by Playwright's async API."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Browser, Locator, Page, async_playwright, expect
+
+from server.app import App
+from server.auth import mint_token
+from tests.conftest import SECRET, AppFactory
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    """Debian's Chromium; the test fails (it does not skip) when it is not installed."""
+    if not CHROMIUM.exists():
+        pytest.fail(
+            f"Chromium is missing: {CHROMIUM} does not exist. Install Debian's package "
+            "(apt-get install chromium); these tests never download a browser."
+        )
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(
+            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        )
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+async def open_page(browser: Browser, app: App, errors: list[str] | None = None) -> Page:
+    """A fresh tab in its own context (its own sessionStorage) on the server's page."""
+    context = await browser.new_context(viewport={"width": 900, "height": 680})
+    page = await context.new_page()
+    if errors is not None:
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await page.goto(f"http://127.0.0.1:{app.port}/")
+    return page
+
+
+async def sign_in(page: Page, user: str) -> None:
+    await page.fill("#signin-name", user)
+    await page.click("#signin-form button[type=submit]")
+
+
+async def create_avatar(page: Page, name: str, personality: str) -> None:
+    await page.fill("#avatar-name", name)
+    await page.select_option("#avatar-persona", personality)
+    await page.click("#avatar-form button[type=submit]")
+    await expect(page.locator("#composer")).to_be_visible()
+
+
+async def send(page: Page, text: str) -> None:
+    await page.fill("#message", text)
+    await page.press("#message", "Enter")
+
+
+async def chat(page: Page, text: str) -> Locator:
+    """Send a chat and return its reply once it is complete."""
+    replies = page.locator(".msg.assistant")
+    count = await replies.count()
+    await send(page, text)
+    reply = replies.nth(count)
+    await expect(reply).to_have_attribute("data-status", "completed")
+    return reply
+
+
+async def signed_in_with_avatar(browser: Browser, app: App, user: str) -> Page:
+    page = await open_page(browser, app)
+    await sign_in(page, user)
+    await create_avatar(page, "Ava", "friendly")
+    return page
+
+
+def new_user() -> str:
+    return f"web-{uuid.uuid4().hex[:10]}"
+
+
+async def test_page_chats_and_labels_each_reply_with_its_persona(
+    browser: Browser, make_app: AppFactory
+) -> None:
+    app = await make_app(database_url=None)
+    errors: list[str] = []
+    page = await open_page(browser, app, errors)
+    await sign_in(page, new_user())
+    await create_avatar(page, "Ava", "friendly")
+    first = await chat(page, "I baked bread today")
+    await page.select_option("#persona-picker", "witty")
+    await expect(page.locator(".note.notice").last).to_have_text("Now speaking as Witty.")
+    second = await chat(page, "I baked bread today")
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "web_page.png"))
+    assert await first.locator(".persona").inner_text() == "Friendly"
+    assert await second.locator(".persona").inner_text() == "Witty"
+    assert await first.get_attribute("data-persona") == "friendly"
+    assert await second.get_attribute("data-persona") == "witty"
+    assert await first.locator(".text").inner_text() != await second.locator(".text").inner_text()
+    assert errors == []
+
+
+async def test_reply_text_streams_into_the_page_before_it_completes(
+    browser: Browser, make_app: AppFactory
+) -> None:
+    app = await make_app(database_url=None, template_delay_ms=150)
+    page = await signed_in_with_avatar(browser, app, new_user())
+    await send(page, "tell me something")
+    reply = page.locator(".msg.assistant").last
+    await expect(reply).to_have_attribute("data-status", "streaming")
+    await expect(reply.locator(".text")).not_to_have_text("")
+    await expect(reply).to_have_attribute("data-status", "completed", timeout=15_000)
+
+
+async def test_stop_button_cancels_the_reply_in_flight(
+    browser: Browser, make_app: AppFactory
+) -> None:
+    app = await make_app(database_url=None, template_delay_ms=400)
+    page = await signed_in_with_avatar(browser, app, new_user())
+    await send(page, "tell me a long story")
+    reply = page.locator(".msg.assistant").last
+    await expect(reply).to_have_attribute("data-status", "streaming")
+    await page.click("#stop")
+    await expect(reply).to_have_attribute("data-status", "cancelled")
+    await expect(reply.locator(".status")).to_have_text("stopped")
+    await expect(page.locator("#stop")).to_be_hidden()
+
+
+async def test_history_is_shown_after_signing_in_again(
+    browser: Browser, make_app: AppFactory
+) -> None:
+    app = await make_app(database_url=None)
+    user = new_user()
+    first_tab = await signed_in_with_avatar(browser, app, user)
+    await chat(first_tab, "remember the lighthouse")
+    second_tab = await open_page(browser, app)
+    await sign_in(second_tab, user)
+    messages = second_tab.locator(".msg")
+    await expect(messages).to_have_count(2)
+    await expect(messages.first).to_have_text("remember the lighthouse")
+    await expect(messages.last).to_have_attribute("data-persona", "friendly")
+
+
+async def test_persona_change_in_another_tab_shows_in_this_one(
+    browser: Browser, make_app: AppFactory
+) -> None:
+    app = await make_app(database_url=None)
+    user = new_user()
+    this_tab = await signed_in_with_avatar(browser, app, user)
+    other_tab = await open_page(browser, app)
+    await sign_in(other_tab, user)
+    await other_tab.select_option("#persona-picker", "romantic")
+    notice = this_tab.locator(".note.notice").last
+    await expect(notice).to_have_text("Persona changed to Romantic in another window.")
+    await expect(this_tab.locator("#persona-picker")).to_have_value("romantic")
+
+
+async def test_persona_command_typed_in_the_composer_switches_persona(
+    browser: Browser, make_app: AppFactory
+) -> None:
+    app = await make_app(database_url=None)
+    page = await signed_in_with_avatar(browser, app, new_user())
+    await send(page, "/persona caring")
+    await expect(page.locator("#persona-picker")).to_have_value("caring")
+    reply = await chat(page, "rough day")
+    assert await reply.get_attribute("data-persona") == "caring"
+
+
+async def test_invalid_persona_is_shown_plainly(browser: Browser, make_app: AppFactory) -> None:
+    app = await make_app(database_url=None)
+    page = await signed_in_with_avatar(browser, app, new_user())
+    await send(page, "/persona grumpy")
+    error = page.locator(".note.error")
+    await expect(error).to_have_text(
+        "Unknown personality 'grumpy'. "
+        "Choose one of: friendly, playful, caring, witty, professional, romantic."
+    )
+
+
+async def test_rate_limited_is_shown_plainly(browser: Browser, make_app: AppFactory) -> None:
+    app = await make_app(database_url=None, rate_per_s=0.5, rate_burst=3)
+    page = await signed_in_with_avatar(browser, app, new_user())
+    for _ in range(3):
+        await send(page, "/help")
+    await expect(page.locator(".note.error").first).to_have_text(
+        "You are sending too fast. Wait a moment, then try again."
+    )
+
+
+async def test_page_reconnects_and_says_so_when_the_connection_drops(
+    browser: Browser, make_app: AppFactory
+) -> None:
+    app = await make_app(database_url=None)
+    page = await signed_in_with_avatar(browser, app, new_user())
+    await page.evaluate(
+        """() => {
+          const banner = document.getElementById("banner");
+          window.bannerTexts = [];
+          new MutationObserver(() => window.bannerTexts.push(banner.textContent))
+            .observe(banner, { childList: true, characterData: true, subtree: true });
+        }"""
+    )
+    for session in tuple(app.sessions):
+        await session.ws.close(1012, "restarting")
+    await expect(page.locator(".note.notice").last).to_have_text("Reconnected.")
+    await expect(page.locator("#banner")).to_be_hidden()
+    banner_texts = await page.evaluate("window.bannerTexts")
+    assert any(text.startswith("Connection lost. Reconnecting") for text in banner_texts)
+    reply = await chat(page, "still there?")
+    assert await reply.get_attribute("data-persona") == "friendly"
+
+
+async def test_page_asks_for_a_token_when_dev_tokens_are_off(
+    browser: Browser, make_app: AppFactory, database_url: str
+) -> None:
+    app = await make_app(database_url=database_url, jwt_secret=SECRET)
+    page = await open_page(browser, app)
+    await sign_in(page, "someone")
+    await expect(page.locator("#signin-token")).to_be_visible()
+    await expect(page.locator("#signin-hint")).to_contain_text("does not hand out")
+    user = new_user()
+    await page.fill("#signin-token", mint_token(SECRET, user))
+    await page.click("#signin-form button[type=submit]")
+    await expect(page.locator("#avatar-form")).to_be_visible()
+
+
+async def test_refused_token_returns_to_sign_in_with_the_reason(
+    browser: Browser, make_app: AppFactory, database_url: str
+) -> None:
+    app = await make_app(database_url=database_url, jwt_secret=SECRET)
+    page = await open_page(browser, app)
+    await sign_in(page, "someone")
+    await page.fill("#signin-token", mint_token("another-secret-entirely-0123456789", "x"))
+    await page.click("#signin-form button[type=submit]")
+    await expect(page.locator("#signin-hint")).to_have_text(
+        "The server refused the sign-in: bad token signature."
+    )
