@@ -6,10 +6,10 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from importlib import resources
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -312,16 +312,7 @@ class Store:
                 user_id,
                 client_id,
             )
-        if row is None:
-            return None
-        return PastTurn(
-            message_id=row["message_id"],
-            user_text=row["user_text"],
-            reply_id=row["reply_id"],
-            persona=row["persona"],
-            reply_text=row["reply_text"],
-            status=row["status"],
-        )
+        return None if row is None else _record(PastTurn, row)
 
     async def reserve_message_ids(self) -> tuple[int, int]:
         """Two fresh ids (the chat's, the reply's) for a reply that streams before it commits."""
@@ -387,18 +378,16 @@ async def migrate_database(dsn: str, timeout_s: float) -> list[str]:
         await store.close()
 
 
+R = TypeVar("R")
+
+
+def _record(cls: type[R], row: asyncpg.Record) -> R:
+    """A dataclass from the columns of `row` that share its field names."""
+    return cls(**{f.name: row[f.name] for f in fields(cls)})  # type: ignore[arg-type]
+
+
 def _avatar(row: asyncpg.Record | None) -> Avatar | None:
-    if row is None:
-        return None
-    return Avatar(
-        id=row["id"],
-        user_id=row["user_id"],
-        name=row["name"],
-        personality=row["personality"],
-        version=row["version"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-    )
+    return None if row is None else _record(Avatar, row)
 
 
 def _migration_files() -> list[tuple[int, str, str]]:
