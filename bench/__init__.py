@@ -1,0 +1,1 @@
+"""Benchmarks: this server side by side with a bare websockets echo server (`python -m bench`)."""

@@ -1,0 +1,177 @@
+"""The processes under test: start them pinned to their cores, read their memory, stop them."""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 60.0
+_URL = re.compile(rb"listening on (ws://\S+)")
+
+
+@dataclass(frozen=True, slots=True)
+class Cores:
+    """Where the servers run and where the load client runs (None: no pinning)."""
+
+    server: frozenset[int] | None
+    client: frozenset[int] | None
+
+    @classmethod
+    def plan(cls) -> Cores:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            return cls(None, None)
+        return cls(frozenset(cpus[:1]), frozenset(cpus[1:2]))
+
+    def describe(self) -> str:
+        if self.server is None or self.client is None:
+            return "not pinned (fewer than two cores)"
+        return (
+            f"server (and its PostgreSQL) on CPU {sorted(self.server)}, "
+            f"load client on CPU {sorted(self.client)}"
+        )
+
+
+def _child_setup(cpus: frozenset[int] | None) -> Callable[[], None]:
+    def setup() -> None:
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    return setup
+
+
+class Proc:
+    """One server process started by the benchmark; its output goes to files in `workdir`."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        workdir: Path,
+        cpus: frozenset[int] | None,
+        env: dict[str, str] | None = None,
+        pgdata: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.pgdata = pgdata
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._out = workdir / f"{name}.out"
+        self._err = workdir / f"{name}.err"
+        with self._out.open("wb") as out, self._err.open("wb") as err:
+            self.popen = subprocess.Popen(
+                list(argv),
+                cwd=ROOT,
+                env={**os.environ, **(env or {})},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                preexec_fn=_child_setup(cpus),  # the benchmark starts servers from sync code
+            )
+        self.url = self._wait_for_url()
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def _wait_for_url(self) -> str:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            found = _URL.search(self._out.read_bytes())
+            if found:
+                return found.group(1).decode()
+            if self.popen.poll() is not None:
+                break
+            time.sleep(0.1)
+        self.stop()
+        tail = self._err.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"{self.name} did not start; its stderr ends with:\n{tail}")
+
+    def rss_kib(self) -> int:
+        """VmRSS of the server process itself (not of its PostgreSQL), in KiB."""
+        status = Path(f"/proc/{self.pid}/status").read_text()
+        found = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+        if found is None:
+            raise RuntimeError(f"no VmRSS for {self.name}")
+        return int(found.group(1))
+
+    def cpu_seconds(self) -> tuple[float, float]:
+        """CPU time (user + system) so far of the server process and of its PostgreSQL."""
+        own = psutil.Process(self.pid).cpu_times()
+        return own.user + own.system, _postgres_cpu_seconds(self.pgdata)
+
+    def stop(self) -> None:
+        """SIGTERM (a graceful drain), then SIGKILL; a PostgreSQL left behind is stopped too."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        if self.pgdata is not None:
+            _stop_postgres(self.pgdata)
+
+
+def _postgres_cpu_seconds(pgdata: Path | None) -> float:
+    """The postmaster's and its live backends' CPU time (0.0 without PostgreSQL)."""
+    if pgdata is None:
+        return 0.0
+    try:
+        postmaster = psutil.Process(int((pgdata / "postmaster.pid").read_text().split()[0]))
+        procs = [postmaster, *postmaster.children(recursive=True)]
+    except (OSError, ValueError, IndexError, psutil.Error):
+        return 0.0
+    total = 0.0
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def _stop_postgres(pgdata: Path) -> None:
+    pid_file = pgdata / "postmaster.pid"
+    try:
+        pid = int(pid_file.read_text().splitlines()[0])
+        os.kill(pid, signal.SIGINT)  # fast shutdown
+    except (OSError, ValueError, IndexError):
+        return
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def start_echo(workdir: Path, cpus: frozenset[int] | None) -> Proc:
+    return Proc("echo", [sys.executable, "-m", "bench.echo", "--port", "0"], workdir, cpus)
+
+
+def start_chat(
+    workdir: Path, cpus: frozenset[int] | None, secret: str, env: dict[str, str]
+) -> Proc:
+    """`python run.py serve` on the embedded PostgreSQL in `workdir`, template generator."""
+    data = workdir / "data"
+    argv = [sys.executable, "run.py", "serve", "--port", "0", "--data-dir", str(data)]
+    argv += ["--log-level", "WARNING", "--generator", "template"]
+    full_env = {"CHAT_JWT_SECRET": secret, **env}
+    return Proc("chat", argv, workdir, cpus, full_env, pgdata=data / "pgdata")
+
+
+def postgres_dsn(pgdata: Path) -> str:
+    return f"postgresql://postgres:@/postgres?host={pgdata}"

@@ -1,0 +1,378 @@
+"""One load-test bot: a real WebSocket client that chats, switches persona, checks every answer."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from typing import Any
+
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from protocol.personas import PERSONA_IDS
+from server.bots_plan import BotPlan, Mode, Pacer, Pending, Phase
+from server.bots_report import Stats
+
+INVALID_PERSONA = "no-such-persona"
+MAX_FRAMES_PER_ANSWER = 10_000
+PUSH_GRACE_S = 0.5  # how long a reply may precede the push of the switch it was rendered after
+CLIENT_PACE = 0.8  # bots send at most this share of the rate the server announces
+PACE_BURST = 4.0
+
+
+class BotFailed(Exception):
+    """The bot cannot go on (timeout, protocol breach); already counted by kind."""
+
+
+class Bot:
+    """One connection: handshake, then a bounded closed loop of chats until the deadline."""
+
+    def __init__(
+        self,
+        index: int,
+        user: str,
+        token: str,
+        plan: BotPlan,
+        stats: Stats,
+        phase: Phase,
+        shared: bool = False,
+    ) -> None:
+        self.index = index
+        self.user = user
+        self._shared = shared  # other connections of this run use the same user
+        self._token = token
+        self._plan = plan
+        self._stats = stats
+        self._phase = phase
+        self._ws: ClientConnection | None = None
+        self._pending: dict[str, Pending] = {}
+        self._current: set[str] = set()  # personas that may be the avatar's right now
+        self._seq = 0
+        self._switches = 0
+        self._suspects: list[tuple[float, dict[str, Any]]] = []  # (grace deadline, stale example)
+        self._closing = False
+        self._pacer: Pacer | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def connect(self) -> bool:
+        """Open the connection; False (counted) when it fails."""
+        try:
+            self._ws = await connect(
+                self._plan.url,
+                compression=None,
+                proxy=None,
+                open_timeout=self._plan.open_timeout_s,
+                ping_interval=None,
+                close_timeout=5,
+                max_size=None,
+                user_agent_header=None,
+            )
+        except InvalidStatus as exc:
+            self._stats.error(f"connect_http_{exc.response.status_code}")
+            return False
+        except (OSError, TimeoutError, InvalidHandshake) as exc:
+            self._stats.error(f"connect_{type(exc).__name__}")
+            return False
+        self._stats.opened()
+        return True
+
+    async def prepare(self) -> bool:
+        """Authenticate and make sure the avatar exists; False (counted) on failure."""
+        try:
+            if self._plan.mode is Mode.PROTOCOL:
+                await self._handshake()
+            return True
+        except (BotFailed, ConnectionClosed) as exc:
+            self._count_failure(exc)
+            return False
+
+    async def work(self) -> None:
+        """After the go signal: chat (or hold) until the deadline, then drain and close."""
+        try:
+            if self._plan.chat:
+                await self._chat_loop()
+            else:
+                await self._hold()
+            await self._drain()
+        except (BotFailed, ConnectionClosed) as exc:
+            self._count_failure(exc)
+        finally:
+            self._settle_suspects(math.inf)
+
+    async def close(self) -> None:
+        ws = self._ws
+        if ws is None:
+            return
+        self._closing = True
+        try:
+            await ws.close()
+        except (OSError, ConnectionClosed):
+            pass
+        finally:
+            self._ws = None
+            self._stats.closed()
+
+    def _count_failure(self, exc: BaseException) -> None:
+        if isinstance(exc, ConnectionClosed) and not self._closing:
+            code = exc.rcvd.code if exc.rcvd is not None else "none"
+            self._stats.error(f"closed_{code}")
+
+    # ------------------------------------------------------------------ phases
+
+    async def _handshake(self) -> None:
+        welcome = await self._request({"type": "hello", "token": self._token}, "hello")
+        if welcome.get("type") != "welcome":
+            raise BotFailed("hello was not answered with welcome")  # counted by _check
+        rate = float((welcome.get("limits") or {}).get("rate_per_s") or 0.0)
+        if rate > 0:
+            self._pacer = Pacer(rate * CLIENT_PACE, PACE_BURST)
+        avatar = welcome.get("avatar")
+        if avatar is not None:
+            self._current = {str(avatar["personality"])}
+            return
+        first = PERSONA_IDS[self.index % len(PERSONA_IDS)]
+        frame = {"type": "create_avatar", "name": f"Bot {self.index}", "personality": first}
+        answer = await self._request(frame, "create")
+        if answer.get("type") == "avatar":
+            self._current.add(str(answer["avatar"]["personality"]))
+        elif answer.get("code") == "avatar_exists":  # another bot of this user won the race:
+            await self._switch(by_command=False)  # switch, so the persona is known
+        else:
+            raise BotFailed("create_avatar failed")  # counted by _check
+
+    async def _chat_loop(self) -> None:
+        plan = self._plan
+        await self._phase.go.wait()
+        chats = 0
+        while self._phase.running() and chats < plan.max_chats:
+            if plan.switch_every > 0 and chats and chats % plan.switch_every == 0:
+                await self._maybe_invalid()
+                await self._switch(by_command=self._switches % 2 == 1)
+            ref = await self._send_chat(chats)
+            await self._await_answer(ref)
+            chats += 1
+            if plan.think_s > 0:
+                await self._pause(plan.think_s)
+
+    async def _hold(self) -> None:
+        await self._phase.go.wait()
+        remaining = self._phase.deadline - time.perf_counter()
+        if remaining > 0:
+            await asyncio.sleep(remaining)
+        ref = await self._send({"type": "ping"}, Pending("ping", time.perf_counter()))
+        await self._await_answer(ref)
+
+    async def _drain(self) -> None:
+        """Wait (bounded) for what is still unanswered: switch acks and invalid_persona errors."""
+        deadline = time.perf_counter() + self._plan.answer_timeout_s
+        for _ in range(MAX_FRAMES_PER_ANSWER):
+            if not self._pending:
+                break
+            self._on_frame(await self._recv(deadline))
+        else:
+            raise self._fail("too_many_frames")
+        if self._suspects:  # give late pushes their grace
+            await self._pause(max(t for t, _ in self._suspects) - time.perf_counter())
+
+    # ------------------------------------------------------------------ sending
+
+    def _next_ref(self, kind: str) -> str:
+        self._seq += 1
+        return f"{kind[0]}{self.index}-{self._seq}"
+
+    async def _send(self, frame: dict[str, Any], pending: Pending) -> str:
+        ws = self._ws
+        assert ws is not None, "connect() first"
+        if self._pacer is not None:
+            await self._pause(self._pacer.take())
+        if pending.kind == "chat":  # what is current now, after any pause
+            pending.accept = set(self._current)
+        ref = self._next_ref(pending.kind)
+        self._pending[ref] = pending
+        pending.sent_at = time.perf_counter()
+        await ws.send(orjson.dumps({"id": ref, **frame}), text=True)
+        return ref
+
+    async def _request(self, frame: dict[str, Any], kind: str) -> dict[str, Any]:
+        """Send and wait for the answer; returns the answer frame."""
+        ref = await self._send(frame, Pending(kind, 0.0))
+        return await self._await_answer(ref)
+
+    async def _send_chat(self, n: int) -> str:
+        self._stats.chats_sent += 1
+        text = f"bot {self.index} says hello, message {n}"
+        return await self._send({"type": "chat", "text": text}, Pending("chat", 0.0))
+
+    async def _switch(self, by_command: bool) -> None:
+        """Switch to a persona the avatar surely does not have; never wait for the ack here."""
+        self._switches += 1
+        choices = [p for p in PERSONA_IDS if p not in self._current] or list(PERSONA_IDS)
+        target = choices[(self.index + self._switches) % len(choices)]
+        await self._send(self._switch_frame(target, by_command), Pending("switch", 0.0, target))
+        self._stats.switches += 1
+        self._current = {target}
+
+    async def _maybe_invalid(self) -> None:
+        every = self._plan.invalid_every
+        if every <= 0 or (self._switches + 1) % every:
+            return
+        by_command = (self._switches // every) % 2 == 0
+        await self._send(self._switch_frame(INVALID_PERSONA, by_command), Pending("invalid", 0.0))
+        self._stats.invalid_sent += 1
+
+    @staticmethod
+    def _switch_frame(personality: str, by_command: bool) -> dict[str, Any]:
+        if by_command:
+            return {"type": "chat", "text": f"/persona {personality}"}
+        return {"type": "set_persona", "personality": personality}
+
+    # ------------------------------------------------------------------ receiving
+
+    async def _recv(self, deadline: float) -> dict[str, Any]:
+        ws = self._ws
+        assert ws is not None, "connect() first"
+        remaining = deadline - time.perf_counter()
+        if remaining <= 0:
+            raise self._fail("timeout")
+        try:
+            async with asyncio.timeout(remaining):
+                raw = await ws.recv()
+        except TimeoutError:
+            raise self._fail("timeout") from None
+        return self._parse(raw)
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait, handling frames as they come, so that answers are timed when they arrive."""
+        ws = self._ws
+        assert ws is not None, "connect() first"
+        until = time.perf_counter() + seconds
+        for _ in range(MAX_FRAMES_PER_ANSWER):
+            remaining = until - time.perf_counter()
+            if remaining <= 0:
+                return
+            try:
+                async with asyncio.timeout(remaining):
+                    raw = await ws.recv()  # cancelling recv() loses nothing
+            except TimeoutError:
+                return
+            self._on_frame(self._parse(raw))
+
+    def _parse(self, raw: str | bytes) -> dict[str, Any]:
+        try:
+            frame = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise self._fail("not_json") from None
+        if not isinstance(frame, dict):
+            raise self._fail("not_an_object")
+        return frame
+
+    async def _await_answer(self, ref: str) -> dict[str, Any]:
+        """Read (bounded in frames and time) until `ref` is answered; handle all else on the way."""
+        deadline = time.perf_counter() + self._plan.answer_timeout_s
+        for _ in range(MAX_FRAMES_PER_ANSWER):
+            frame = await self._recv(deadline)
+            if self._on_frame(frame) == ref:
+                return frame
+        raise self._fail("too_many_frames")
+
+    def _on_frame(self, frame: dict[str, Any]) -> str | None:
+        """Check one frame; return the ref it answered (None for pushes and deltas)."""
+        self._settle_suspects(time.perf_counter())
+        kind = frame.get("type")
+        if kind == "persona_changed":
+            self._on_persona_changed(str(frame.get("personality")))
+            return None
+        ref = frame.get("id") if self._plan.mode is Mode.ECHO else frame.get("ref")
+        if kind == "reply_delta":
+            if ref not in self._pending:
+                self._stats.error("unexpected_ref")
+            return None
+        pending = self._pending.pop(ref, None) if isinstance(ref, str) else None
+        if pending is None:
+            self._stats.error(f"unexpected_ref_{kind}")
+            return None
+        self._check(pending, frame, time.perf_counter())
+        return str(ref)
+
+    def _check(self, pending: Pending, frame: dict[str, Any], now: float) -> None:
+        kind = frame.get("type")
+        if self._plan.mode is Mode.ECHO:  # the echo of our own frame answers it
+            self._check_echo(pending, now)
+            return
+        if kind == "error":
+            self._check_error(pending, str(frame.get("code")))
+        elif pending.kind == "chat" and kind == "reply":
+            self._check_reply(pending, frame, now)
+        elif pending.kind == "switch" and kind == "persona_set":
+            if frame.get("personality") != pending.expect:
+                self._stats.error("wrong_persona_set")
+            self._stats.switch_ack(now - pending.sent_at)
+        elif (pending.kind, kind) in _EXPECTED_ANSWERS:
+            self._stats.pongs += kind == "pong"
+        else:
+            self._stats.error(f"unexpected_answer_{pending.kind}_{kind}")
+
+    def _check_error(self, pending: Pending, code: str) -> None:
+        if pending.kind == "invalid" and code == "invalid_persona":
+            self._stats.invalid_rejected += 1
+        elif pending.kind == "create" and code == "avatar_exists":
+            pass
+        else:
+            self._stats.error(code)
+
+    def _check_echo(self, pending: Pending, now: float) -> None:
+        if pending.kind == "chat":
+            self._stats.reply(now - pending.sent_at, now < self._phase.deadline)
+        else:
+            self._stats.pongs += pending.kind == "ping"
+
+    def _check_reply(self, pending: Pending, frame: dict[str, Any], now: float) -> None:
+        self._stats.reply(now - pending.sent_at, now < self._phase.deadline)
+        if frame.get("status") != "completed":
+            self._stats.error(f"reply_{frame.get('status')}")
+        if frame.get("replayed"):
+            self._stats.error("replayed")
+        persona = frame.get("persona")
+        if persona in pending.accept:
+            return
+        example = {
+            "bot": self.index,
+            "user": self.user,
+            "ref": frame.get("ref"),
+            "persona": persona,
+            "expected": sorted(pending.accept),
+        }
+        if self._shared:  # a push for a commit just before this render may still be on its way
+            self._suspects.append((now + PUSH_GRACE_S, example))
+        else:
+            self._stats.stale_render(example)
+
+    def _on_persona_changed(self, personality: str) -> None:
+        """Another connection of this user switched persona.
+
+        Pushes can arrive out of commit order, so a push never replaces what the bot believes
+        is current: it widens it, until the bot's own next switch. Chats in flight may render it.
+        """
+        for pending in self._pending.values():
+            if pending.kind == "chat":
+                pending.accept.add(personality)
+        self._current.add(personality)
+        self._suspects = [(t, ex) for t, ex in self._suspects if ex["persona"] != personality]
+
+    def _settle_suspects(self, now: float) -> None:
+        """Count as stale the suspect replies whose grace ran out without a matching push."""
+        if not self._suspects:
+            return
+        for _, example in (item for item in self._suspects if item[0] <= now):
+            self._stats.stale_render(example)
+        self._suspects = [item for item in self._suspects if item[0] > now]
+
+    def _fail(self, kind: str) -> BotFailed:
+        self._stats.error(kind)
+        return BotFailed(kind)
+
+
+_EXPECTED_ANSWERS = frozenset({("hello", "welcome"), ("create", "avatar"), ("ping", "pong")})

@@ -1,0 +1,169 @@
+"""A run of many bots: bounded-concurrency ramp, a common start, and the report."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.auth import mint_token
+from server.bots_client import Bot
+from server.bots_plan import BotPlan, Mode, Phase
+from server.bots_report import Stats, build_report
+
+log = logging.getLogger(__name__)
+
+FD_HEADROOM = 64
+MAX_CHATS_PER_S_PER_BOT = 10_000  # bounds each bot's loop in count as well as in time
+
+
+@dataclass(frozen=True, slots=True)
+class LoadConfig:
+    """One run of many bots."""
+
+    plan: BotPlan
+    clients: int
+    duration_s: float
+    ramp_s: float = 0.0
+    users: int | None = None  # distinct users; None: one per client
+    secret: str = ""
+    connect_concurrency: int = 200
+    run_id: str = field(default_factory=lambda: secrets.token_hex(4))
+
+    def user_count(self) -> int:
+        return max(1, min(self.users or self.clients, self.clients))
+
+    def describe(self) -> dict[str, Any]:
+        plan = self.plan
+        return {
+            "url": plan.url,
+            "mode": plan.mode.value,
+            "clients": self.clients,
+            "users": self.user_count(),
+            "duration_s": self.duration_s,
+            "ramp_s": self.ramp_s,
+            "switch_every": plan.switch_every,
+            "invalid_every": plan.invalid_every,
+            "think_ms": plan.think_s * 1000.0,
+            "chat": plan.chat,
+        }
+
+
+def raise_fd_limit(needed: int) -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; return the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard and (hard == resource.RLIM_INFINITY or soft < needed + FD_HEADROOM):
+        target = hard if hard != resource.RLIM_INFINITY else max(needed + FD_HEADROOM, soft)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft < needed + FD_HEADROOM:
+        log.warning("only %d file descriptors for %d connections", soft, needed)
+    return soft
+
+
+def make_bots(config: LoadConfig, stats: Stats, phase: Phase) -> list[Bot]:
+    """One bot per client, spread round-robin over the users of this run."""
+    plan = config.plan
+    if plan.mode is Mode.PROTOCOL and not config.secret:
+        raise ValueError("the bots need the server's JWT secret to mint tokens")
+    users = [f"bot-{config.run_id}-{n}" for n in range(config.user_count())]
+    tokens = (
+        [mint_token(config.secret, user) for user in users]
+        if plan.mode is Mode.PROTOCOL
+        else ["" for _ in users]
+    )
+    count = len(users)
+    return [
+        Bot(i, users[i % count], tokens[i % count], plan, stats, phase, _is_shared(i, config))
+        for i in range(config.clients)
+    ]
+
+
+def _is_shared(index: int, config: LoadConfig) -> bool:
+    """Whether another bot of the run uses the same user as bot `index` (users are round-robin)."""
+    users = config.user_count()
+    return index % users + users < config.clients
+
+
+class _Arrivals:
+    """Counts bots that finished (or failed) their handshake; fires when all have."""
+
+    def __init__(self, total: int, stats: Stats) -> None:
+        self._left = total
+        self._stats = stats
+        self.all = asyncio.Event()
+        if total <= 0:
+            self.all.set()
+
+    def arrive(self, ready: bool) -> None:
+        self._stats.ready += ready
+        self._left -= 1
+        if self._left <= 0:
+            self.all.set()
+
+
+async def _lifecycle(
+    bot: Bot, delay_s: float, gate: asyncio.Semaphore, arrivals: _Arrivals, stats: Stats
+) -> None:
+    arrived = False
+    try:
+        await asyncio.sleep(delay_s)
+        async with gate:
+            ready = await bot.connect() and await bot.prepare()
+        arrivals.arrive(ready)
+        arrived = True
+        if ready:
+            await bot.work()
+    except Exception as exc:  # a bug in the bot must not hide the rest of the run
+        log.exception("bot %d crashed", bot.index)
+        stats.error(f"bot_crashed_{type(exc).__name__}")
+    finally:
+        if not arrived:
+            arrivals.arrive(False)
+        await bot.close()
+
+
+async def run_load(
+    config: LoadConfig,
+    stats: Stats | None = None,
+    on_ready: Callable[[], Awaitable[None]] | None = None,
+) -> dict[str, Any]:
+    """Run every bot: ramp up, await `on_ready`, chat for the duration; return the report."""
+    stats = stats if stats is not None else Stats()
+    raise_fd_limit(config.clients)
+    phase = Phase()
+    bots = make_bots(config, stats, phase)
+    arrivals = _Arrivals(len(bots), stats)
+    gate = asyncio.Semaphore(max(1, config.connect_concurrency))
+    step = config.ramp_s / max(1, len(bots))
+    tasks = [
+        asyncio.create_task(_lifecycle(bot, i * step, gate, arrivals, stats))
+        for i, bot in enumerate(bots)
+    ]
+    plan = config.plan
+    ramp_bound = config.ramp_s + plan.open_timeout_s + 3 * plan.answer_timeout_s
+    try:
+        await asyncio.wait_for(arrivals.all.wait(), ramp_bound)
+    except TimeoutError:
+        stats.error("ramp_timeout")
+    if on_ready is not None:
+        await on_ready()
+    phase.start(config.duration_s)
+    await _finish(tasks, config.duration_s + 2 * plan.answer_timeout_s + 10.0, stats)
+    return build_report(stats, config.describe(), config.duration_s)
+
+
+async def _finish(tasks: list[asyncio.Task[None]], bound_s: float, stats: Stats) -> None:
+    """Wait for every bot, at most `bound_s`; cancel (and count) the ones still running."""
+    if not tasks:
+        return
+    _, stuck = await asyncio.wait(tasks, timeout=bound_s)
+    for task in stuck:
+        task.cancel()
+        stats.error("bot_stuck")
+    if stuck:
+        await asyncio.gather(*stuck, return_exceptions=True)

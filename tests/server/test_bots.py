@@ -1,0 +1,122 @@
+"""The load-test bots: a short run against a real server, and a stale render they must catch."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from websockets.asyncio.server import ServerConnection, serve
+
+from run import build_parser
+from server.bots import main as bots_main
+from server.bots_load import LoadConfig, run_load
+from server.bots_plan import BotPlan
+from tests.conftest import SECRET, AppFactory
+
+
+def bots_args(url: str, json_path: Path, *extra: str) -> Any:
+    return build_parser().parse_args(
+        ["bots", "--url", url, "--secret", SECRET, "--json", str(json_path), "--quiet", *extra]
+    )
+
+
+async def test_bots_run_against_the_server_finds_no_stale_render(make_app: AppFactory) -> None:
+    app = await make_app()
+    config = LoadConfig(
+        plan=BotPlan(url=app.url, switch_every=2, invalid_every=2),
+        clients=5,
+        users=2,
+        duration_s=2.0,
+        ramp_s=0.3,
+        secret=SECRET,
+    )
+    report = await run_load(config)
+    totals = report["totals"]
+    assert report["errors"] == {}
+    assert totals["stale_renders"] == 0
+    assert totals["clients_ready"] == 5
+    assert totals["replies"] > 10
+    assert totals["switches"] > 0 and totals["switch_acks"] == totals["switches"]
+    assert totals["invalid_personas_sent"] == totals["invalid_personas_rejected"] > 0
+    assert report["latency_ms"]["chat"]["p99"] > 0
+    assert report["ok"] is True
+
+
+async def test_bots_command_writes_a_json_report(make_app: AppFactory, tmp_path: Path) -> None:
+    app = await make_app()
+    path = tmp_path / "report.json"
+    args = bots_args(app.url, path, "--clients", "3", "--users", "2", "--duration", "1")
+    status = await asyncio.to_thread(bots_main, args)
+    report = orjson.loads(path.read_bytes())
+    assert status == 0
+    assert report["totals"]["replies"] > 0
+    assert report["totals"]["stale_renders"] == 0
+    assert set(report["latency_ms"]) == {"chat", "switch_ack"}
+
+
+# ---------------------------------------------------------------- a server that renders stale
+
+
+class StaleServer:
+    """Speaks just enough of the protocol, but renders every reply with the first persona."""
+
+    def __init__(self) -> None:
+        self.first = "friendly"
+
+    async def handle(self, ws: ServerConnection) -> None:
+        current = self.first
+        async for raw in ws:
+            frame = orjson.loads(raw)
+            answer, current = self.answer(frame, current)
+            await ws.send(orjson.dumps(answer).decode())
+
+    def answer(self, frame: dict[str, Any], current: str) -> tuple[dict[str, Any], str]:
+        ref = frame.get("id")
+        kind = frame["type"]
+        text = str(frame.get("text", ""))
+        if kind == "hello":
+            avatar = {"id": 1, "name": "Ava", "personality": self.first}
+            limits = {"max_frame_bytes": 65536, "max_text_chars": 4000, "rate_per_s": 1000.0}
+            return {"type": "welcome", "ref": ref, "avatar": avatar, "limits": limits}, current
+        if kind == "set_persona" or text.startswith("/persona "):
+            wanted = frame.get("personality") or text.removeprefix("/persona ")
+            if wanted == "no-such-persona":
+                error = {"type": "error", "ref": ref, "code": "invalid_persona", "status": 422}
+                return error, current
+            persona_set = {"type": "persona_set", "ref": ref, "personality": wanted}
+            return persona_set | {"previous": current}, wanted
+        reply = {"type": "reply", "ref": ref, "persona": self.first, "status": "completed"}
+        return reply | {"reply_id": 2, "message_id": 1, "text": "hi"}, current
+
+
+@pytest.fixture
+async def stale_url() -> AsyncIterator[str]:
+    async with serve(StaleServer().handle, "127.0.0.1", 0, compression=None) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        yield f"ws://127.0.0.1:{port}/ws"
+
+
+async def test_bots_catch_a_reply_rendered_with_the_old_persona(stale_url: str) -> None:
+    config = LoadConfig(
+        plan=BotPlan(url=stale_url, switch_every=2), clients=2, duration_s=0.5, secret=SECRET
+    )
+    report = await run_load(config)
+    assert report["totals"]["stale_renders"] > 0
+    example = report["stale_examples"][0]
+    assert example["persona"] == "friendly" and "friendly" not in example["expected"]
+    assert report["errors"] == {}
+    assert report["ok"] is False
+
+
+async def test_bots_command_exits_non_zero_on_a_stale_render(
+    stale_url: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "report.json"
+    args = bots_args(stale_url, path, "--clients", "2", "--duration", "0.5", "--switch-every", "1")
+    status = await asyncio.to_thread(bots_main, args)
+    assert status == 1
+    assert orjson.loads(path.read_bytes())["totals"]["stale_renders"] > 0
