@@ -26,7 +26,7 @@ from server.hub import Hub
 from server.metrics import CONTENT_TYPE, Metrics
 from server.notify import ChangeListener, PersonaChange, process_tag
 from server.services import Services
-from server.session import Session
+from server.session import WRITE_LIMIT, Session
 from server.settings import Settings
 from server.store import Store
 
@@ -159,6 +159,7 @@ class App:
             ping_timeout=settings.ping_timeout_s,
             close_timeout=2,
             compression=None,
+            write_limit=WRITE_LIMIT,
             server_header=f"persona-chat/{self.services.version}",
             reuse_port=settings.reuse_port,
         )

@@ -200,9 +200,14 @@ class Replies:
     async def _run(self, inflight: InFlight) -> tuple[ReplyStatus, Usage | None, Exception | None]:
         if inflight.cancel_requested:
             return "cancelled", None, None
-        inflight.task = asyncio.create_task(self._generate(inflight))
         try:
-            status, usage = await inflight.task
+            if self._services.generator.streams:
+                # its own task, so that `cancel` can stop it wherever it waits
+                inflight.task = asyncio.create_task(self._generate(inflight))
+                status, usage = await inflight.task
+            else:
+                # the reply is ready at once: nothing to cancel, no task to pay for
+                status, usage = await self._generate(inflight)
         except (GeneratorUnavailable, Unavailable) as exc:
             log.warning("session %s: reply failed: %s", self._session_id, exc)
             return "failed", None, exc if isinstance(exc, Unavailable) else Unavailable(str(exc))

@@ -58,6 +58,8 @@ from server.services import Services
 
 log = logging.getLogger(__name__)
 
+WRITE_LIMIT = 32 * 1024  # websockets' default write_limit: above it, send() waits for a drain
+
 PERSONA_LIST = [PersonaInfo(id=c.id, name=c.name, description=c.description) for c in CATALOGUE]
 
 
@@ -73,6 +75,7 @@ class Session:
         self._avatar: db.Avatar | None = None
         self._avatar_epoch = 0
         self._persona_version = 0  # the newest avatar version this session has seen
+        self._welcomed = False
         self._lock = asyncio.Lock()
         self._replies = Replies(services, "", self.id, self._emit, self._emit_error)  # until hello
         self._bucket = TokenBucket(self.settings.rate_per_s, self.settings.rate_burst, 0.0)
@@ -92,7 +95,6 @@ class Session:
         try:
             try:
                 hello_ref = await self._authenticate()
-                self._check_user_connections()
             except ConnectionRefused as exc:
                 log.info("session %s refused: %d %s", self.id, exc.close_code, exc.reason)
                 metrics.closes.labels(str(int(exc.close_code))).inc()
@@ -105,21 +107,37 @@ class Session:
             metrics.connections.dec()
 
     async def _authenticate(self) -> str | None:
-        self.services.preauth += 1
+        """Read and check `hello`, join the hub, load the avatar; return the hello's id."""
+        services = self.services
+        services.preauth += 1
         try:
-            return await self._read_hello()
+            hello = await self._read_hello()
         finally:
-            self.services.preauth -= 1
-
-    def _check_user_connections(self) -> None:
-        """At most `max_connections_per_user` sessions of one user in this process."""
+            services.preauth -= 1
+        self.user_id = authenticate(services.secret, hello.token)
         limit = self.settings.max_connections_per_user
-        if self.services.hub.count(self.user_id) >= limit:
+        if services.hub.count(self.user_id) >= limit:
             raise ConnectionRefused(
                 CloseCode.TOO_MANY_CONNECTIONS, f"too many connections for this user (max {limit})"
             )
+        self._replies = Replies(services, self.user_id, self.id, self._emit, self._emit_error)
+        # Join before loading, so that a switch committed meanwhile reaches this session.
+        services.hub.join(self.user_id, self)
+        try:
+            epoch = self._avatar_epoch
+            avatar = await services.store.open_user(self.user_id)
+            while epoch != self._avatar_epoch:  # a switch came in while it loaded
+                epoch = self._avatar_epoch
+                avatar = await services.store.get_avatar(self.user_id)
+        except Unavailable:
+            services.hub.leave(self.user_id, self)
+            raise ConnectionRefused(CloseCode.INTERNAL_ERROR, "database unavailable") from None
+        self._avatar = avatar
+        if avatar is not None:
+            self._persona_version = max(self._persona_version, avatar.version)
+        return hello.id
 
-    async def _read_hello(self) -> str | None:
+    async def _read_hello(self) -> Hello:
         try:
             async with asyncio.timeout(self.settings.hello_timeout_s):
                 raw = await self.ws.recv()
@@ -132,22 +150,14 @@ class Session:
         if not isinstance(frame, Hello):
             raise ConnectionRefused(CloseCode.NOT_AUTHENTICATED, "send hello first")
         self.services.metrics.frames["hello"].inc()
-        self.user_id = authenticate(self.services.secret, frame.token)
-        self._replies = Replies(self.services, self.user_id, self.id, self._emit, self._emit_error)
-        try:
-            self._avatar = await self.services.store.open_user(self.user_id)
-            if self._avatar is not None:
-                self._persona_version = self._avatar.version
-        except Unavailable:
-            raise ConnectionRefused(CloseCode.INTERNAL_ERROR, "database unavailable") from None
-        return frame.id
+        return frame
 
     async def _serve(self, hello_ref: str | None) -> None:
         services = self.services
-        services.hub.join(self.user_id, self)
         services.metrics.sessions.inc()
         log.info("session %s opened for user %r", self.id, self.user_id)
         try:
+            self._welcomed = True
             self._emit(self._welcome(hello_ref))
             async for raw in self.ws:
                 await self._on_frame(raw)
@@ -221,9 +231,13 @@ class Session:
 
     async def _write(self) -> None:
         try:
+            transport = self.ws.transport
             while self._outbox:
                 data = self._outbox.popleft()
                 self._outbox_bytes -= len(data)
+                if transport.get_write_buffer_size() + len(data) <= WRITE_LIMIT:
+                    await self.ws.send(data, text=True)  # fits the buffer: never waits
+                    continue
                 async with asyncio.timeout(self.settings.send_timeout_s):
                     await self.ws.send(data, text=True)
         except TimeoutError:
@@ -357,7 +371,8 @@ class Session:
             return
         self._persona_version = version
         self.clear_avatar_cache()
-        self._emit(PersonaChanged(personality=personality, previous=previous))
+        if self._welcomed:  # before `welcome`, the avatar in it will be the new one
+            self._emit(PersonaChanged(personality=personality, previous=previous))
 
     # ------------------------------------------------------------------ chat
 
