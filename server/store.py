@@ -81,6 +81,15 @@ class PastTurn:
 
 
 @dataclass(frozen=True, slots=True)
+class Switch:
+    """One persona switch to commit."""
+
+    user_id: str
+    personality: str
+    origin: str
+
+
+@dataclass(frozen=True, slots=True)
 class StoredTurn:
     message_id: int
     reply_id: int
@@ -118,11 +127,20 @@ ORDER BY t.ord
 """
 
 
-_SET_PERSONA = """
-WITH old AS (SELECT personality FROM avatars WHERE user_id = $1 FOR UPDATE),
+# Switches of many sessions in one statement. Rows are locked in user order, so that two
+# processes' batches cannot deadlock; a user appears at most once per statement.
+_SET_PERSONAS = """
+WITH wanted AS (
+    SELECT * FROM unnest($1::text[], $2::text[]) AS w(user_id, personality)
+),
+old AS (
+    SELECT a.user_id, a.personality FROM avatars a JOIN wanted USING (user_id)
+    ORDER BY a.user_id FOR UPDATE OF a
+),
 changed AS (
-    UPDATE avatars a SET personality = $2, version = a.version + 1, updated_at = now()
-    FROM old WHERE a.user_id = $1
+    UPDATE avatars a SET personality = w.personality, version = a.version + 1, updated_at = now()
+    FROM wanted w JOIN old USING (user_id)
+    WHERE a.user_id = w.user_id
     RETURNING a.id, a.user_id, a.name, a.personality, a.version, a.created_at, a.updated_at,
               old.personality AS previous
 )
@@ -159,6 +177,10 @@ class Store:
         self._turns: Batcher[Turn, StoredTurn] = Batcher(
             self._commit_turns, name="turns", observe=on_batch
         )
+        self._switches: Batcher[Switch, tuple[Avatar, str] | None] = Batcher(
+            self._commit_switches, name="switches"
+        )
+        self._loads: Batcher[str, Avatar | None] = Batcher(self._load_avatars, name="avatars")
 
     @classmethod
     async def connect(
@@ -181,7 +203,8 @@ class Store:
         return cls(pool, timeout_s, on_batch)
 
     async def close(self) -> None:
-        await self._turns.drain()
+        for batcher in (self._turns, self._switches):
+            await batcher.drain()
         await asyncio.wait_for(self._pool.close(), timeout=self._timeout)
 
     @property
@@ -255,11 +278,17 @@ class Store:
         return _avatar(row)
 
     async def get_avatar(self, user_id: str) -> Avatar | None:
+        """The user's avatar, read together with other sessions' reads."""
+        return await self._loads.submit(user_id)
+
+    async def _load_avatars(self, user_ids: Sequence[str]) -> list[Avatar | None]:
         async with self._connection() as conn:
-            row = await conn.fetchrow(
-                f"SELECT {_AVATAR_COLUMNS} FROM avatars WHERE user_id = $1", user_id
+            rows = await conn.fetch(
+                f"SELECT {_AVATAR_COLUMNS} FROM avatars WHERE user_id = ANY($1::text[])",
+                list(set(user_ids)),
             )
-        return _avatar(row)
+        found = {row["user_id"]: _record(Avatar, row) for row in rows}
+        return [found.get(user_id) for user_id in user_ids]
 
     async def create_avatar(self, user_id: str, name: str, personality: str) -> Avatar:
         async with self._connection() as conn:
@@ -280,15 +309,28 @@ class Store:
     ) -> tuple[Avatar, str] | None:
         """Commit a new personality; return the avatar and the previous one, or None (no avatar).
 
-        The same statement notifies `persona_changed` (delivered on commit) so that every
-        process can tell the user's other connections.
+        Switches of concurrent sessions share one statement (group commit). The same statement
+        notifies `persona_changed` (delivered on commit) so that every process can tell the
+        user's other connections.
         """
+        return await self._switches.submit(Switch(user_id, personality, origin))
+
+    async def _commit_switches(self, switches: Sequence[Switch]) -> list[tuple[Avatar, str] | None]:
+        results: list[tuple[Avatar, str] | None] = [None] * len(switches)
         async with self._connection() as conn:
-            row = await conn.fetchrow(_SET_PERSONA, user_id, personality, origin)
-        avatar = _avatar(row)
-        if avatar is None or row is None:
-            return None
-        return avatar, str(row["previous"])
+            for rounds in _one_per_user(switches):
+                rows = await conn.fetch(
+                    _SET_PERSONAS,
+                    [switches[i].user_id for i in rounds],
+                    [switches[i].personality for i in rounds],
+                    switches[rounds[0]].origin,
+                )
+                by_user = {row["user_id"]: row for row in rows}
+                for i in rounds:
+                    row = by_user.get(switches[i].user_id)
+                    if row is not None:
+                        results[i] = (_record(Avatar, row), str(row["previous"]))
+        return results
 
     # ------------------------------------------------------------------ messages
 
@@ -392,6 +434,19 @@ async def migrate_database(dsn: str, timeout_s: float) -> list[str]:
 
 
 R = TypeVar("R")
+
+
+def _one_per_user(switches: Sequence[Switch]) -> list[list[int]]:
+    """Indexes of `switches` in rounds where each user appears once, in submission order."""
+    rounds: list[list[int]] = []
+    next_round: dict[str, int] = {}
+    for index, switch in enumerate(switches):
+        number = next_round.get(switch.user_id, 0)
+        next_round[switch.user_id] = number + 1
+        if number == len(rounds):
+            rounds.append([])
+        rounds[number].append(index)
+    return rounds
 
 
 def _record(cls: type[R], row: asyncpg.Record) -> R:

@@ -167,3 +167,32 @@ async def test_batcher_failure_reaches_every_caller_of_that_batch() -> None:
     batcher: Batcher[int, int] = Batcher(flush)
     results = await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
     assert all(isinstance(r, RuntimeError) for r in results)
+
+
+async def test_concurrent_switches_share_statements_and_chain_previous(store: Store) -> None:
+    users = [_user() for _ in range(5)]
+    for user in users:
+        await store.open_user(user)
+        await store.create_avatar(user, "Ava", "friendly")
+    first = users[0]
+    wanted = [(u, "witty") for u in users] + [(first, "caring"), (first, "playful")]
+    results = await asyncio.gather(*(store.set_persona(u, p) for u, p in wanted))
+    assert all(r is not None for r in results)
+    chain = [(r[0].personality, r[1]) for (u, _), r in zip(wanted, results, strict=True)
+             if u == first and r is not None]  # fmt: skip
+    assert chain == [("witty", "friendly"), ("caring", "witty"), ("playful", "caring")]
+    avatar = await store.get_avatar(first)
+    assert avatar is not None and (avatar.personality, avatar.version) == ("playful", 4)
+
+
+async def test_concurrent_avatar_loads_each_get_their_own(store: Store) -> None:
+    users = [_user() for _ in range(4)]
+    for user, persona in zip(users, PERSONA_IDS, strict=False):
+        await store.open_user(user)
+        await store.create_avatar(user, "Ava", persona)
+    loaded = await asyncio.gather(*(store.get_avatar(u) for u in [*users, users[0], "nobody"]))
+    assert [a.personality if a else None for a in loaded] == [
+        *PERSONA_IDS[:4],
+        PERSONA_IDS[0],
+        None,
+    ]
