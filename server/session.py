@@ -10,6 +10,7 @@ from collections import deque
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
 
 from protocol import commands
 from protocol.errors import (
@@ -212,10 +213,12 @@ class Session:
     # ------------------------------------------------------------------ output
 
     def _emit(self, frame: ServerFrame) -> None:
-        """Queue a frame for the writer; frames leave in the order they were emitted."""
+        """Send a frame, or queue it for the writer; frames leave in the order they were emitted."""
         if self.ws.close_code is not None:
             return
         data = encode(frame)
+        if self._send_now(data):
+            return
         self._outbox.append(data)
         self._outbox_bytes += len(data)
         if self._outbox_bytes > self.settings.outbox_limit_bytes:
@@ -223,6 +226,21 @@ class Session:
             return
         if self._writer is None:
             self._writer = asyncio.create_task(self._write())
+
+    def _send_now(self, data: bytes) -> bool:
+        """Write a frame at once when nothing waits before it and the write buffer has room.
+
+        This is what `ws.send()` does when it would not wait (websockets' sans-I/O protocol
+        frames the message, the connection writes it), without a task per frame.
+        """
+        ws = self.ws
+        if self._writer is not None or self._outbox or ws.protocol.state is not State.OPEN:
+            return False
+        if ws.transport.get_write_buffer_size() + len(data) > WRITE_LIMIT:
+            return False
+        ws.protocol.send_text(data)
+        ws.send_data()
+        return True
 
     def _emit_error(self, exc: Exception, ref: str | None) -> None:
         frame = error_frame(exc, ref)
