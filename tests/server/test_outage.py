@@ -11,8 +11,9 @@ import httpx
 import pytest
 
 from server.app import App
+from server.auth import mint_token
 from server.embedded import EmbeddedPostgres
-from tests.client import login
+from tests.client import Client, login
 from tests.conftest import SECRET, settings_for_tests, with_avatar
 
 
@@ -47,6 +48,12 @@ async def test_outage_answers_unavailable_and_recovers(own_database: EmbeddedPos
         assert (await client.request({"type": "history"}))["code"] == "unavailable"
         assert (await client.request({"type": "ping"}))["type"] == "pong"
         assert await _readyz(app) == 503
+        async with Client(app.url) as newcomer:  # a hello needs the database: close 1011
+            await newcomer.send({"type": "hello", "token": mint_token(SECRET, "outage-new")})
+            await newcomer.conn.wait_closed()
+            assert (newcomer.conn.close_code, newcomer.conn.close_reason) == (
+                1011, "database unavailable",
+            )  # fmt: skip
 
         await asyncio.to_thread(own_database.start)
         back = time.monotonic()

@@ -9,6 +9,8 @@ from pathlib import Path
 import httpx
 import psutil
 
+from server.bots_load import LoadConfig, run_load
+from server.bots_plan import BotPlan
 from tests.client import Client, login
 from tests.conftest import with_avatar
 from tests.processes import Served, run_py, serve
@@ -62,6 +64,14 @@ async def test_two_workers_serve_restart_and_drain(tmp_path: Path) -> None:
         await with_avatar(fresh, "caring")
         assert (await fresh.request({"type": "chat", "text": "back?"}))["persona"] == "caring"
         clients.append(fresh)
+
+        # bots sharing users across both workers: every switch must reach the other worker
+        plan = BotPlan(url=served.url, switch_every=3)
+        report = await run_load(LoadConfig(plan=plan, clients=12, users=4, duration_s=3.0,
+                                           ramp_s=0.5, secret=secret))  # fmt: skip
+        print(f"\nbots on 2 workers: {report['totals']}")
+        assert report["totals"]["replies"] > 0 and report["totals"]["switch_acks"] > 0
+        assert (report["totals"]["stale_renders"], report["ok"]) == (0, True)
     finally:
         for client in clients:
             await client.__aexit__(None, None, None)
