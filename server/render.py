@@ -34,6 +34,17 @@ def topic_of(text: str) -> str:
     return _clip(topic, TOPIC_CHARS)
 
 
+def _fit_case(topic: str, at_start: bool) -> str:
+    """Capitalise a topic that opens a sentence; lower-case one that does not (but not "I" or
+    an acronym), so that "It rained" reads "so it rained" mid-sentence."""
+    first, _, rest = topic.partition(" ")
+    if at_start:
+        return topic[:1].upper() + topic[1:]
+    if first == "I" or (len(first) > 1 and first.isupper()):
+        return topic
+    return " ".join(filter(None, (first[:1].lower() + first[1:], rest)))
+
+
 def _clip(text: str, limit: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
@@ -49,7 +60,8 @@ def template_reply(card: PersonaCard, text: str, recent: Sequence[PastMessage]) 
     opener = card.openers[seed % len(card.openers)]
     reflection = card.reflections[(seed // 7) % len(card.reflections)]
     follow_up = card.follow_ups[(seed // 49) % len(card.follow_ups)]
-    pieces = [opener + " ", reflection.format(topic=topic_of(text)) + " "]
+    topic = _fit_case(topic_of(text), at_start=reflection.startswith("{topic}"))
+    pieces = [opener + " ", reflection.format(topic=topic) + " "]
     earlier = next((m.text for m in reversed(recent) if m.role == "user"), None)
     if earlier is not None:
         pieces.append(card.callback.format(earlier=_clip(earlier, EARLIER_CHARS)) + " ")
