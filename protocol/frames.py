@@ -132,6 +132,7 @@ class Limits(Frame):
     max_frame_bytes: int
     max_text_chars: int
     rate_per_s: float
+    rate_burst: int  # issue 2: the burst is sent too (an addition to PROTOCOL.md)
 
 
 class Welcome(ServerFrame):

@@ -189,6 +189,7 @@ class Session:
                 max_frame_bytes=settings.max_frame_bytes,
                 max_text_chars=settings.max_text_chars,
                 rate_per_s=settings.rate_per_s,
+                rate_burst=settings.rate_burst,
             ),
         )
 

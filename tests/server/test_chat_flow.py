@@ -19,6 +19,7 @@ async def test_welcome_describes_the_session(connect: ClientFactory) -> None:
         "max_frame_bytes": 65536,
         "max_text_chars": 4000,
         "rate_per_s": 20.0,
+        "rate_burst": 40,
     }
     assert welcome["ref"] == "c1"
     assert len(welcome["session_id"]) == 32
