@@ -183,9 +183,7 @@ class App:
         if self._ticker is not None:
             self._ticker.cancel()
         services = self.services
-        for session in tuple(self.sessions):
-            session.drain()
-        services.draining = True
+        services.draining = True  # new chats get `unavailable`; those already queued finish
         deadline = asyncio.get_running_loop().time() + self.settings.drain_timeout_s
         while any(not s.idle for s in self.sessions):
             if asyncio.get_running_loop().time() > deadline:

@@ -202,10 +202,6 @@ class Session:
     def idle(self) -> bool:
         return self._replies.idle
 
-    def drain(self) -> None:
-        """Server shutdown: refuse new chats; the queued ones and the one in flight finish."""
-        self.services.draining = True
-
     async def close(self, code: CloseCode, reason: str) -> None:
         self._closing = True
         self.services.metrics.closes.labels(str(int(code))).inc()
