@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -264,14 +265,14 @@ def decode_client_frame(raw: str | bytes) -> AnyClientFrame:
     try:
         return CLIENT_ADAPTER.validate_json(raw)
     except ValidationError as exc:
-        raise _frame_error(exc) from None
+        raise _frame_error(exc, raw) from None
 
 
-def _frame_error(exc: ValidationError) -> BadJson | InvalidFrame:
+def _frame_error(exc: ValidationError, raw: str) -> BadJson | InvalidFrame:
     errors = exc.errors(include_url=False, include_input=False, include_context=False)
     if len(errors) == 1 and not errors[0]["loc"] and errors[0]["type"] in _NOT_AN_OBJECT:
         return BadJson()
-    if any(err["type"] == "json_invalid" for err in errors):
+    if any(err["type"] == "json_invalid" for err in errors) or not _is_json(raw):
         return BadJson()
     first = errors[0]
     where = ".".join(str(part) for part in first["loc"][1:]) or "frame"
@@ -280,6 +281,19 @@ def _frame_error(exc: ValidationError) -> BadJson | InvalidFrame:
     if first["type"] == "union_tag_not_found":
         return InvalidFrame("the frame has no string field 'type'")
     return InvalidFrame(f"{where}: {first['msg']}")
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _is_json(raw: str) -> bool:
+    """Strict JSON (the decoder accepts NaN and Infinity, which JSON does not have)."""
+    try:
+        json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return False
+    return True
 
 
 def salvage_ref(raw: str | bytes) -> str | None:

@@ -288,7 +288,10 @@ def static_file(connection: ServerConnection, name: str) -> Response:
     if "/" in name or "\\" in name or name.startswith((".", "_")):
         return connection.respond(404, "not found\n")
     resource = resources.files(STATIC_PACKAGE).joinpath(name)
-    if not resource.is_file():
+    try:
+        if not resource.is_file():
+            return connection.respond(404, "not found\n")
+    except (OSError, ValueError):  # a name too long for the file system, and the like
         return connection.respond(404, "not found\n")
     content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
     if content_type.startswith("text/") or content_type.endswith("javascript"):

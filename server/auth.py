@@ -63,4 +63,8 @@ def authenticate(secret: str, token: str) -> str:
         )
     if "\x00" in subject:
         raise ConnectionRefused(CloseCode.NOT_AUTHENTICATED, "sub holds a NUL character")
+    try:
+        subject.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConnectionRefused(CloseCode.NOT_AUTHENTICATED, "sub is not valid Unicode") from None
     return subject

@@ -89,7 +89,11 @@ class ChangeListener:
         )
         self._lost.clear()
         conn.add_termination_listener(lambda _conn: self._lost.set())
-        await conn.add_listener(CHANNEL, self._notified)
+        try:
+            await conn.add_listener(CHANNEL, self._notified)
+        except BaseException:
+            conn.terminate()
+            raise
         self._on_state(True)
         return conn
 

@@ -134,7 +134,10 @@ class Replies:
         if key is not None:
             services.chats_in_flight.add(key)
         if self._worker is None:
-            self._worker = asyncio.create_task(self._work(chat))
+            # In flight from now on, not from when the task first runs: a `cancel` right
+            # behind this chat (already read from the same packet) must find it.
+            self._inflight = InFlight(chat)
+            self._worker = asyncio.create_task(self._work(self._inflight))
         else:
             self._queue.append(chat)
 
@@ -151,27 +154,36 @@ class Replies:
         if self._inflight is not None:
             self._inflight.request_cancel()
         if self._worker is not None:
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+            try:
                 await asyncio.wait_for(
                     asyncio.shield(self._worker), self._services.settings.drain_timeout_s
                 )
+            except TimeoutError:
+                log.warning(
+                    "session %s: the reply in flight did not stop in time", self._session_id
+                )
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # this session itself is being cancelled
 
     def _release(self, chat: PendingChat) -> None:
         if chat.ref is not None:
             self._services.chats_in_flight.discard((self._user_id, chat.ref))
 
-    async def _work(self, chat: PendingChat) -> None:
-        """Answer `chat`, then the chats that queued up meanwhile."""
+    async def _work(self, first: InFlight) -> None:
+        """Answer the first chat, then the chats that queued up meanwhile."""
         try:
-            await self._answer(chat)
+            await self._answer(first)
             while self._queue:
-                await self._answer(self._queue.popleft())
+                await self._answer(InFlight(self._queue.popleft()))
         finally:
             self._worker = None
 
-    async def _answer(self, chat: PendingChat) -> None:
+    async def _answer(self, inflight: InFlight) -> None:
+        chat = inflight.chat
         try:
-            await self._reply(chat)
+            await self._reply(inflight)
         except Unavailable as exc:
             self._emit_error(exc, chat.ref)
         except Exception as exc:
@@ -180,10 +192,10 @@ class Replies:
         finally:
             self._release(chat)
 
-    async def _reply(self, chat: PendingChat) -> None:
+    async def _reply(self, inflight: InFlight) -> None:
         """Generate, commit, then answer one chat."""
         store = self._services.store
-        inflight = InFlight(chat)
+        chat = inflight.chat
         self._inflight = inflight  # from here on, `cancel` applies to this chat
         try:
             if self._services.generator.streams:
@@ -211,6 +223,13 @@ class Replies:
         except (GeneratorUnavailable, Unavailable) as exc:
             log.warning("session %s: reply failed: %s", self._session_id, exc)
             return "failed", None, exc if isinstance(exc, Unavailable) else Unavailable(str(exc))
+        except asyncio.CancelledError:
+            # Our own `cancel` reached the generation task before it began to run.
+            current = asyncio.current_task()
+            own = inflight.task is not None and inflight.task.cancelled()
+            if not (inflight.cancel_requested and own) or (current and current.cancelling()):
+                raise
+            return "cancelled", None, None
         except Exception as exc:
             log.exception("session %s: reply generator crashed", self._session_id)
             return "failed", None, exc
@@ -218,12 +237,12 @@ class Replies:
 
     async def _generate(self, inflight: InFlight) -> tuple[ReplyStatus, Usage | None]:
         chat = inflight.chat
-        turn = TurnContext(
-            card=get_card(chat.persona), text=chat.text, recent=await self._history()
-        )
         coalescer = self._coalescer(inflight)
         usage: Usage | None = None
         try:
+            turn = TurnContext(
+                card=get_card(chat.persona), text=chat.text, recent=await self._history()
+            )
             async with contextlib.aclosing(self._services.generator.stream(turn)) as pieces:
                 async for piece in pieces:
                     if isinstance(piece, Usage):

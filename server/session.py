@@ -8,6 +8,7 @@ import time
 import uuid
 from collections import deque
 
+import orjson
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
@@ -33,6 +34,7 @@ from protocol.frames import (
     GetAvatar,
     Hello,
     History,
+    HistoryEntry,
     HistoryPage,
     Limits,
     Notice,
@@ -59,6 +61,8 @@ from server.services import Services
 
 log = logging.getLogger(__name__)
 
+HISTORY_PAGE_BYTES = 512 * 1024  # under the 1 MiB frame limit of common WebSocket clients
+ENTRY_OVERHEAD_BYTES = 128  # the fields of a history entry besides its text
 WRITE_LIMIT = 32 * 1024  # websockets' default write_limit: above it, send() waits for a drain
 
 PERSONA_LIST = [PersonaInfo(id=c.id, name=c.name, description=c.description) for c in CATALOGUE]
@@ -76,6 +80,8 @@ class Session:
         self._avatar: db.Avatar | None = None
         self._avatar_epoch = 0
         self._persona_version = 0  # the newest avatar version this session has seen
+        self._told_version = 0  # the newest one its client was told about
+        self._told_persona = ""
         self._welcomed = False
         self._lock = asyncio.Lock()
         self._replies = Replies(services, "", self.id, self._emit, self._emit_error)  # until hello
@@ -130,12 +136,15 @@ class Session:
             while epoch != self._avatar_epoch:  # a switch came in while it loaded
                 epoch = self._avatar_epoch
                 avatar = await services.store.get_avatar(self.user_id)
-        except Unavailable:
+        except BaseException as exc:
             services.hub.leave(self.user_id, self)
-            raise ConnectionRefused(CloseCode.INTERNAL_ERROR, "database unavailable") from None
+            if isinstance(exc, Unavailable):
+                raise ConnectionRefused(CloseCode.INTERNAL_ERROR, "database unavailable") from None
+            raise
         self._avatar = avatar
         if avatar is not None:
-            self._persona_version = max(self._persona_version, avatar.version)
+            self._seen(avatar)
+            self._told(avatar.version, avatar.personality)
         return hello.id
 
     async def _read_hello(self) -> Hello:
@@ -165,6 +174,8 @@ class Session:
                 if self._closing:
                     break
         finally:
+            if self._tasks:  # a close with its own code is under way: let it finish first
+                await asyncio.gather(*self._tasks, return_exceptions=True)
             services.hub.leave(self.user_id, self)
             services.metrics.sessions.dec()
             await self._finish()
@@ -216,11 +227,12 @@ class Session:
         data = encode(frame)
         if self._send_now(data):
             return
-        self._outbox.append(data)
-        self._outbox_bytes += len(data)
-        if self._outbox_bytes > self.settings.outbox_limit_bytes:
+        if self._outbox and self._outbox_bytes + len(data) > self.settings.outbox_limit_bytes:
+            # frames pile up behind one the client has not taken yet
             self._close_soon(CloseCode.POLICY_VIOLATION, "client does not read its answers")
             return
+        self._outbox.append(data)
+        self._outbox_bytes += len(data)
         if self._writer is None:
             self._writer = asyncio.create_task(self._write())
 
@@ -266,6 +278,7 @@ class Session:
     def _close_soon(self, code: CloseCode, reason: str) -> None:
         if self._closing:
             return
+        self._closing = True
         log.warning("session %s: closing %d: %s", self.id, code, reason)
         task = asyncio.create_task(self.close(code, reason))
         self._tasks.add(task)
@@ -276,14 +289,15 @@ class Session:
     async def _on_frame(self, raw: str | bytes) -> None:
         ref: str | None = None
         try:
+            self._check_rate()  # before decoding: garbage costs tokens too
             frame = decode_client_frame(raw)
             ref = frame.id
             self.services.metrics.frames[frame.type].inc()
-            self._check_rate()
             await self._dispatch(frame)
         except ProtocolError as exc:
             if isinstance(exc, BadJson | InvalidFrame):
                 self.services.metrics.frames["invalid"].inc()
+            if ref is None:
                 ref = salvage_ref(raw)
             self._emit_error(exc, ref)
         except Exception as exc:
@@ -319,7 +333,7 @@ class Session:
                 await self._create_avatar(frame)
             case History():
                 messages = await store.history(self.user_id, frame.limit, frame.before)
-                self._emit(HistoryPage(ref=frame.id, messages=messages))
+                self._emit(HistoryPage(ref=frame.id, messages=_fit_page(messages)))
             case Ping():
                 self._emit(Pong(ref=frame.id))
             case Hello():
@@ -337,14 +351,31 @@ class Session:
             avatar = await self.services.store.get_avatar(self.user_id)
             if avatar is None:
                 raise NoAvatar()
-            self._persona_version = max(self._persona_version, avatar.version)
+            self._seen(avatar)
             if epoch == self._avatar_epoch:
                 self._avatar = avatar
+        if avatar.version > self._told_version:
+            if self._told_version:
+                # a change this client was not told about (its notification is late, or was
+                # missed while the listener was down): tell it now, before the reply
+                self._emit(
+                    PersonaChanged(personality=avatar.personality, previous=self._told_persona)
+                )
+            self._told(avatar.version, avatar.personality)
         return avatar
 
     def clear_avatar_cache(self) -> None:
         self._avatar = None
         self._avatar_epoch += 1
+
+    def _seen(self, avatar: db.Avatar) -> None:
+        self._persona_version = max(self._persona_version, avatar.version)
+
+    def _told(self, version: int, personality: str) -> None:
+        """The client now knows this personality, at this version."""
+        if version > self._told_version:
+            self._told_version = version
+            self._told_persona = personality
 
     async def _create_avatar(self, frame: CreateAvatar) -> None:
         _check_persona(frame.personality)
@@ -354,7 +385,8 @@ class Session:
             )
             self.clear_avatar_cache()
             self._avatar = avatar
-            self._persona_version = avatar.version
+            self._seen(avatar)
+            self._told(avatar.version, avatar.personality)
         self._emit(Avatar(ref=frame.id, avatar=avatar.info()))
 
     async def set_persona(self, personality: str, ref: str | None) -> None:
@@ -366,12 +398,18 @@ class Session:
         _check_persona(personality)
         services = self.services
         async with self._lock:
-            result = await services.store.set_persona(self.user_id, personality, services.origin)
+            try:
+                result = await services.store.set_persona(
+                    self.user_id, personality, services.origin
+                )
+            finally:
+                # also when the answer was lost: the switch may have committed all the same
+                self.clear_avatar_cache()
             if result is None:
                 raise NoAvatar()
-            self.clear_avatar_cache()
         avatar, previous = result
-        self._persona_version = max(self._persona_version, avatar.version)
+        self._seen(avatar)
+        self._told(avatar.version, personality)
         services.metrics.persona_switches.inc()
         self._emit(PersonaSet(ref=ref, personality=personality, previous=previous))
         services.hub.persona_changed(self.user_id, personality, previous, avatar.version, self)
@@ -379,15 +417,17 @@ class Session:
     def on_persona_changed(self, personality: str, previous: str, version: int) -> None:
         """Another connection of this user switched persona: forget the cache, tell the client.
 
-        A change no newer than one already seen (notifications can arrive late, or twice) is
-        ignored, so an older persona never comes back.
+        A change no newer than one already loaded does not clear the cache, and one no newer
+        than what the client was told is not pushed (notifications can arrive late, or twice),
+        so an older persona never comes back.
         """
-        if version <= self._persona_version:
-            return
-        self._persona_version = version
-        self.clear_avatar_cache()
-        if self._welcomed:  # before `welcome`, the avatar in it will be the new one
+        if version > self._persona_version:
+            self._persona_version = version
+            self.clear_avatar_cache()
+        if self._welcomed and version > self._told_version:
+            # before `welcome`, the avatar in it is the new one
             self._emit(PersonaChanged(personality=personality, previous=previous))
+            self._told(version, personality)
 
     # ------------------------------------------------------------------ chat
 
@@ -419,3 +459,14 @@ def _check_persona(personality: str) -> None:
         raise InvalidPersona(
             f"unknown personality {personality!r}", details={"allowed": list(PERSONA_IDS)}
         )
+
+
+def _fit_page(messages: list[HistoryEntry]) -> list[HistoryEntry]:
+    """The newest messages whose JSON fits in HISTORY_PAGE_BYTES (at least one); the client
+    pages on with `before` for the rest."""
+    used = 0
+    for kept, message in enumerate(reversed(messages)):
+        used += len(orjson.dumps(message.text)) + ENTRY_OVERHEAD_BYTES
+        if used > HISTORY_PAGE_BYTES and kept:
+            return messages[len(messages) - kept :]
+    return messages
