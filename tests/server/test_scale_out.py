@@ -8,6 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -93,8 +94,16 @@ async def test_reply_stays_correct_while_the_listener_is_down_and_it_comes_back(
         )
         assert killed == 1
         await on_a.request({"type": "set_persona", "personality": "witty"})
-        # B missed the notification, but does not trust its cache while the listener is down
-        assert (await on_b.request({"type": "chat", "text": "still you?"}))["persona"] == "witty"
+        # B missed the notification, but does not trust its cache while the listener is down;
+        # the load that finds the new persona also tells the client, before the reply
+        await on_b.send({"type": "chat", "id": "after-outage", "text": "still you?"})
+        seen: list[dict[str, Any]] = []
+        while not seen or seen[-1]["type"] != "reply":
+            seen.append(await on_b.recv())
+        assert [(f["type"], f.get("personality") or f.get("persona")) for f in seen] == [
+            ("persona_changed", "witty"),
+            ("reply", "witty"),
+        ]
         async with asyncio.timeout(10):
             while not await conn.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", listener
