@@ -25,8 +25,9 @@ from server.generators import ReplyGenerator, TemplateGenerator
 from server.hub import Hub
 from server.metrics import CONTENT_TYPE, Metrics
 from server.notify import ChangeListener, PersonaChange, process_tag
+from server.outbox import WRITE_LIMIT
 from server.services import Services
-from server.session import WRITE_LIMIT, Session
+from server.session import Session
 from server.settings import Settings
 from server.store import Store
 

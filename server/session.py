@@ -6,12 +6,10 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import deque
 
 import orjson
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
-from websockets.protocol import State
 
 from protocol import commands
 from protocol.errors import (
@@ -56,6 +54,7 @@ from protocol.personas import CATALOGUE, PERSONA_IDS, is_known
 from server import store as db
 from server.auth import authenticate
 from server.limits import TokenBucket
+from server.outbox import Outbox
 from server.replies import PendingChat, Replies
 from server.services import Services
 
@@ -63,7 +62,6 @@ log = logging.getLogger(__name__)
 
 HISTORY_PAGE_BYTES = 512 * 1024  # under the 1 MiB frame limit of common WebSocket clients
 ENTRY_OVERHEAD_BYTES = 128  # the fields of a history entry besides its text
-WRITE_LIMIT = 32 * 1024  # websockets' default write_limit: above it, send() waits for a drain
 
 PERSONA_LIST = [PersonaInfo(id=c.id, name=c.name, description=c.description) for c in CATALOGUE]
 
@@ -88,9 +86,9 @@ class Session:
         self._bucket = TokenBucket(self.settings.rate_per_s, self.settings.rate_burst, 0.0)
         self._strikes = 0
         self._last_strike = 0.0
-        self._outbox: deque[bytes] = deque()
-        self._outbox_bytes = 0
-        self._writer: asyncio.Task[None] | None = None
+        self._outbox = Outbox(
+            ws, self.settings.outbox_limit_bytes, self.settings.send_timeout_s, self._not_reading
+        )
         self._closing = False
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -221,59 +219,17 @@ class Session:
     # ------------------------------------------------------------------ output
 
     def _emit(self, frame: ServerFrame) -> None:
-        """Send a frame, or queue it for the writer; frames leave in the order they were emitted."""
-        if self.ws.close_code is not None:
-            return
-        data = encode(frame)
-        if self._send_now(data):
-            return
-        if self._outbox and self._outbox_bytes + len(data) > self.settings.outbox_limit_bytes:
-            # frames pile up behind one the client has not taken yet
-            self._close_soon(CloseCode.POLICY_VIOLATION, "client does not read its answers")
-            return
-        self._outbox.append(data)
-        self._outbox_bytes += len(data)
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._write())
-
-    def _send_now(self, data: bytes) -> bool:
-        """Write a frame at once when nothing waits before it and the write buffer has room.
-
-        This is what `ws.send()` does when it would not wait (websockets' sans-I/O protocol
-        frames the message, the connection writes it), without a task per frame.
-        """
-        ws = self.ws
-        if self._writer is not None or self._outbox or ws.protocol.state is not State.OPEN:
-            return False
-        if ws.transport.get_write_buffer_size() + len(data) > WRITE_LIMIT:
-            return False
-        ws.protocol.send_text(data)
-        ws.send_data()
-        return True
+        """Send a frame; frames leave in the order they were emitted."""
+        if self.ws.close_code is None:
+            self._outbox.put(encode(frame))
 
     def _emit_error(self, exc: Exception, ref: str | None) -> None:
         frame = error_frame(exc, ref)
         self.services.metrics.errors[frame.code].inc()
         self._emit(frame)
 
-    async def _write(self) -> None:
-        try:
-            transport = self.ws.transport
-            while self._outbox:
-                data = self._outbox.popleft()
-                self._outbox_bytes -= len(data)
-                if transport.get_write_buffer_size() + len(data) <= WRITE_LIMIT:
-                    await self.ws.send(data, text=True)  # fits the buffer: never waits
-                    continue
-                async with asyncio.timeout(self.settings.send_timeout_s):
-                    await self.ws.send(data, text=True)
-        except TimeoutError:
-            self._outbox.clear()
-            self._close_soon(CloseCode.POLICY_VIOLATION, "client does not read its answers")
-        except ConnectionClosed:
-            self._outbox.clear()
-        finally:
-            self._writer = None
+    def _not_reading(self) -> None:
+        self._close_soon(CloseCode.POLICY_VIOLATION, "client does not read its answers")
 
     def _close_soon(self, code: CloseCode, reason: str) -> None:
         if self._closing:

@@ -1,0 +1,90 @@
+"""Frames to one client, in order: written at once when they fit, else by a writer task that
+gives up on a client which stops reading."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
+
+WRITE_LIMIT = 32 * 1024  # websockets' write_limit (set in app.py): above it, send() waits
+
+
+class Outbox:
+    """Sends one connection's frames in the order they are put.
+
+    A frame goes out at once when nothing waits before it and the socket's buffer has room;
+    otherwise it queues behind a writer task. `on_stalled` is called (and the queue dropped)
+    when a send waits longer than `send_timeout_s`, or when more than `limit_bytes` pile up
+    behind a frame the client has not taken: a client that does not read its answers.
+    """
+
+    __slots__ = ("_bytes", "_limit", "_on_stalled", "_queue", "_timeout", "_writer", "_ws")
+
+    def __init__(
+        self,
+        ws: ServerConnection,
+        limit_bytes: int,
+        send_timeout_s: float,
+        on_stalled: Callable[[], None],
+    ) -> None:
+        self._ws = ws
+        self._limit = limit_bytes
+        self._timeout = send_timeout_s
+        self._on_stalled = on_stalled
+        self._queue: deque[bytes] = deque()
+        self._bytes = 0
+        self._writer: asyncio.Task[None] | None = None
+
+    def put(self, data: bytes) -> None:
+        if self._send_now(data):
+            return
+        if self._queue and self._bytes + len(data) > self._limit:
+            self._stalled()
+            return
+        self._queue.append(data)
+        self._bytes += len(data)
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write())
+
+    def _send_now(self, data: bytes) -> bool:
+        """What `ws.send()` does when it would not wait (websockets' sans-I/O protocol frames
+        the message, the connection writes it), without a task per frame."""
+        ws = self._ws
+        if self._writer is not None or self._queue or ws.protocol.state is not State.OPEN:
+            return False
+        if ws.transport.get_write_buffer_size() + len(data) > WRITE_LIMIT:
+            return False
+        ws.protocol.send_text(data)
+        ws.send_data()
+        return True
+
+    async def _write(self) -> None:
+        ws = self._ws
+        try:
+            while self._queue:
+                data = self._queue.popleft()
+                self._bytes -= len(data)
+                if ws.transport.get_write_buffer_size() + len(data) <= WRITE_LIMIT:
+                    await ws.send(data, text=True)  # fits the buffer: never waits
+                    continue
+                async with asyncio.timeout(self._timeout):
+                    await ws.send(data, text=True)
+        except TimeoutError:
+            self._stalled()
+        except ConnectionClosed:
+            self._drop()
+        finally:
+            self._writer = None
+
+    def _stalled(self) -> None:
+        self._drop()
+        self._on_stalled()
+
+    def _drop(self) -> None:
+        self._queue.clear()
+        self._bytes = 0
