@@ -1,13 +1,4 @@
-"""The time-to-first-token the server adds over an OpenAI-compatible endpoint, measured on the fake.
-
-    python -m bench.llm_ttft [--chats 300] [--delta-flush-ms 20]
-
-It starts the fake endpoint (tests/server/fake_llm.py) in this process, then `python run.py
-serve --generator openai` on an embedded PostgreSQL in a temporary directory, pinned to its own
-core when there are two. One client chats one message at a time. For each chat, the overhead is
-the moment the client reads the first `reply_delta` minus the moment the fake wrote the first
-token (both `time.perf_counter()`, which is CLOCK_MONOTONIC, shared by all processes on Linux).
-"""
+"""The time-to-first-token this server adds over an OpenAI-compatible endpoint (a local fake)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""Frames to one client, in order: written at once when they fit, else by a writer task that
-gives up on a client which stops reading."""
+"""Frames to one client, in order: sent at once when they fit, else queued for a writer task."""
 
 from __future__ import annotations
 

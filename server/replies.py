@@ -1,5 +1,4 @@
-"""One session's chats: the queue of waiting chats and the reply in flight, generated, committed,
-then answered; retried chats are answered from storage."""
+"""One session's chats: the waiting queue and the reply in flight, generated, stored, answered."""
 
 from __future__ import annotations
 
@@ -14,8 +13,8 @@ from dataclasses import dataclass, field
 from protocol.errors import Busy, DuplicateId, NothingToCancel, Unavailable
 from protocol.frames import Reply, ReplyDelta, ReplyStatus, ServerFrame, Usage
 from protocol.personas import get_card
-from server import store as db
 from server.generators import GeneratorUnavailable, TurnContext
+from server.records import Turn
 from server.render import PastMessage
 from server.services import Services
 
@@ -296,7 +295,7 @@ class Replies:
         chat = inflight.chat
         text = "".join(inflight.parts)
         stored = await services.store.commit_turn(
-            db.Turn(
+            Turn(
                 user_id=self._user_id,
                 persona=chat.persona,
                 user_text=chat.text,

@@ -51,10 +51,10 @@ from protocol.frames import (
     salvage_ref,
 )
 from protocol.personas import CATALOGUE, PERSONA_IDS, is_known
-from server import store as db
 from server.auth import authenticate
 from server.limits import TokenBucket
 from server.outbox import Outbox
+from server.records import Avatar as StoredAvatar
 from server.replies import PendingChat, Replies
 from server.services import Services
 
@@ -75,7 +75,7 @@ class Session:
         self.ws = ws
         self.id = uuid.uuid4().hex
         self.user_id = ""
-        self._avatar: db.Avatar | None = None
+        self._avatar: StoredAvatar | None = None
         self._avatar_epoch = 0
         self._persona_version = 0  # the newest avatar version this session has seen
         self._told_version = 0  # the newest one its client was told about
@@ -297,7 +297,7 @@ class Session:
 
     # ------------------------------------------------------------------ avatar and persona
 
-    async def _current_avatar(self) -> db.Avatar:
+    async def _current_avatar(self) -> StoredAvatar:
         """The cached avatar, or a fresh load; never caches its absence."""
         avatar = self._avatar
         if avatar is not None and self.services.cache_trusted:
@@ -324,7 +324,7 @@ class Session:
         self._avatar = None
         self._avatar_epoch += 1
 
-    def _seen(self, avatar: db.Avatar) -> None:
+    def _seen(self, avatar: StoredAvatar) -> None:
         self._persona_version = max(self._persona_version, avatar.version)
 
     def _told(self, version: int, personality: str) -> None:

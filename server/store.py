@@ -6,16 +6,16 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, fields
-from datetime import datetime
+from dataclasses import fields
 from importlib import resources
 from typing import Any, TypeVar
 
 import asyncpg
 
 from protocol.errors import AvatarExists, Unavailable
-from protocol.frames import AvatarInfo, HistoryEntry, ReplyStatus
+from protocol.frames import HistoryEntry
 from server.batching import Batcher
+from server.records import Avatar, PastTurn, StoredTurn, Switch, Turn
 from server.render import PastMessage
 
 log = logging.getLogger(__name__)
@@ -32,68 +32,6 @@ _UNREACHABLE: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Avatar:
-    id: int
-    user_id: str
-    name: str
-    personality: str
-    version: int
-    created_at: datetime
-    updated_at: datetime
-
-    def info(self) -> AvatarInfo:
-        return AvatarInfo(
-            id=self.id,
-            name=self.name,
-            personality=self.personality,
-            created_at=self.created_at,
-            updated_at=self.updated_at,
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class Turn:
-    """One chat and its reply, written together in one statement or not at all."""
-
-    user_id: str
-    persona: str
-    user_text: str
-    reply_text: str
-    status: str  # completed | cancelled | failed
-    client_id: str | None = None
-    message_id: int | None = None  # reserved ids, when the reply streamed before commit
-    reply_id: int | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class PastTurn:
-    """A stored chat and its reply, found by the chat's client id."""
-
-    message_id: int
-    user_text: str
-    reply_id: int
-    persona: str
-    reply_text: str
-    status: ReplyStatus
-
-
-@dataclass(frozen=True, slots=True)
-class Switch:
-    """One persona switch to commit."""
-
-    user_id: str
-    personality: str
-    origin: str
-
-
-@dataclass(frozen=True, slots=True)
-class StoredTurn:
-    message_id: int
-    reply_id: int
-    inserted: bool  # False: a chat with the same client id was already stored
 
 
 _AVATAR_COLUMNS = "id, user_id, name, personality, version, created_at, updated_at"

@@ -11,7 +11,8 @@ import pytest
 
 from protocol.personas import PERSONA_IDS
 from server.batching import Batcher
-from server.store import Store, Turn
+from server.records import Turn
+from server.store import Store
 
 
 @pytest.fixture
