@@ -62,8 +62,12 @@ class TemplateGenerator:
         return False
 
     async def stream(self, turn: TurnContext) -> AsyncGenerator[str | Usage, None]:
-        for index, piece in enumerate(template_reply(turn.card, turn.text, turn.recent)):
-            if self._delay_s and index:
+        pieces = template_reply(turn.card, turn.text, turn.recent)
+        if not self._delay_s:
+            yield "".join(pieces)  # nothing to stream: one piece
+            return
+        for index, piece in enumerate(pieces):
+            if index:
                 await asyncio.sleep(self._delay_s)
             yield piece
 
