@@ -97,3 +97,14 @@ async def with_avatar(client: Client, personality: str = "friendly") -> dict[str
     )
     assert answer["type"] == "avatar", answer
     return answer
+
+
+async def slow_client(
+    make_app: AppFactory, connect: ClientFactory, delay_ms: float, user: str | None = None
+) -> tuple[App, Client]:
+    """A server whose template replies stream slowly (`delay_ms` between pieces), and a client
+    of it with an avatar: how tests get a reply in flight."""
+    app = await make_app(template_delay_ms=delay_ms)
+    client = await connect(user, target=app)
+    await with_avatar(client)
+    return app, client

@@ -2,18 +2,8 @@
 
 from __future__ import annotations
 
-from tests.client import Client, login
-from tests.conftest import SECRET, AppFactory, ClientFactory, with_avatar
-
-
-async def _slow_client(
-    make_app: AppFactory, connect: ClientFactory, delay_ms: float = 80
-) -> Client:
-    """A client with an avatar on a server whose template replies stream slowly."""
-    app = await make_app(template_delay_ms=delay_ms)
-    client = await connect(target=app)
-    await with_avatar(client, "friendly")
-    return client
+from tests.client import login
+from tests.conftest import SECRET, AppFactory, ClientFactory, slow_client, with_avatar
 
 
 async def test_chat_without_avatar_is_no_avatar(connect: ClientFactory) -> None:
@@ -99,7 +89,7 @@ async def test_cancel_without_reply_in_flight_is_nothing_to_cancel(connect: Clie
 async def test_cancel_ends_reply_cancelled_with_chat_ref_and_stores_it(
     make_app: AppFactory, connect: ClientFactory
 ) -> None:
-    client = await _slow_client(make_app, connect)
+    _, client = await slow_client(make_app, connect, 80)
     await client.send({"type": "chat", "id": "long", "text": "tell me everything"})
     delta = await client.recv_type("reply_delta")
     await client.send({"type": "cancel", "id": "stop"})
@@ -118,7 +108,7 @@ async def test_cancel_ends_reply_cancelled_with_chat_ref_and_stores_it(
 async def test_deltas_join_into_a_prefix_of_the_reply(
     make_app: AppFactory, connect: ClientFactory
 ) -> None:
-    client = await _slow_client(make_app, connect, delay_ms=30)
+    _, client = await slow_client(make_app, connect, 30)
     await client.send({"type": "chat", "id": "m", "text": "stream please"})
     deltas: list[str] = []
     while True:
@@ -133,7 +123,7 @@ async def test_deltas_join_into_a_prefix_of_the_reply(
 
 
 async def test_ninth_waiting_chat_is_busy(make_app: AppFactory, connect: ClientFactory) -> None:
-    client = await _slow_client(make_app, connect, delay_ms=200)
+    _, client = await slow_client(make_app, connect, 200)
     for index in range(10):
         await client.send({"type": "chat", "id": f"q{index}", "text": f"chat {index}"})
     busy = await client.recv_type("error")
@@ -146,7 +136,7 @@ async def test_ninth_waiting_chat_is_busy(make_app: AppFactory, connect: ClientF
 async def test_waiting_chats_are_answered_in_order(
     make_app: AppFactory, connect: ClientFactory
 ) -> None:
-    client = await _slow_client(make_app, connect, delay_ms=5)
+    _, client = await slow_client(make_app, connect, 5)
     for index in range(8):
         await client.send({"type": "chat", "id": f"q{index}", "text": f"chat {index}"})
     refs = [(await client.recv_type("reply"))["ref"] for _ in range(8)]

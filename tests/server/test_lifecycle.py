@@ -8,15 +8,13 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.conftest import AppFactory, ClientFactory, with_avatar
+from tests.conftest import AppFactory, ClientFactory, slow_client
 
 
 async def test_stop_lets_the_reply_in_flight_finish_then_closes_1001(
     make_app: AppFactory, connect: ClientFactory
 ) -> None:
-    app = await make_app(template_delay_ms=100)
-    client = await connect(target=app)
-    await with_avatar(client)
+    app, client = await slow_client(make_app, connect, 100)
     await client.send({"type": "chat", "id": "last", "text": "finish this please"})
     await client.recv_type("reply_delta")
     stopping = asyncio.create_task(app.stop())
@@ -40,9 +38,7 @@ async def test_stop_refuses_new_connections(make_app: AppFactory) -> None:
 async def test_chat_sent_while_draining_is_unavailable(
     make_app: AppFactory, connect: ClientFactory
 ) -> None:
-    app = await make_app(template_delay_ms=150)
-    client = await connect(target=app)
-    await with_avatar(client)
+    app, client = await slow_client(make_app, connect, 150)
     await client.send({"type": "chat", "id": "first", "text": "one"})
     await client.recv_type("reply_delta")
     stopping = asyncio.create_task(app.stop())

@@ -12,15 +12,13 @@ from protocol.errors import BadJson
 from protocol.frames import decode_client_frame
 from server.app import App
 from tests.client import Client
-from tests.conftest import SECRET, AppFactory, ClientFactory, with_avatar
+from tests.conftest import SECRET, AppFactory, ClientFactory, slow_client, with_avatar
 
 
 async def test_cancel_sent_right_behind_its_chat_cancels_it(
     make_app: AppFactory, connect: ClientFactory
 ) -> None:
-    app = await make_app(template_delay_ms=50)
-    client = await connect(target=app)
-    await with_avatar(client)
+    _, client = await slow_client(make_app, connect, 50)
     for round_ in range(5):
         await client.send({"type": "chat", "id": f"c{round_}", "text": "a long story"})
         await client.send({"type": "cancel", "id": f"x{round_}"})
@@ -31,9 +29,7 @@ async def test_cancel_sent_right_behind_its_chat_cancels_it(
 async def test_cancel_then_next_chat_keeps_order_and_both_answers(
     make_app: AppFactory, connect: ClientFactory
 ) -> None:
-    app = await make_app(template_delay_ms=30)
-    client = await connect(target=app)
-    await with_avatar(client)
+    _, client = await slow_client(make_app, connect, 30)
     for round_ in range(5):
         await client.send({"type": "chat", "id": f"a{round_}", "text": "first"})
         await client.send({"type": "cancel"})

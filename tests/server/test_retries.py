@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.conftest import AppFactory, ClientFactory, with_avatar
+from tests.conftest import AppFactory, ClientFactory, slow_client, with_avatar
 
 
 async def test_resent_chat_is_answered_from_storage_with_replayed(
@@ -65,9 +65,7 @@ async def test_same_id_while_still_generating_is_busy(
 async def test_streaming_retry_is_replayed_without_generating_again(
     make_app: AppFactory, connect: ClientFactory, user: str
 ) -> None:
-    app = await make_app(template_delay_ms=20)
-    client = await connect(user, target=app)
-    await with_avatar(client)
+    _, client = await slow_client(make_app, connect, 20, user)
     await client.send({"type": "chat", "id": "r5", "text": "stream once"})
     original = await client.recv_type("reply")
     await client.send({"type": "chat", "id": "r5", "text": "stream once"})
@@ -78,9 +76,7 @@ async def test_streaming_retry_is_replayed_without_generating_again(
 async def test_cancelled_reply_is_replayed_with_its_status(
     make_app: AppFactory, connect: ClientFactory, user: str
 ) -> None:
-    app = await make_app(template_delay_ms=100)
-    client = await connect(user, target=app)
-    await with_avatar(client)
+    _, client = await slow_client(make_app, connect, 100, user)
     await client.send({"type": "chat", "id": "r6", "text": "stop me"})
     await client.recv_type("reply_delta")
     await client.send({"type": "cancel"})
