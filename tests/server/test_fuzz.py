@@ -1,7 +1,9 @@
 """Fuzzing the decoder and a live connection: every frame answered, nothing crashes.
 
-The suite runs 100,000 frames through the decoder and 5,000 over live connections; for the
-full count on the live path run:  FUZZ_LIVE_FRAMES=100000 python -m pytest tests/server/test_fuzz.py
+The suite runs 100,000 frames through the decoder (hypothesis draws the generator's seeds) and
+5,000 over live connections (tests/server/test_bad_input.py also drives a live connection with
+hypothesis-made frames); for the full count on the live path run:
+FUZZ_LIVE_FRAMES=100000 python -m pytest tests/server/test_fuzz.py
 """
 
 from __future__ import annotations
@@ -9,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from protocol.errors import BadJson, InvalidFrame
 from protocol.frames import decode_client_frame
@@ -22,21 +27,34 @@ CONNECTIONS = 4
 BATCH = 50
 
 
+DECODER_BATCH = 1000
+
+
 def test_decoder_accepts_or_rejects_every_generated_frame() -> None:
-    fuzzer = FrameFuzzer(seed=1)
-    accepted = rejected = 0
-    started = time.perf_counter()
-    for _ in range(DECODER_FRAMES):
-        try:
-            decode_client_frame(fuzzer.frame())
-            accepted += 1
-        except (BadJson, InvalidFrame):
-            rejected += 1
-    elapsed = time.perf_counter() - started
-    print(f"\ndecoder fuzz: {DECODER_FRAMES} frames, {accepted} accepted, {rejected} rejected, "
-          f"0 crashes, {elapsed:.1f} s")  # fmt: skip
-    assert accepted + rejected == DECODER_FRAMES
-    assert accepted > DECODER_FRAMES // 20 and rejected > DECODER_FRAMES // 2
+    """Hypothesis draws the seeds (and would shrink one that fails); each seed makes 1,000
+    frames, so the run covers DECODER_FRAMES in all."""
+    counts = {"accepted": 0, "rejected": 0}
+
+    @settings(
+        max_examples=max(1, DECODER_FRAMES // DECODER_BATCH), deadline=None, database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )  # fmt: skip
+    @given(seed=st.integers(min_value=0, max_value=2**32 - 1))
+    def batch(seed: int) -> None:
+        fuzzer = FrameFuzzer(seed)
+        for _ in range(DECODER_BATCH):
+            try:
+                decode_client_frame(fuzzer.frame())
+                counts["accepted"] += 1
+            except (BadJson, InvalidFrame):
+                counts["rejected"] += 1
+
+    batch()
+    total = counts["accepted"] + counts["rejected"]
+    print(f"\ndecoder fuzz: {total} frames, {counts['accepted']} accepted, "
+          f"{counts['rejected']} rejected, 0 crashes")  # fmt: skip
+    assert total >= DECODER_FRAMES
+    assert counts["accepted"] > total // 20 and counts["rejected"] > total // 2
 
 
 async def _fuzz_connection(client: Client, seed: int, frames: int) -> tuple[int, int]:
