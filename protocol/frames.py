@@ -315,6 +315,21 @@ def salvage_ref(raw: str | bytes) -> str | None:
     return None
 
 
+HISTORY_PAGE_BYTES = 512 * 1024  # under the 1 MiB frame limit of common WebSocket clients
+_ENTRY_OVERHEAD_BYTES = 128  # the fields of a history entry besides its text
+
+
+def fit_history_page(messages: list[HistoryEntry]) -> list[HistoryEntry]:
+    """The newest messages (oldest first) whose JSON fits in HISTORY_PAGE_BYTES, at least one;
+    the client pages on with `before` for the rest."""
+    used = 0
+    for kept, message in enumerate(reversed(messages)):
+        used += len(orjson.dumps(message.text)) + _ENTRY_OVERHEAD_BYTES
+        if used > HISTORY_PAGE_BYTES and kept:
+            return messages[len(messages) - kept :]
+    return messages
+
+
 def encode(frame: ServerFrame) -> bytes:
     """One server frame as UTF-8 JSON; optional fields that are None are left out."""
     return frame.__pydantic_serializer__.to_json(frame)

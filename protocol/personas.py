@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from protocol.errors import InvalidPersona
+
 
 @dataclass(frozen=True, slots=True)
 class PersonaCard:
@@ -234,6 +236,19 @@ PERSONA_IDS: tuple[str, ...] = tuple(PERSONAS)
 def is_known(personality: str) -> bool:
     """Whether `personality` names a card in the catalogue."""
     return personality in PERSONAS
+
+
+def require_known(personality: str) -> None:
+    """InvalidPersona (listing the allowed ids) unless `personality` is in the catalogue."""
+    if not personality:
+        raise InvalidPersona(
+            "name a personality, for example: /persona playful",
+            details={"allowed": list(PERSONA_IDS)},
+        )
+    if not is_known(personality):
+        raise InvalidPersona(
+            f"unknown personality {personality!r}", details={"allowed": list(PERSONA_IDS)}
+        )
 
 
 def get_card(personality: str) -> PersonaCard:

@@ -7,7 +7,6 @@ import logging
 import time
 import uuid
 
-import orjson
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
@@ -17,7 +16,6 @@ from protocol.errors import (
     CloseCode,
     ConnectionRefused,
     InvalidFrame,
-    InvalidPersona,
     NoAvatar,
     ProtocolError,
     RateLimited,
@@ -32,7 +30,6 @@ from protocol.frames import (
     GetAvatar,
     Hello,
     History,
-    HistoryEntry,
     HistoryPage,
     Limits,
     Notice,
@@ -48,9 +45,10 @@ from protocol.frames import (
     decode_client_frame,
     encode,
     error_frame,
+    fit_history_page,
     salvage_ref,
 )
-from protocol.personas import CATALOGUE, PERSONA_IDS, is_known
+from protocol.personas import CATALOGUE, require_known
 from server.auth import authenticate
 from server.limits import TokenBucket
 from server.outbox import Outbox
@@ -60,8 +58,6 @@ from server.services import Services
 
 log = logging.getLogger(__name__)
 
-HISTORY_PAGE_BYTES = 512 * 1024  # under the 1 MiB frame limit of common WebSocket clients
-ENTRY_OVERHEAD_BYTES = 128  # the fields of a history entry besides its text
 
 PERSONA_LIST = [PersonaInfo(id=c.id, name=c.name, description=c.description) for c in CATALOGUE]
 
@@ -289,7 +285,7 @@ class Session:
                 await self._create_avatar(frame)
             case History():
                 messages = await store.history(self.user_id, frame.limit, frame.before)
-                self._emit(HistoryPage(ref=frame.id, messages=_fit_page(messages)))
+                self._emit(HistoryPage(ref=frame.id, messages=fit_history_page(messages)))
             case Ping():
                 self._emit(Pong(ref=frame.id))
             case Hello():
@@ -334,7 +330,7 @@ class Session:
             self._told_persona = personality
 
     async def _create_avatar(self, frame: CreateAvatar) -> None:
-        _check_persona(frame.personality)
+        require_known(frame.personality)
         async with self._lock:
             avatar = await self.services.store.create_avatar(
                 self.user_id, frame.name, frame.personality
@@ -351,7 +347,7 @@ class Session:
         Validate, commit, clear this session's cached avatar under its lock, and only then
         acknowledge; then tell the user's other sessions.
         """
-        _check_persona(personality)
+        require_known(personality)
         services = self.services
         async with self._lock:
             try:
@@ -403,26 +399,3 @@ class Session:
     async def _enqueue(self, ref: str | None, text: str) -> None:
         avatar = await self._current_avatar()
         self._replies.accept(PendingChat(ref, text, avatar.personality, time.perf_counter()))
-
-
-def _check_persona(personality: str) -> None:
-    if not personality:
-        raise InvalidPersona(
-            "name a personality, for example: /persona playful",
-            details={"allowed": list(PERSONA_IDS)},
-        )
-    if not is_known(personality):
-        raise InvalidPersona(
-            f"unknown personality {personality!r}", details={"allowed": list(PERSONA_IDS)}
-        )
-
-
-def _fit_page(messages: list[HistoryEntry]) -> list[HistoryEntry]:
-    """The newest messages whose JSON fits in HISTORY_PAGE_BYTES (at least one); the client
-    pages on with `before` for the rest."""
-    used = 0
-    for kept, message in enumerate(reversed(messages)):
-        used += len(orjson.dumps(message.text)) + ENTRY_OVERHEAD_BYTES
-        if used > HISTORY_PAGE_BYTES and kept:
-            return messages[len(messages) - kept :]
-    return messages

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 
 import orjson
 import pytest
@@ -14,6 +15,7 @@ from protocol.frames import (
     Chat,
     Error,
     History,
+    HistoryEntry,
     Reply,
     SetPersona,
     Usage,
@@ -21,6 +23,7 @@ from protocol.frames import (
     decode_server_frame,
     encode,
     error_frame,
+    fit_history_page,
     salvage_ref,
 )
 
@@ -186,3 +189,21 @@ def test_any_text_decodes_or_is_rejected_cleanly(raw: str) -> None:
         decode_client_frame(raw)
     except (BadJson, InvalidFrame):
         assert salvage_ref(raw) is None or raw.lstrip().startswith("{")
+
+
+def _entry(index: int, text: str) -> HistoryEntry:
+    return HistoryEntry(
+        id=index, role="user", persona="witty", text=text, created_at=datetime.now(UTC)
+    )
+
+
+def test_history_page_keeps_the_newest_entries_that_fit() -> None:
+    entries = [_entry(i, "\u0001" * 4000) for i in range(100)]  # about 24 KB of JSON each
+    page = fit_history_page(entries)
+    assert 0 < len(page) < 100 and page[-1].id == 99
+    assert sum(len(orjson.dumps(e.text)) for e in page) <= 512 * 1024
+
+
+def test_history_page_that_fits_is_unchanged() -> None:
+    entries = [_entry(i, "hello") for i in range(100)]
+    assert fit_history_page(entries) == entries

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from protocol.personas import CATALOGUE, PERSONA_IDS, get_card, is_known
+import pytest
+
+from protocol.errors import InvalidPersona
+from protocol.personas import CATALOGUE, PERSONA_IDS, get_card, is_known, require_known
 
 
 def test_catalogue_has_the_six_protocol_personas_in_order() -> None:
@@ -28,3 +31,11 @@ def test_no_two_cards_share_a_line() -> None:
 def test_unknown_personality_is_not_known() -> None:
     assert is_known("witty") and not is_known("Witty") and not is_known("grumpy")
     assert get_card("witty").name == "Witty"
+
+
+def test_require_known_lists_the_allowed_personas() -> None:
+    require_known("witty")
+    for bad in ("", "Witty", "grumpy"):
+        with pytest.raises(InvalidPersona) as refused:
+            require_known(bad)
+        assert refused.value.details == {"allowed": list(PERSONA_IDS)}
