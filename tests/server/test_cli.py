@@ -15,10 +15,6 @@ from tests.client import Client
 from tests.processes import Served, run_py, serve
 
 
-async def _run(*args: str) -> tuple[int, str, str]:
-    return await run_py(*args)
-
-
 async def _serve(data_dir: Path) -> Served:
     return await serve("--data-dir", str(data_dir), log_path=data_dir.parent / "serve.log")
 
@@ -55,7 +51,7 @@ async def test_serve_prints_url_token_hint_and_data_dir(data_dir: Path) -> None:
         assert "python run.py token alice" in served.banner
         assert str(data_dir.resolve()) in served.banner
         assert (data_dir / "jwt_secret").stat().st_mode & 0o777 == 0o600
-        code, token, _ = await _run("token", "alice", "--data-dir", str(data_dir))
+        code, token, _ = await run_py("token", "alice", "--data-dir", str(data_dir))
         assert code == 0
         reply = await _chat_once(served.url, token.strip())
         assert (reply["type"], reply["persona"]) == ("reply", "witty")
@@ -65,16 +61,16 @@ async def test_serve_prints_url_token_hint_and_data_dir(data_dir: Path) -> None:
 
 
 async def test_secret_is_reused_across_starts(data_dir: Path) -> None:
-    _, first, _ = await _run("token", "bob", "--data-dir", str(data_dir))
+    _, first, _ = await run_py("token", "bob", "--data-dir", str(data_dir))
     secret = (data_dir / "jwt_secret").read_text()
-    _, second, _ = await _run("token", "bob", "--data-dir", str(data_dir))
+    _, second, _ = await run_py("token", "bob", "--data-dir", str(data_dir))
     assert (data_dir / "jwt_secret").read_text() == secret
     assert first.split(".")[0] == second.split(".")[0]
 
 
 async def test_start_after_kill_9_reuses_data_and_works(data_dir: Path) -> None:
     served = await _serve(data_dir)
-    _, token, _ = await _run("token", "carol", "--data-dir", str(data_dir))
+    _, token, _ = await run_py("token", "carol", "--data-dir", str(data_dir))
     first = await _chat_once(served.url, token.strip())
     await served.stop(signal.SIGKILL)
     assert _postgres_running(data_dir)  # the embedded server was left behind
@@ -97,22 +93,22 @@ async def test_start_after_postgres_was_killed_too(data_dir: Path) -> None:
     assert (data_dir / "pgdata" / "postmaster.pid").exists()  # stale
     again = await _serve(data_dir)
     try:
-        _, token, _ = await _run("token", "dave", "--data-dir", str(data_dir))
+        _, token, _ = await run_py("token", "dave", "--data-dir", str(data_dir))
         assert (await _chat_once(again.url, token.strip()))["type"] == "reply"
     finally:
         assert await again.stop() == 0
 
 
 async def test_schema_command_prints_both_directions() -> None:
-    code, out, _ = await _run("schema")
+    code, out, _ = await run_py("schema")
     schema = json.loads(out)
     assert code == 0
     assert {"client_to_server", "server_to_client"} <= schema.keys()
 
 
 async def test_migrate_command_applies_then_reports_up_to_date(data_dir: Path) -> None:
-    code, out, _ = await _run("migrate", "--data-dir", str(data_dir))
+    code, out, _ = await run_py("migrate", "--data-dir", str(data_dir))
     assert (code, out.strip()) == (0, "applied: initial, messages_user_fk")
-    code, out, _ = await _run("migrate", "--data-dir", str(data_dir))
+    code, out, _ = await run_py("migrate", "--data-dir", str(data_dir))
     assert (code, out.strip()) == (0, "the schema is up to date")
     assert not _postgres_running(data_dir)
