@@ -23,24 +23,33 @@ _URL = re.compile(rb"listening on (ws://\S+)")
 
 @dataclass(frozen=True, slots=True)
 class Cores:
-    """Where the servers run and where the load client runs (None: no pinning)."""
+    """Where the servers, this server's PostgreSQL and the load client run (None: no pinning).
+
+    PostgreSQL goes with the server (`postgres_with="server"`) or with the load client
+    (`"client"`, so that the server process has a core to itself, as the echo server does).
+    """
 
     server: frozenset[int] | None
     client: frozenset[int] | None
+    postgres_with: str = "server"
 
     @classmethod
-    def plan(cls) -> Cores:
+    def plan(cls, postgres_with: str = "server") -> Cores:
         cpus = sorted(os.sched_getaffinity(0))
         if len(cpus) < 2:
-            return cls(None, None)
-        return cls(frozenset(cpus[:1]), frozenset(cpus[1:2]))
+            return cls(None, None, postgres_with)
+        return cls(frozenset(cpus[:1]), frozenset(cpus[1:2]), postgres_with)
+
+    @property
+    def postgres(self) -> frozenset[int] | None:
+        return self.client if self.postgres_with == "client" else self.server
 
     def describe(self) -> str:
         if self.server is None or self.client is None:
             return "not pinned (fewer than two cores)"
         return (
-            f"server (and its PostgreSQL) on CPU {sorted(self.server)}, "
-            f"load client on CPU {sorted(self.client)}"
+            f"server on CPU {sorted(self.server)}, its PostgreSQL on CPU "
+            f"{sorted(self.postgres or ())}, load client on CPU {sorted(self.client)}"
         )
 
 
@@ -101,6 +110,17 @@ class Proc:
         tail = self._err.read_text(errors="replace")[-2000:]
         raise RuntimeError(f"{self.name} did not start; its stderr ends with:\n{tail}")
 
+    def pin_postgres(self, cpus: frozenset[int] | None) -> None:
+        """Move the server's PostgreSQL (the postmaster and its backends; new backends inherit
+        the postmaster's affinity) onto `cpus`."""
+        if cpus is None or self.pgdata is None:
+            return
+        for proc in _postgres_processes(self.pgdata):
+            try:
+                proc.cpu_affinity(sorted(cpus))
+            except psutil.Error:
+                continue
+
     def rss_kib(self) -> int:
         """VmRSS of the server process itself (not of its PostgreSQL), in KiB."""
         status = Path(f"/proc/{self.pid}/status").read_text()
@@ -127,17 +147,21 @@ class Proc:
             _stop_postgres(self.pgdata)
 
 
+def _postgres_processes(pgdata: Path) -> list[psutil.Process]:
+    """The postmaster and its children (none when it is not running)."""
+    try:
+        postmaster = psutil.Process(int((pgdata / "postmaster.pid").read_text().split()[0]))
+        return [postmaster, *postmaster.children(recursive=True)]
+    except (OSError, ValueError, IndexError, psutil.Error):
+        return []
+
+
 def _postgres_cpu_seconds(pgdata: Path | None) -> float:
     """The postmaster's and its live backends' CPU time (0.0 without PostgreSQL)."""
     if pgdata is None:
         return 0.0
-    try:
-        postmaster = psutil.Process(int((pgdata / "postmaster.pid").read_text().split()[0]))
-        procs = [postmaster, *postmaster.children(recursive=True)]
-    except (OSError, ValueError, IndexError, psutil.Error):
-        return 0.0
     total = 0.0
-    for proc in procs:
+    for proc in _postgres_processes(pgdata):
         try:
             times = proc.cpu_times()
         except psutil.Error:

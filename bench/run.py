@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--idle", help="idle connection counts (quick 1000, full 1000,5000)")
     parser.add_argument("--hold", type=float, help="seconds idle connections are held")
     parser.add_argument("--switch-every", type=int, default=4, help="chats between switches")
+    parser.add_argument(
+        "--postgres-with",
+        choices=("server", "client"),
+        default="server",
+        help="the core this server's PostgreSQL shares: the server's or the load client's",
+    )
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-idle", action="store_true")
     parser.add_argument("--py-spy", type=Path, help="profile the server at the largest load")
@@ -93,6 +99,7 @@ def run_throughput(
     """Both servers up at once; for each repetition and load, echo then this server."""
     echo = start_echo(workdir / "echo", cores.server)
     chat = start_chat(workdir / "chat", cores.server, secret, SERVER_ENV)
+    chat.pin_postgres(cores.postgres)
     say(f"echo server at {echo.url}, this server at {chat.url}")
     try:
         targets = {
@@ -196,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = settings_from(args)
     loads = _ints(args.clients)
     counts = _ints(args.idle or (QUICK_IDLE if args.quick else FULL_IDLE))
-    cores = Cores.plan()
+    cores = Cores.plan(args.postgres_with)
     if cores.client is not None:
         os.sched_setaffinity(0, cores.client)
     raise_fd_limit(max([*counts, *loads, 0]))
