@@ -5,78 +5,127 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
+C = TypeVar("C")
 T = TypeVar("T")
 R = TypeVar("R")
 
+# Called once per item with its result, or with the exception that failed its batch.
+Done = Callable[[R | None, BaseException | None], None]
 
-class Batcher(Generic[T, R]):
+
+class Batcher(Generic[C, T, R]):
     """Runs `flush` on batches of submitted items, one flush at a time.
 
     The first item starts a flush at once, so a lone caller waits one round trip. Items that
     arrive while a flush is in flight wait for it and then go together in the next one: under
-    load, one database round trip serves many callers.
+    load, one database round trip serves many callers. One resource from `open` (a database
+    connection) serves consecutive flushes for as long as items keep coming; a failed flush
+    gets a fresh one for the next batch.
     """
 
     def __init__(
         self,
-        flush: Callable[[Sequence[T]], Awaitable[Sequence[R]]],
+        flush: Callable[[C, Sequence[T]], Awaitable[Sequence[R]]],
+        open_resource: Callable[[], AbstractAsyncContextManager[C]],
         *,
         max_batch: int = 512,
         name: str = "batch",
         observe: Callable[[int], object] | None = None,
     ) -> None:
         self._flush = flush
+        self._open = open_resource
         self._max_batch = max_batch
         self._name = name
         self._observe = observe
-        self._pending: list[tuple[T, asyncio.Future[R]]] = []
+        self._pending: list[tuple[T, Done[R]]] = []
         self._runner: asyncio.Task[None] | None = None
         self.flushes = 0
         self.items = 0
 
     async def submit(self, item: T) -> R:
+        """Queue `item` and wait for its result."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._pending.append((item, future))
+
+        def done(result: R | None, error: BaseException | None) -> None:
+            if future.done():
+                return
+            if error is None:
+                future.set_result(result)  # type: ignore[arg-type]
+            elif isinstance(error, asyncio.CancelledError):
+                future.cancel()
+            else:
+                future.set_exception(error)
+
+        self.add(item, done)
+        return await future
+
+    def add(self, item: T, done: Done[R]) -> None:
+        """Queue `item`; `done` gets its result (or the batch's exception) when it is flushed."""
+        self._pending.append((item, done))
         if self._runner is None:
             self._runner = asyncio.create_task(self._run(), name=f"{self._name}-flusher")
-        return await future
 
     async def drain(self) -> None:
         """Wait until every submitted item has been flushed."""
         while self._runner is not None:
             await asyncio.shield(self._runner)
 
+    def _take(self) -> list[tuple[T, Done[R]]]:
+        batch = self._pending[: self._max_batch]
+        del self._pending[: self._max_batch]
+        return batch
+
     async def _run(self) -> None:
         try:
             while self._pending:
-                batch = self._pending[: self._max_batch]
-                del self._pending[: self._max_batch]
-                await self._flush_batch(batch)
+                batch = self._take()
+                try:
+                    async with self._open() as resource:
+                        while batch:
+                            current, batch = batch, []
+                            if not await self._flush_batch(resource, current):
+                                break  # the next batch gets a fresh resource
+                            if self._pending:
+                                batch = self._take()
+                except Exception as exc:  # no resource for this batch, or its release failed
+                    _finish(batch, exc)
         finally:
             self._runner = None
 
-    async def _flush_batch(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+    async def _flush_batch(self, resource: C, batch: list[tuple[T, Done[R]]]) -> bool:
+        """Flush one batch and hand out its results (or its failure); False when it failed."""
         self.flushes += 1
         self.items += len(batch)
         if self._observe is not None:
             self._observe(len(batch))
         try:
-            results = await self._flush([item for item, _ in batch])
+            results = await self._flush(resource, [item for item, _ in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"{self._name}: flush returned {len(results)} for {len(batch)}")
         except Exception as exc:
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        except BaseException:
-            for _, future in batch:
-                future.cancel()
+            _finish(batch, exc)
+            return False
+        except BaseException as exc:
+            _finish(batch, exc)
             raise
-        for (_, future), result in zip(batch, results, strict=True):
-            if not future.done():
-                future.set_result(result)
+        for (_, done), result in zip(batch, results, strict=True):
+            _call(done, result, None)
+        return True
+
+
+def _finish(batch: Sequence[tuple[T, Done[R]]], error: BaseException) -> None:
+    for _, done in batch:
+        _call(done, None, error)
+
+
+def _call(done: Done[R], result: R | None, error: BaseException | None) -> None:
+    """One caller's callback; a failing callback must not keep the rest of the batch waiting."""
+    try:
+        done(result, error)
+    except Exception:
+        log.exception("a batch callback failed")

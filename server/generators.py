@@ -38,6 +38,11 @@ class ReplyGenerator(Protocol):
         """Whether `recent` must come from the database (else the session's own turns do)."""
         ...
 
+    def render(self, turn: TurnContext) -> str | None:
+        """The whole reply at once, when this generator has it without waiting (it then gets the
+        session's own recent turns); else None, and the session streams it."""
+        ...
+
     def stream(self, turn: TurnContext) -> AsyncGenerator[str | Usage, None]: ...
 
     async def aclose(self) -> None: ...
@@ -61,11 +66,13 @@ class TemplateGenerator:
     def reads_history(self) -> bool:
         return False
 
+    def render(self, turn: TurnContext) -> str | None:
+        if self._delay_s:
+            return None
+        return "".join(template_reply(turn.card, turn.text, turn.recent))
+
     async def stream(self, turn: TurnContext) -> AsyncGenerator[str | Usage, None]:
         pieces = template_reply(turn.card, turn.text, turn.recent)
-        if not self._delay_s:
-            yield "".join(pieces)  # nothing to stream: one piece
-            return
         for index, piece in enumerate(pieces):
             if index:
                 await asyncio.sleep(self._delay_s)

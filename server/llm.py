@@ -237,6 +237,9 @@ class OpenAIGenerator:
     def reads_history(self) -> bool:
         return True
 
+    def render(self, turn: TurnContext) -> None:
+        return None  # a model's reply always streams
+
     async def aclose(self) -> None:
         await self._client.aclose()
 

@@ -18,6 +18,7 @@ FRAME_TYPES = (
     "hello", "create_avatar", "get_avatar", "set_persona", "chat", "cancel", "history", "ping",
     "invalid",
 )  # fmt: skip
+REPLY_STATUSES = ("completed", "cancelled", "failed", "replayed")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
@@ -67,9 +68,10 @@ class Metrics:
         self.persona_switches = Counter(
             "chat_persona_switches", "Committed persona switches", registry=self.registry
         )
-        self.replies = Counter(
+        replies = Counter(
             "chat_replies", "Replies sent, by status", ["status"], registry=self.registry
         )
+        self.replies = {status: replies.labels(status) for status in REPLY_STATUSES}
         self.reply_latency = Histogram(
             "chat_reply_latency_seconds",
             "From a chat's arrival to its committed reply",

@@ -14,7 +14,7 @@ from protocol.errors import Busy, DuplicateId, NothingToCancel, Unavailable
 from protocol.frames import Reply, ReplyDelta, ReplyStatus, ServerFrame, Usage
 from protocol.personas import get_card
 from server.generators import GeneratorUnavailable, TurnContext
-from server.records import Turn
+from server.records import StoredTurn, Turn
 from server.render import PastMessage
 from server.services import Services
 
@@ -101,7 +101,12 @@ class DeltaCoalescer:
 
 
 class Replies:
-    """Answers one session's chats one at a time, in order; at most `chat_queue_depth` wait."""
+    """Answers one session's chats one at a time, in order; at most `chat_queue_depth` wait.
+
+    A reply the generator has at once (the template) is committed through the group commit's
+    callback, with no task of its own; a reply that streams is generated in a task, so that
+    `cancel` can stop it wherever it waits.
+    """
 
     def __init__(
         self, services: Services, user_id: str, session_id: str, emit: Emit, emit_error: EmitError
@@ -112,13 +117,15 @@ class Replies:
         self._emit = emit
         self._emit_error = emit_error
         self._queue: deque[PendingChat] = deque()
+        self._busy = False  # a chat is being answered
         self._worker: asyncio.Task[None] | None = None
         self._inflight: InFlight | None = None
+        self._settled: asyncio.Future[None] | None = None  # set when no chat is being answered
         self._recent: deque[PastMessage] = deque(maxlen=2 * services.settings.history_turns)
 
     @property
     def idle(self) -> bool:
-        return self._worker is None
+        return not self._busy
 
     def accept(self, chat: PendingChat) -> None:
         """Queue a chat (or start on it at once); Busy when too many wait or its id is in use."""
@@ -128,17 +135,14 @@ class Replies:
         key = (self._user_id, chat.ref) if chat.ref is not None else None
         if key is not None and key in services.chats_in_flight:
             raise Busy("a chat with this id is still being answered")
-        if self._worker is not None and len(self._queue) >= services.settings.chat_queue_depth:
+        if self._busy and len(self._queue) >= services.settings.chat_queue_depth:
             raise Busy(details={"queued": len(self._queue)})
         if key is not None:
             services.chats_in_flight.add(key)
-        if self._worker is None:
-            # In flight from now on, not from when the task first runs: a `cancel` right
-            # behind this chat (already read from the same packet) must find it.
-            self._inflight = InFlight(chat)
-            self._worker = asyncio.create_task(self._work(self._inflight))
-        else:
+        if self._busy:
             self._queue.append(chat)
+        else:
+            self._start(chat)
 
     def cancel(self) -> None:
         inflight = self._inflight
@@ -152,34 +156,103 @@ class Replies:
             self._release(self._queue.popleft())
         if self._inflight is not None:
             self._inflight.request_cancel()
-        if self._worker is not None:
-            try:
-                await asyncio.wait_for(
-                    asyncio.shield(self._worker), self._services.settings.drain_timeout_s
-                )
-            except TimeoutError:
-                log.warning(
-                    "session %s: the reply in flight did not stop in time", self._session_id
-                )
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise  # this session itself is being cancelled
+        if not self._busy:
+            return
+        if self._settled is None:
+            self._settled = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(
+                asyncio.shield(self._settled), self._services.settings.drain_timeout_s
+            )
+        except TimeoutError:
+            log.warning("session %s: the reply in flight did not stop in time", self._session_id)
 
     def _release(self, chat: PendingChat) -> None:
         if chat.ref is not None:
             self._services.chats_in_flight.discard((self._user_id, chat.ref))
 
-    async def _work(self, first: InFlight) -> None:
-        """Answer the first chat, then the chats that queued up meanwhile."""
+    def _start(self, chat: PendingChat) -> None:
+        """Answer `chat`: at once when the generator has the whole reply, else in a task."""
+        self._busy = True
         try:
-            await self._answer(first)
-            while self._queue:
-                await self._answer(InFlight(self._queue.popleft()))
+            text = self._services.generator.render(self._turn(chat))
+        except Exception as exc:
+            log.exception("session %s: reply generator crashed", self._session_id)
+            self._commit_now(chat, "", "failed", exc)
+            return
+        if text is not None:
+            self._commit_now(chat, text, "completed", None)
+            return
+        # In flight from now on, not from when the task first runs: a `cancel` right behind
+        # this chat (already read from the same packet) must find it.
+        self._inflight = InFlight(chat)
+        self._worker = asyncio.create_task(self._work(self._inflight))
+
+    def _done(self, chat: PendingChat) -> None:
+        """`chat` is answered: start on the next one, or become idle."""
+        self._release(chat)
+        if self._queue:
+            self._start(self._queue.popleft())
+            return
+        self._busy = False
+        if self._settled is not None and not self._settled.done():
+            self._settled.set_result(None)
+
+    def _turn(self, chat: PendingChat) -> TurnContext:
+        return TurnContext(card=get_card(chat.persona), text=chat.text, recent=tuple(self._recent))
+
+    # ------------------------------------------------------------------ a reply at once
+
+    def _commit_now(
+        self, chat: PendingChat, text: str, status: ReplyStatus, failure: Exception | None
+    ) -> None:
+        def stored(result: StoredTurn | None, error: BaseException | None) -> None:
+            self._on_stored(chat, text, status, failure, result, error)
+
+        self._services.store.add_turn(self._stored_turn(chat, text, status, None), stored)
+
+    def _on_stored(
+        self,
+        chat: PendingChat,
+        text: str,
+        status: ReplyStatus,
+        failure: Exception | None,
+        result: StoredTurn | None,
+        error: BaseException | None,
+    ) -> None:
+        """The group commit's answer for a reply made at once."""
+        try:
+            if error is not None:
+                if not isinstance(error, Unavailable):
+                    log.error("session %s: commit failed: %r", self._session_id, error)
+                self._emit_error(error if isinstance(error, Exception) else Unavailable(), chat.ref)
+            elif result is not None and not result.inserted:
+                # a retry of a chat stored meanwhile: answer it from storage, then go on
+                self._worker = asyncio.create_task(self._replay_then_done(chat))
+                return
+            elif result is not None:
+                self._answer_stored(chat, text, status, None, failure, result)
+        except Exception as exc:
+            log.exception("session %s: answering a reply failed", self._session_id)
+            self._emit_error(exc, chat.ref)
+        self._done(chat)
+
+    async def _replay_then_done(self, chat: PendingChat) -> None:
+        try:
+            await self._replay(chat)
+        except Unavailable as exc:
+            self._emit_error(exc, chat.ref)
+        except Exception as exc:
+            log.exception("session %s: replay failed unexpectedly", self._session_id)
+            self._emit_error(exc, chat.ref)
         finally:
             self._worker = None
+            self._done(chat)
 
-    async def _answer(self, inflight: InFlight) -> None:
+    # ------------------------------------------------------------------ a reply that streams
+
+    async def _work(self, inflight: InFlight) -> None:
+        """Answer one chat that streams, then go on with the queue."""
         chat = inflight.chat
         try:
             await self._reply(inflight)
@@ -189,7 +262,8 @@ class Replies:
             log.exception("session %s: reply failed unexpectedly", self._session_id)
             self._emit_error(exc, chat.ref)
         finally:
-            self._release(chat)
+            self._worker = None
+            self._done(chat)
 
     async def _reply(self, inflight: InFlight) -> None:
         """Generate, commit, then answer one chat."""
@@ -291,31 +365,48 @@ class Replies:
         usage: Usage | None,
         failure: Exception | None,
     ) -> None:
-        services = self._services
         chat = inflight.chat
         text = "".join(inflight.parts)
-        stored = await services.store.commit_turn(
-            Turn(
-                user_id=self._user_id,
-                persona=chat.persona,
-                user_text=chat.text,
-                reply_text=text,
-                status=status,
-                client_id=chat.ref,
-                message_id=inflight.message_id,
-                reply_id=inflight.reply_id,
-            )
+        stored = await self._services.store.commit_turn(
+            self._stored_turn(chat, text, status, inflight)
         )
         if not stored.inserted:
             await self._replay(chat)
             return
+        self._answer_stored(chat, text, status, usage, failure, stored)
+
+    def _stored_turn(
+        self, chat: PendingChat, text: str, status: ReplyStatus, inflight: InFlight | None
+    ) -> Turn:
+        return Turn(
+            user_id=self._user_id,
+            persona=chat.persona,
+            user_text=chat.text,
+            reply_text=text,
+            status=status,
+            client_id=chat.ref,
+            message_id=inflight.message_id if inflight else None,
+            reply_id=inflight.reply_id if inflight else None,
+        )
+
+    def _answer_stored(
+        self,
+        chat: PendingChat,
+        text: str,
+        status: ReplyStatus,
+        usage: Usage | None,
+        failure: Exception | None,
+        stored: StoredTurn,
+    ) -> None:
+        """The turn is committed: send the reply (or the failure that ended it)."""
         if failure is not None:
             self._emit_error(failure, chat.ref)
             return
+        services = self._services
         if status == "completed":
             self._recent.append(PastMessage("user", chat.text))
             self._recent.append(PastMessage("assistant", text))
-        services.metrics.replies.labels(status).inc()
+        services.metrics.replies[status].inc()
         services.metrics.reply_latency.observe(time.perf_counter() - chat.received_at)
         self._emit(
             Reply(
@@ -338,7 +429,7 @@ class Replies:
         if stored.user_text != chat.text:
             self._emit_error(DuplicateId(details={"message_id": stored.message_id}), chat.ref)
             return True
-        self._services.metrics.replies.labels("replayed").inc()
+        self._services.metrics.replies["replayed"].inc()
         self._emit(
             Reply(
                 ref=chat.ref,

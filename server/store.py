@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import fields
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 
 from protocol.errors import AvatarExists, Unavailable
 from protocol.frames import HistoryEntry
-from server.batching import Batcher
+from server.batching import Batcher, Done
 from server.records import Avatar, PastTurn, StoredTurn, Switch, Turn
 from server.render import PastMessage
 
@@ -89,6 +90,9 @@ FROM changed
 """
 
 
+_Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[Any]"
+
+
 class _PoolConnection(asyncpg.Connection):
     """A pooled connection that needs no reset on release.
 
@@ -112,13 +116,15 @@ class Store:
     ) -> None:
         self._pool = pool
         self._timeout = timeout_s
-        self._turns: Batcher[Turn, StoredTurn] = Batcher(
-            self._commit_turns, name="turns", observe=on_batch
+        self._turns: Batcher[_Conn, Turn, StoredTurn] = Batcher(
+            self._commit_turns, self._connection, name="turns", observe=on_batch
         )
-        self._switches: Batcher[Switch, tuple[Avatar, str] | None] = Batcher(
-            self._commit_switches, name="switches"
+        self._switches: Batcher[_Conn, Switch, tuple[Avatar, str] | None] = Batcher(
+            self._commit_switches, self._connection, name="switches"
         )
-        self._loads: Batcher[str, Avatar | None] = Batcher(self._load_avatars, name="avatars")
+        self._loads: Batcher[_Conn, str, Avatar | None] = Batcher(
+            self._load_avatars, self._connection, name="avatars"
+        )
 
     @classmethod
     async def connect(
@@ -150,15 +156,24 @@ class Store:
         return self._pool.get_size() - self._pool.get_idle_size()
 
     @property
-    def batches(self) -> Batcher[Turn, StoredTurn]:
+    def batches(self) -> Batcher[_Conn, Turn, StoredTurn]:
         return self._turns
 
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[Any]]:
+    async def _connection(self) -> AsyncIterator[_Conn]:
         """A pooled connection; unreachable-database errors become `Unavailable`."""
         try:
             async with self._pool.acquire(timeout=self._timeout) as conn:
                 yield conn
+        except _UNREACHABLE as exc:
+            log.warning("database unreachable: %s: %s", type(exc).__name__, exc)
+            raise Unavailable("the database is unreachable; try again shortly") from exc
+
+    async def _fetch(self, conn: _Conn, query: str, *args: object) -> list[asyncpg.Record]:
+        """A batch's statement on the connection its batcher holds; unreachable-database errors
+        become `Unavailable`."""
+        try:
+            return await conn.fetch(query, *args)
         except _UNREACHABLE as exc:
             log.warning("database unreachable: %s: %s", type(exc).__name__, exc)
             raise Unavailable("the database is unreachable; try again shortly") from exc
@@ -219,12 +234,12 @@ class Store:
         """The user's avatar, read together with other sessions' reads."""
         return await self._loads.submit(user_id)
 
-    async def _load_avatars(self, user_ids: Sequence[str]) -> list[Avatar | None]:
-        async with self._connection() as conn:
-            rows = await conn.fetch(
-                f"SELECT {_AVATAR_COLUMNS} FROM avatars WHERE user_id = ANY($1::text[])",
-                list(set(user_ids)),
-            )
+    async def _load_avatars(self, conn: _Conn, user_ids: Sequence[str]) -> list[Avatar | None]:
+        rows = await self._fetch(
+            conn,
+            f"SELECT {_AVATAR_COLUMNS} FROM avatars WHERE user_id = ANY($1::text[])",
+            list(set(user_ids)),
+        )
         found = {row["user_id"]: _record(Avatar, row) for row in rows}
         return [found.get(user_id) for user_id in user_ids]
 
@@ -253,21 +268,23 @@ class Store:
         """
         return await self._switches.submit(Switch(user_id, personality, origin))
 
-    async def _commit_switches(self, switches: Sequence[Switch]) -> list[tuple[Avatar, str] | None]:
+    async def _commit_switches(
+        self, conn: _Conn, switches: Sequence[Switch]
+    ) -> list[tuple[Avatar, str] | None]:
         results: list[tuple[Avatar, str] | None] = [None] * len(switches)
-        async with self._connection() as conn:
-            for rounds in _one_per_user(switches):
-                rows = await conn.fetch(
-                    _SET_PERSONAS,
-                    [switches[i].user_id for i in rounds],
-                    [switches[i].personality for i in rounds],
-                    switches[rounds[0]].origin,
-                )
-                by_user = {row["user_id"]: row for row in rows}
-                for i in rounds:
-                    row = by_user.get(switches[i].user_id)
-                    if row is not None:
-                        results[i] = (_record(Avatar, row), str(row["previous"]))
+        for rounds in _one_per_user(switches):
+            rows = await self._fetch(
+                conn,
+                _SET_PERSONAS,
+                [switches[i].user_id for i in rounds],
+                [switches[i].personality for i in rounds],
+                switches[rounds[0]].origin,
+            )
+            by_user = {row["user_id"]: row for row in rows}
+            for i in rounds:
+                row = by_user.get(switches[i].user_id)
+                if row is not None:
+                    results[i] = (_record(Avatar, row), str(row["previous"]))
         return results
 
     # ------------------------------------------------------------------ messages
@@ -276,19 +293,23 @@ class Store:
         """Write a chat and its reply durably, batched with other sessions' turns."""
         return await self._turns.submit(turn)
 
-    async def _commit_turns(self, turns: Sequence[Turn]) -> list[StoredTurn]:
-        async with self._connection() as conn:
-            rows = await conn.fetch(
-                _COMMIT_TURNS,
-                [t.user_id for t in turns],
-                [t.persona for t in turns],
-                [t.user_text for t in turns],
-                [t.reply_text for t in turns],
-                [t.status for t in turns],
-                [t.client_id for t in turns],
-                [t.message_id for t in turns],
-                [t.reply_id for t in turns],
-            )
+    def add_turn(self, turn: Turn, done: Done[StoredTurn]) -> None:
+        """`commit_turn` without a wait: `done` gets the result, or the error, once committed."""
+        self._turns.add(turn, done)
+
+    async def _commit_turns(self, conn: _Conn, turns: Sequence[Turn]) -> list[StoredTurn]:
+        rows = await self._fetch(
+            conn,
+            _COMMIT_TURNS,
+            [t.user_id for t in turns],
+            [t.persona for t in turns],
+            [t.user_text for t in turns],
+            [t.reply_text for t in turns],
+            [t.status for t in turns],
+            [t.client_id for t in turns],
+            [t.message_id for t in turns],
+            [t.reply_id for t in turns],
+        )
         return [
             StoredTurn(message_id=r["message_id"], reply_id=r["reply_id"], inserted=r["inserted"])
             for r in rows
@@ -389,7 +410,12 @@ def _one_per_user(switches: Sequence[Switch]) -> list[list[int]]:
 
 def _record(cls: type[R], row: asyncpg.Record) -> R:
     """A dataclass from the columns of `row` that share its field names."""
-    return cls(**{f.name: row[f.name] for f in fields(cls)})  # type: ignore[arg-type]
+    return cls(**{name: row[name] for name in _field_names(cls)})  # type: ignore[arg-type]
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
 
 
 def _avatar(row: asyncpg.Record | None) -> Avatar | None:

@@ -86,3 +86,16 @@ async def test_cancelled_reply_is_replayed_with_its_status(
     assert (replayed["status"], replayed["text"], replayed["replayed"]) == (
         "cancelled", cancelled["text"], True,
     )  # fmt: skip
+
+
+async def test_chats_queued_behind_a_replay_are_answered_in_order(connect: ClientFactory) -> None:
+    client = await connect()
+    await with_avatar(client)
+    await client.send({"type": "chat", "id": "q1", "text": "first"})
+    await client.recv_type("reply")
+    for ref, text in (("q1", "first"), ("q2", "second"), ("q3", "third")):  # q1 again: a retry
+        await client.send({"type": "chat", "id": ref, "text": text})
+    answers = [await client.recv_type("reply") for _ in range(3)]
+    assert [(a["ref"], a.get("replayed", False)) for a in answers] == [
+        ("q1", True), ("q2", False), ("q3", False),
+    ]  # fmt: skip

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
 import asyncpg
 import pytest
 
+from protocol.errors import Unavailable
 from protocol.personas import PERSONA_IDS
 from server.batching import Batcher
 from server.records import Turn
@@ -148,12 +150,12 @@ async def test_recent_messages_respect_count_and_characters(store: Store) -> Non
 async def test_batcher_hands_each_caller_its_own_result() -> None:
     batches: list[list[int]] = []
 
-    async def flush(items: Sequence[int]) -> list[int]:
+    async def flush(_: None, items: Sequence[int]) -> list[int]:
         batches.append(list(items))
         await asyncio.sleep(0.01)
         return [item * 2 for item in items]
 
-    batcher: Batcher[int, int] = Batcher(flush)
+    batcher: Batcher[None, int, int] = Batcher(flush, contextlib.nullcontext)
     first = asyncio.ensure_future(batcher.submit(0))
     await asyncio.sleep(0.002)  # the first flush is in flight: the rest queue behind it
     results = await asyncio.gather(first, *(batcher.submit(i) for i in range(1, 10)))
@@ -162,10 +164,10 @@ async def test_batcher_hands_each_caller_its_own_result() -> None:
 
 
 async def test_batcher_failure_reaches_every_caller_of_that_batch() -> None:
-    async def flush(items: Sequence[int]) -> list[int]:
+    async def flush(_: None, items: Sequence[int]) -> list[int]:
         raise RuntimeError("disk full")
 
-    batcher: Batcher[int, int] = Batcher(flush)
+    batcher: Batcher[None, int, int] = Batcher(flush, contextlib.nullcontext)
     results = await asyncio.gather(*(batcher.submit(i) for i in range(3)), return_exceptions=True)
     assert all(isinstance(r, RuntimeError) for r in results)
 
@@ -197,3 +199,46 @@ async def test_concurrent_avatar_loads_each_get_their_own(store: Store) -> None:
         PERSONA_IDS[0],
         None,
     ]
+
+
+async def test_batcher_keeps_one_resource_while_batches_keep_coming() -> None:
+    opened: list[int] = []
+
+    @contextlib.asynccontextmanager
+    async def open_resource() -> AsyncIterator[int]:
+        opened.append(len(opened))
+        yield opened[-1]
+
+    async def flush(resource: int, items: Sequence[int]) -> list[int]:
+        await asyncio.sleep(0.005)
+        return [resource] * len(items)
+
+    batcher: Batcher[int, int, int] = Batcher(flush, open_resource)
+    first = asyncio.ensure_future(batcher.submit(0))
+    await asyncio.sleep(0.001)  # queued behind the first flush: the same resource serves them
+    results = await asyncio.gather(first, *(batcher.submit(i) for i in range(1, 5)))
+    assert results == [0] * 5
+    assert opened == [0]
+    assert await batcher.submit(9) == 1  # nothing was waiting: the next run opens afresh
+
+
+async def test_batcher_without_a_resource_fails_that_batch_and_recovers() -> None:
+    broken = True
+
+    @contextlib.asynccontextmanager
+    async def open_resource() -> AsyncIterator[None]:
+        if broken:
+            raise Unavailable("the database is unreachable")
+        yield None
+
+    async def flush(_: None, items: Sequence[int]) -> list[int]:
+        return list(items)
+
+    batcher: Batcher[None, int, int] = Batcher(flush, open_resource)
+    answers: list[tuple[int | None, BaseException | None]] = []
+    for i in range(3):
+        batcher.add(i, lambda result, error: answers.append((result, error)))
+    await batcher.drain()
+    assert len(answers) == 3 and all(isinstance(e, Unavailable) for _, e in answers)
+    broken = False
+    assert await batcher.submit(7) == 7
