@@ -25,8 +25,9 @@ _URL = re.compile(rb"listening on (ws://\S+)")
 class Cores:
     """Where the servers, this server's PostgreSQL and the load client run (None: no pinning).
 
-    PostgreSQL goes with the server (`postgres_with="server"`) or with the load client
-    (`"client"`, so that the server process has a core to itself, as the echo server does).
+    PostgreSQL goes with the server (`postgres_with="server"`), with the load client
+    (`"client"`, so that the server process has a core to itself, as the echo server does), or
+    anywhere (`"any"`: both cores, where the kernel finds room).
     """
 
     server: frozenset[int] | None
@@ -42,6 +43,8 @@ class Cores:
 
     @property
     def postgres(self) -> frozenset[int] | None:
+        if self.postgres_with == "any" and self.server is not None and self.client is not None:
+            return self.server | self.client
         return self.client if self.postgres_with == "client" else self.server
 
     def describe(self) -> str:

@@ -53,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--switch-every", type=int, default=4, help="chats between switches")
     parser.add_argument(
         "--postgres-with",
-        choices=("server", "client"),
+        choices=("server", "client", "any"),
         default="server",
-        help="the core this server's PostgreSQL shares: the server's or the load client's",
+        help="the core this server's PostgreSQL shares: the server's, the load client's, or any",
     )
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-idle", action="store_true")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,14 +57,17 @@ async def chat_load(
     target: Target, clients: int, duration_s: float, switch_every: int
 ) -> dict[str, Any]:
     """One closed-loop run: every bot chats for `duration_s`; the bots' report, with the CPU
-    time the server process and its PostgreSQL spent per reply."""
+    time the server process, its PostgreSQL and the load client spent per reply."""
     server_before, pg_before = target.proc.cpu_seconds()
+    client_before = time.process_time()  # the bots run in this process
     report = await run_load(load_config(target, clients, duration_s, switch_every))
+    client_after = time.process_time()
     server_after, pg_after = target.proc.cpu_seconds()
     replies = max(1, int(report["totals"]["replies"]))
     report["cpu_us_per_reply"] = {
         "server": round((server_after - server_before) / replies * 1e6, 1),
         "postgres": round((pg_after - pg_before) / replies * 1e6, 1),
+        "client": round((client_after - client_before) / replies * 1e6, 1),
     }
     return report
 

@@ -50,11 +50,17 @@ def throughput_rows(runs: Sequence[Row]) -> list[Row]:
                 "echo_cpu_us": _med(e["cpu_us_per_reply"]["server"] for e in echo),
                 "server_cpu_us": _med(c["cpu_us_per_reply"]["server"] for c in chat),
                 "postgres_cpu_us": _med(c["cpu_us_per_reply"]["postgres"] for c in chat),
+                "echo_client_cpu_us": _med(_client_cpu(e) for e in echo),
+                "server_client_cpu_us": _med(_client_cpu(c) for c in chat),
                 "stale_renders": sum(c["totals"]["stale_renders"] for c in chat),
                 "errors": sum(r["totals"]["unexpected_errors"] for r in (*echo, *chat)),
             }
         )
     return rows
+
+
+def _client_cpu(report: Row) -> float:
+    return float(report["cpu_us_per_reply"].get("client", 0.0))
 
 
 def _ratio(chat: Row, echo: Row, key: str) -> float:
@@ -134,6 +140,8 @@ THROUGHPUT_COLUMNS = (
     ("echo CPU µs/chat", "echo_cpu_us"),
     ("server CPU µs/chat", "server_cpu_us"),
     ("PostgreSQL CPU µs/chat", "postgres_cpu_us"),
+    ("load client CPU µs/chat (echo)", "echo_client_cpu_us"),
+    ("load client CPU µs/chat (server)", "server_client_cpu_us"),
     ("stale", "stale_renders"),
     ("errors", "errors"),
 )

@@ -14,6 +14,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from protocol.personas import PERSONA_IDS
 from server.bots_plan import BotPlan, Mode, Pacer, Pending, Phase
 from server.bots_report import Stats
+from server.outbox import send_text_now
 
 INVALID_PERSONA = "no-such-persona"
 MAX_FRAMES_PER_ANSWER = 10_000
@@ -193,7 +194,9 @@ class Bot:
         ref = self._next_ref(pending.kind)
         self._pending[ref] = pending
         pending.sent_at = time.perf_counter()
-        await ws.send(orjson.dumps({"id": ref, **frame}), text=True)
+        data = orjson.dumps({"id": ref, **frame})
+        if not send_text_now(ws, data):
+            await ws.send(data, text=True)
         return ref
 
     async def _request(self, frame: dict[str, Any], kind: str) -> dict[str, Any]:

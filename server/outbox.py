@@ -6,11 +6,28 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 
+from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
 WRITE_LIMIT = 32 * 1024  # websockets' write_limit (set in app.py): above it, send() waits
+
+
+def send_text_now(ws: Connection, data: bytes) -> bool:
+    """Write a text frame at once if `ws.send()` would not wait; False (nothing sent) if it would.
+
+    This is what `send()` does when the connection is open and its write buffer has room
+    (websockets' sans-I/O protocol frames the message, the connection writes it), without the
+    coroutine, the send lock and the drain that `send()` goes through for every frame.
+    """
+    if ws.protocol.state is not State.OPEN:
+        return False
+    if ws.transport.get_write_buffer_size() + len(data) > WRITE_LIMIT:
+        return False
+    ws.protocol.send_text(data)
+    ws.send_data()
+    return True
 
 
 class Outbox:
@@ -51,16 +68,9 @@ class Outbox:
             self._writer = asyncio.create_task(self._write())
 
     def _send_now(self, data: bytes) -> bool:
-        """What `ws.send()` does when it would not wait (websockets' sans-I/O protocol frames
-        the message, the connection writes it), without a task per frame."""
-        ws = self._ws
-        if self._writer is not None or self._queue or ws.protocol.state is not State.OPEN:
+        if self._writer is not None or self._queue:
             return False
-        if ws.transport.get_write_buffer_size() + len(data) > WRITE_LIMIT:
-            return False
-        ws.protocol.send_text(data)
-        ws.send_data()
-        return True
+        return send_text_now(self._ws, data)
 
     async def _write(self) -> None:
         ws = self._ws
