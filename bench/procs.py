@@ -32,10 +32,10 @@ class Cores:
 
     server: frozenset[int] | None
     client: frozenset[int] | None
-    postgres_with: str = "server"
+    postgres_with: str = "client"
 
     @classmethod
-    def plan(cls, postgres_with: str = "server") -> Cores:
+    def plan(cls, postgres_with: str = "client") -> Cores:
         cpus = sorted(os.sched_getaffinity(0))
         if len(cpus) < 2:
             return cls(None, None, postgres_with)

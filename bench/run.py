@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--postgres-with",
         choices=("server", "client", "any"),
-        default="server",
+        default="client",
         help="the core this server's PostgreSQL shares: the server's, the load client's, or any",
     )
     parser.add_argument("--skip-throughput", action="store_true")

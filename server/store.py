@@ -12,6 +12,7 @@ from importlib import resources
 from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
+import orjson
 
 from protocol.errors import AvatarExists, Unavailable
 from protocol.frames import HistoryEntry
@@ -42,8 +43,9 @@ WITH turns AS MATERIALIZED (
     SELECT t.ord, t.user_id, t.persona, t.user_text, t.reply_text, t.status, t.client_id,
            coalesce(t.message_id, nextval('messages_id_seq')) AS message_id,
            coalesce(t.reply_id, nextval('messages_id_seq')) AS reply_id
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                $7::bigint[], $8::bigint[])
+    FROM ROWS FROM (json_to_recordset($1::json)
+                    AS (user_id text, persona text, user_text text, reply_text text, status text,
+                        client_id text, message_id bigint, reply_id bigint))
          WITH ORDINALITY
          AS t(user_id, persona, user_text, reply_text, status, client_id, message_id, reply_id,
               ord)
@@ -298,18 +300,8 @@ class Store:
         self._turns.add(turn, done)
 
     async def _commit_turns(self, conn: _Conn, turns: Sequence[Turn]) -> list[StoredTurn]:
-        rows = await self._fetch(
-            conn,
-            _COMMIT_TURNS,
-            [t.user_id for t in turns],
-            [t.persona for t in turns],
-            [t.user_text for t in turns],
-            [t.reply_text for t in turns],
-            [t.status for t in turns],
-            [t.client_id for t in turns],
-            [t.message_id for t in turns],
-            [t.reply_id for t in turns],
-        )
+        # One JSON parameter: asyncpg would encode eight arrays element by element.
+        rows = await self._fetch(conn, _COMMIT_TURNS, orjson.dumps(turns).decode())
         return [
             StoredTurn(message_id=r["message_id"], reply_id=r["reply_id"], inserted=r["inserted"])
             for r in rows
