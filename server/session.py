@@ -344,8 +344,8 @@ class Session:
     async def set_persona(self, personality: str, ref: str | None) -> None:
         """The one persona switch, for `set_persona` and `/persona` alike.
 
-        Validate, commit, clear this session's cached avatar under its lock, and only then
-        acknowledge; then tell the user's other sessions.
+        Validate, commit, clear this session's cached avatar under its lock (and refill it
+        with the committed row), and only then acknowledge; then tell the user's other sessions.
         """
         require_known(personality)
         services = self.services
@@ -359,7 +359,12 @@ class Session:
                 self.clear_avatar_cache()
             if result is None:
                 raise NoAvatar()
-        avatar, previous = result
+            avatar, previous = result
+            if avatar.version >= self._persona_version:
+                # The row this switch committed is what a reload would read now: the next chat
+                # renders from it without another round trip. A newer version seen meanwhile
+                # (another connection's switch) leaves the cache empty.
+                self._avatar = avatar
         self._seen(avatar)
         self._told(avatar.version, personality)
         services.metrics.persona_switches.inc()

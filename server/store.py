@@ -161,6 +161,11 @@ class Store:
     def batches(self) -> Batcher[_Conn, Turn, StoredTurn]:
         return self._turns
 
+    @property
+    def avatar_loads(self) -> int:
+        """Avatars read so far by `get_avatar`."""
+        return self._loads.items
+
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[_Conn]:
         """A pooled connection; unreachable-database errors become `Unavailable`."""

@@ -190,6 +190,19 @@ async def test_many_pipelined_switches_and_chats_keep_order(connect: ClientFacto
     assert replies == {f"m{i}": persona for i, persona in enumerate(order)}
 
 
+async def test_the_chat_after_a_switch_renders_from_the_committed_row(
+    app: App, connect: ClientFactory
+) -> None:
+    client = await connect()
+    await with_avatar(client, "friendly")
+    loads = app.services.store.avatar_loads
+    await client.send({"type": "set_persona", "id": "s1", "personality": "romantic"})
+    await client.send({"type": "chat", "id": "m1", "text": "right behind the switch"})
+    reply = await client.recv_type("reply")
+    assert reply["persona"] == "romantic"
+    assert app.services.store.avatar_loads == loads  # no second read of what was just written
+
+
 async def test_reply_in_flight_keeps_its_persona_across_a_switch(make_app: AppFactory) -> None:
     slow = await make_app(template_delay_ms=60)
     client = await login(slow.url, SECRET, f"inflight-{uuid.uuid4().hex[:8]}")
