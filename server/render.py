@@ -30,8 +30,9 @@ class PastMessage:
 def topic_of(text: str) -> str:
     """The first few words of a message, for the reply to reflect back."""
     words = _WORDS.findall(text)[:TOPIC_WORDS]
-    topic = " ".join(words) if words else "that"
-    return _clip(topic, TOPIC_CHARS)
+    if not words:
+        return "that"
+    return _cut(" ".join(words), TOPIC_CHARS)  # words hold no whitespace: nothing to squeeze
 
 
 def _fit_case(topic: str, at_start: bool) -> str:
@@ -46,7 +47,11 @@ def _fit_case(topic: str, at_start: bool) -> str:
 
 
 def _clip(text: str, limit: int) -> str:
-    text = " ".join(text.split())
+    """`text` with its whitespace squeezed, cut to `limit` characters."""
+    return _cut(" ".join(text.split()), limit)
+
+
+def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
@@ -57,17 +62,25 @@ def template_reply(card: PersonaCard, text: str, recent: Sequence[PastMessage]) 
     same reply to the same text, since every piece comes from the card.
     """
     seed = zlib.crc32(text.encode("utf-8"))
-    opener = card.openers[seed % len(card.openers)]
     reflection = card.reflections[(seed // 7) % len(card.reflections)]
-    follow_up = card.follow_ups[(seed // 49) % len(card.follow_ups)]
     topic = _fit_case(topic_of(text), at_start=reflection.startswith("{topic}"))
-    pieces = [opener + " ", reflection.format(topic=topic) + " "]
-    earlier = next((m.text for m in reversed(recent) if m.role == "user"), None)
+    pieces = [
+        card.openers[seed % len(card.openers)] + " ",
+        reflection.replace("{topic}", topic) + " ",
+    ]
+    earlier = _last_user_text(recent)
     if earlier is not None:
-        pieces.append(card.callback.format(earlier=_clip(earlier, EARLIER_CHARS)) + " ")
-    pieces.append(follow_up + " ")
+        pieces.append(card.callback.replace("{earlier}", _clip(earlier, EARLIER_CHARS)) + " ")
+    pieces.append(card.follow_ups[(seed // 49) % len(card.follow_ups)] + " ")
     pieces.append(card.sign_off)
     return pieces
+
+
+def _last_user_text(recent: Sequence[PastMessage]) -> str | None:
+    for message in reversed(recent):
+        if message.role == "user":
+            return message.text
+    return None
 
 
 ChatMessage = dict[str, str]
