@@ -408,8 +408,10 @@ class Replies:
             self._recent.append(PastMessage("assistant", text))
         services.metrics.replies[status].inc()
         services.metrics.reply_latency.observe(time.perf_counter() - chat.received_at)
+        # Every field is already checked: the ref and text came in a validated frame, the persona
+        # from the catalogue, and PostgreSQL has just stored the text. No second validation.
         self._emit(
-            Reply(
+            Reply.model_construct(
                 ref=chat.ref,
                 reply_id=stored.reply_id,
                 message_id=stored.message_id,
