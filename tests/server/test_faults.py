@@ -126,7 +126,11 @@ async def test_database_restart_under_load_recovers_within_2_s(
         await asyncio.to_thread(pg.stop)
         await asyncio.sleep(1.0)
         during = dict(ledger.errors)
-        assert during.get("unavailable", 0) > 0
+        assert during.get("unavailable", 0) > 0, (
+            f"no unavailable answer during the outage: errors {during},"
+            f" closes {dict(ledger.closes)}, {len(ledger.replies)} replies; server log ends:\n"
+            + (tmp_path / "server.log").read_text(errors="replace")[-3000:]
+        )
         assert await _readyz(served) == 503
         await asyncio.to_thread(pg.start)
         back = time.monotonic()
