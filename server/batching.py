@@ -81,6 +81,7 @@ class Batcher(Generic[C, T, R]):
         return batch
 
     async def _run(self) -> None:
+        batch: list[tuple[T, Done[R]]] = []
         try:
             while self._pending:
                 batch = self._take()
@@ -94,16 +95,25 @@ class Batcher(Generic[C, T, R]):
                                 batch = self._take()
                 except Exception as exc:  # no resource for this batch, or its release failed
                     _finish(batch, exc)
+                    batch = []
+        except BaseException as exc:  # cancelled: nobody may be left waiting
+            _finish(batch, exc)
+            _finish(self._take_all(), exc)
+            raise
         finally:
             self._runner = None
+
+    def _take_all(self) -> list[tuple[T, Done[R]]]:
+        batch, self._pending = self._pending, []
+        return batch
 
     async def _flush_batch(self, resource: C, batch: list[tuple[T, Done[R]]]) -> bool:
         """Flush one batch and hand out its results (or its failure); False when it failed."""
         self.flushes += 1
         self.items += len(batch)
-        if self._observe is not None:
-            self._observe(len(batch))
         try:
+            if self._observe is not None:
+                self._observe(len(batch))
             results = await self._flush(resource, [item for item, _ in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"{self._name}: flush returned {len(results)} for {len(batch)}")

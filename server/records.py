@@ -64,6 +64,15 @@ class Switch:
 
 
 @dataclass(frozen=True, slots=True)
+class SwitchResult:
+    """A committed switch: the avatar as it committed, and the personality it replaced."""
+
+    avatar: Avatar
+    previous: str
+    newest: bool  # no later switch of the same user was committed in the same batch
+
+
+@dataclass(frozen=True, slots=True)
 class StoredTurn:
     message_id: int
     reply_id: int

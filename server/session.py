@@ -350,20 +350,24 @@ class Session:
         require_known(personality)
         services = self.services
         async with self._lock:
+            epoch = self._avatar_epoch
             try:
                 result = await services.store.set_persona(
                     self.user_id, personality, services.origin
                 )
             finally:
+                # nothing else emptied the cache (a notification, a listener reconnect)
+                untouched = epoch == self._avatar_epoch
                 # also when the answer was lost: the switch may have committed all the same
                 self.clear_avatar_cache()
             if result is None:
                 raise NoAvatar()
-            avatar, previous = result
-            if avatar.version >= self._persona_version:
+            avatar, previous = result.avatar, result.previous
+            if untouched and result.newest and avatar.version >= self._persona_version:
                 # The row this switch committed is what a reload would read now: the next chat
-                # renders from it without another round trip. A newer version seen meanwhile
-                # (another connection's switch) leaves the cache empty.
+                # renders from it without another round trip. When anything else emptied the
+                # cache meanwhile, or a later switch of this user is already committed, it
+                # stays empty and the next chat reads the avatar.
                 self._avatar = avatar
         self._seen(avatar)
         self._told(avatar.version, personality)

@@ -17,7 +17,7 @@ import orjson
 from protocol.errors import AvatarExists, Unavailable
 from protocol.frames import HistoryEntry
 from server.batching import Batcher, Done
-from server.records import Avatar, PastTurn, StoredTurn, Switch, Turn
+from server.records import Avatar, PastTurn, StoredTurn, Switch, SwitchResult, Turn
 from server.render import PastMessage
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class Store:
         self._turns: Batcher[_Conn, Turn, StoredTurn] = Batcher(
             self._commit_turns, self._connection, name="turns", observe=on_batch
         )
-        self._switches: Batcher[_Conn, Switch, tuple[Avatar, str] | None] = Batcher(
+        self._switches: Batcher[_Conn, Switch, SwitchResult | None] = Batcher(
             self._commit_switches, self._connection, name="switches"
         )
         self._loads: Batcher[_Conn, str, Avatar | None] = Batcher(
@@ -266,7 +266,7 @@ class Store:
 
     async def set_persona(
         self, user_id: str, personality: str, origin: str = ""
-    ) -> tuple[Avatar, str] | None:
+    ) -> SwitchResult | None:
         """Commit a new personality; return the avatar and the previous one, or None (no avatar).
 
         Switches of concurrent sessions share one statement (group commit). The same statement
@@ -277,8 +277,9 @@ class Store:
 
     async def _commit_switches(
         self, conn: _Conn, switches: Sequence[Switch]
-    ) -> list[tuple[Avatar, str] | None]:
-        results: list[tuple[Avatar, str] | None] = [None] * len(switches)
+    ) -> list[SwitchResult | None]:
+        results: list[SwitchResult | None] = [None] * len(switches)
+        last = {switch.user_id: index for index, switch in enumerate(switches)}
         for rounds in _one_per_user(switches):
             rows = await self._fetch(
                 conn,
@@ -291,7 +292,8 @@ class Store:
             for i in rounds:
                 row = by_user.get(switches[i].user_id)
                 if row is not None:
-                    results[i] = (_record(Avatar, row), str(row["previous"]))
+                    newest = last[switches[i].user_id] == i
+                    results[i] = SwitchResult(_record(Avatar, row), str(row["previous"]), newest)
         return results
 
     # ------------------------------------------------------------------ messages

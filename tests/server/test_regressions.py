@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+import uuid
 
+import asyncpg
 import httpx
 import jwt
 import pytest
@@ -92,3 +94,39 @@ async def test_over_long_static_path_is_404(app: App) -> None:
     async with httpx.AsyncClient(timeout=5) as http:
         response = await http.get(f"http://127.0.0.1:{app.port}/static/{'a' * 5000}")
     assert response.status_code == 404
+
+
+async def test_switch_answered_after_a_listener_reconnect_does_not_refill_a_stale_cache(
+    app: App, connect: ClientFactory, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The listener drops while this session's switch commits, another process's switch is
+    missed meanwhile, and the listener is back (every cache emptied) before this switch is
+    answered: the next chat must read the avatar, not reuse the row this switch committed."""
+    user = f"stale-{uuid.uuid4().hex[:8]}"
+    client = await connect(user)
+    await with_avatar(client, "friendly")
+    store = app.services.store
+    commit = store.set_persona
+
+    async def set_persona(user_id: str, personality: str, origin: str = "") -> object:
+        app._on_listener_state(False)
+        result = await commit(user_id, personality, origin)
+        conn = await asyncpg.connect(database_url)
+        try:  # another process's switch, whose notification is lost with the listener
+            await conn.execute(
+                "UPDATE avatars SET personality = 'witty', version = version + 1"
+                " WHERE user_id = $1",
+                user_id,
+            )
+        finally:
+            await conn.close()
+        app._on_listener_state(True)
+        return result
+
+    monkeypatch.setattr(store, "set_persona", set_persona)
+    ack = await client.request({"type": "set_persona", "personality": "romantic"})
+    assert ack["type"] == "persona_set"
+    monkeypatch.setattr(store, "set_persona", commit)
+    await client.send({"type": "chat", "id": "m1", "text": "which persona now?"})
+    reply = await client.recv_type("reply")
+    assert reply["persona"] == "witty"

@@ -75,7 +75,7 @@ async def test_set_persona_returns_previous_and_bumps_version(store: Store) -> N
     created = await store.create_avatar(user, "Ava", "friendly")
     result = await store.set_persona(user, "witty")
     assert result is not None
-    avatar, previous = result
+    avatar, previous = result.avatar, result.previous
     assert (avatar.personality, previous, avatar.version) == (
         "witty",
         "friendly",
@@ -181,9 +181,11 @@ async def test_concurrent_switches_share_statements_and_chain_previous(store: St
     wanted = [(u, "witty") for u in users] + [(first, "caring"), (first, "playful")]
     results = await asyncio.gather(*(store.set_persona(u, p) for u, p in wanted))
     assert all(r is not None for r in results)
-    chain = [(r[0].personality, r[1]) for (u, _), r in zip(wanted, results, strict=True)
-             if u == first and r is not None]  # fmt: skip
-    assert chain == [("witty", "friendly"), ("caring", "witty"), ("playful", "caring")]
+    mine = [r for (u, _), r in zip(wanted, results, strict=True) if u == first and r is not None]
+    chain = [(r.avatar.personality, r.previous, r.newest) for r in mine]
+    assert chain == [
+        ("witty", "friendly", False), ("caring", "witty", False), ("playful", "caring", True),
+    ]  # fmt: skip
     avatar = await store.get_avatar(first)
     assert avatar is not None and (avatar.personality, avatar.version) == ("playful", 4)
 
@@ -242,3 +244,39 @@ async def test_batcher_without_a_resource_fails_that_batch_and_recovers() -> Non
     assert len(answers) == 3 and all(isinstance(e, Unavailable) for _, e in answers)
     broken = False
     assert await batcher.submit(7) == 7
+
+
+async def test_batcher_cancelled_while_opening_answers_every_caller() -> None:
+    @contextlib.asynccontextmanager
+    async def open_resource() -> AsyncIterator[None]:
+        await asyncio.sleep(10)  # waiting for a pooled connection
+        yield None
+
+    async def flush(_: None, items: Sequence[int]) -> list[int]:
+        return list(items)
+
+    batcher: Batcher[None, int, int] = Batcher(flush, open_resource)
+    answers: list[BaseException | None] = []
+    batcher.add(1, lambda _, error: answers.append(error))
+    waiting = asyncio.ensure_future(batcher.submit(2))
+    await asyncio.sleep(0.01)
+    batcher.add(3, lambda _, error: answers.append(error))  # queued behind the first batch
+    assert batcher._runner is not None
+    batcher._runner.cancel()
+    await asyncio.sleep(0.01)
+    assert len(answers) == 2 and all(isinstance(e, asyncio.CancelledError) for e in answers)
+    assert waiting.cancelled()
+
+
+async def test_batcher_observer_failure_fails_only_its_batch() -> None:
+    async def flush(_: None, items: Sequence[int]) -> list[int]:
+        return list(items)
+
+    def observe(size: int) -> None:
+        raise ValueError("metrics are broken")
+
+    batcher: Batcher[None, int, int] = Batcher(flush, contextlib.nullcontext, observe=observe)
+    answers: list[BaseException | None] = []
+    batcher.add(1, lambda _, error: answers.append(error))
+    await batcher.drain()
+    assert len(answers) == 1 and isinstance(answers[0], ValueError)
