@@ -221,6 +221,7 @@ class Replies:
         error: BaseException | None,
     ) -> None:
         """The group commit's answer for a reply made at once."""
+        replaying = False
         try:
             if error is not None:
                 if not isinstance(error, Unavailable):
@@ -229,13 +230,15 @@ class Replies:
             elif result is not None and not result.inserted:
                 # a retry of a chat stored meanwhile: answer it from storage, then go on
                 self._worker = asyncio.create_task(self._replay_then_done(chat))
-                return
+                replaying = True
             elif result is not None:
                 self._answer_stored(chat, text, status, None, failure, result)
         except Exception as exc:
             log.exception("session %s: answering a reply failed", self._session_id)
             self._emit_error(exc, chat.ref)
-        self._done(chat)
+        finally:
+            if not replaying:
+                self._done(chat)
 
     async def _replay_then_done(self, chat: PendingChat) -> None:
         try:

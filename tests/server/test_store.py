@@ -9,11 +9,13 @@ from collections.abc import AsyncIterator, Sequence
 
 import asyncpg
 import pytest
+from pydantic import ValidationError
 
 from protocol.errors import Unavailable
 from protocol.personas import PERSONA_IDS
 from server.batching import Batcher
 from server.records import Turn
+from server.settings import Settings
 from server.store import Store
 
 
@@ -280,3 +282,9 @@ async def test_batcher_observer_failure_fails_only_its_batch() -> None:
     batcher.add(1, lambda _, error: answers.append(error))
     await batcher.drain()
     assert len(answers) == 1 and isinstance(answers[0], ValueError)
+
+
+def test_a_pool_too_small_for_the_three_group_commits_is_refused() -> None:
+    with pytest.raises(ValidationError, match="db_pool_max"):
+        Settings(db_pool_max=3)
+    assert Settings(db_pool_max=4).db_pool_max == 4
