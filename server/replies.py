@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from protocol.errors import Busy, DuplicateId, NothingToCancel, Unavailable
@@ -185,8 +186,10 @@ class Replies:
             return
         # In flight from now on, not from when the task first runs: a `cancel` right behind
         # this chat (already read from the same packet) must find it.
-        self._inflight = InFlight(chat)
-        self._worker = asyncio.create_task(self._work(self._inflight))
+        inflight = self._inflight = InFlight(chat)
+        self._worker = asyncio.create_task(
+            self._answer_then_done(chat, functools.partial(self._reply, inflight))
+        )
 
     def _done(self, chat: PendingChat) -> None:
         """`chat` is answered: start on the next one, or become idle."""
@@ -200,6 +203,22 @@ class Replies:
 
     def _turn(self, chat: PendingChat) -> TurnContext:
         return TurnContext(card=get_card(chat.persona), text=chat.text, recent=tuple(self._recent))
+
+    async def _answer_then_done(
+        self, chat: PendingChat, answer: Callable[[], Awaitable[object]]
+    ) -> None:
+        """The session's task for one chat: answer it (failures become error frames), then go
+        on with the queue."""
+        try:
+            await answer()
+        except Unavailable as exc:
+            self._emit_error(exc, chat.ref)
+        except Exception as exc:
+            log.exception("session %s: answering a chat failed unexpectedly", self._session_id)
+            self._emit_error(exc, chat.ref)
+        finally:
+            self._worker = None
+            self._done(chat)
 
     # ------------------------------------------------------------------ a reply at once
 
@@ -229,7 +248,8 @@ class Replies:
                 self._emit_error(error if isinstance(error, Exception) else Unavailable(), chat.ref)
             elif result is not None and not result.inserted:
                 # a retry of a chat stored meanwhile: answer it from storage, then go on
-                self._worker = asyncio.create_task(self._replay_then_done(chat))
+                answer = functools.partial(self._replay, chat)
+                self._worker = asyncio.create_task(self._answer_then_done(chat, answer))
                 replaying = True
             elif result is not None:
                 self._answer_stored(chat, text, status, None, failure, result)
@@ -240,33 +260,7 @@ class Replies:
             if not replaying:
                 self._done(chat)
 
-    async def _replay_then_done(self, chat: PendingChat) -> None:
-        try:
-            await self._replay(chat)
-        except Unavailable as exc:
-            self._emit_error(exc, chat.ref)
-        except Exception as exc:
-            log.exception("session %s: replay failed unexpectedly", self._session_id)
-            self._emit_error(exc, chat.ref)
-        finally:
-            self._worker = None
-            self._done(chat)
-
     # ------------------------------------------------------------------ a reply that streams
-
-    async def _work(self, inflight: InFlight) -> None:
-        """Answer one chat that streams, then go on with the queue."""
-        chat = inflight.chat
-        try:
-            await self._reply(inflight)
-        except Unavailable as exc:
-            self._emit_error(exc, chat.ref)
-        except Exception as exc:
-            log.exception("session %s: reply failed unexpectedly", self._session_id)
-            self._emit_error(exc, chat.ref)
-        finally:
-            self._worker = None
-            self._done(chat)
 
     async def _reply(self, inflight: InFlight) -> None:
         """Generate, commit, then answer one chat."""
