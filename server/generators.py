@@ -29,18 +29,14 @@ class ReplyGenerator(Protocol):
     """Streams the pieces of one reply; may yield one `Usage` when it knows token counts."""
 
     @property
-    def streams(self) -> bool:
-        """Whether pieces arrive over time (so the session sends `reply_delta` frames)."""
-        ...
-
-    @property
     def reads_history(self) -> bool:
         """Whether `recent` must come from the database (else the session's own turns do)."""
         ...
 
     def render(self, turn: TurnContext) -> str | None:
         """The whole reply at once, when this generator has it without waiting (it then gets the
-        session's own recent turns); else None, and the session streams it."""
+        session's own recent turns); else None, and the session streams it from `stream`,
+        sending `reply_delta` frames."""
         ...
 
     def stream(self, turn: TurnContext) -> AsyncGenerator[str | Usage, None]: ...
@@ -57,10 +53,6 @@ class TemplateGenerator:
 
     def __init__(self, delay_s: float = 0.0) -> None:
         self._delay_s = delay_s
-
-    @property
-    def streams(self) -> bool:
-        return self._delay_s > 0
 
     @property
     def reads_history(self) -> bool:

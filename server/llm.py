@@ -230,10 +230,6 @@ class OpenAIGenerator:
         self._include_usage = True
 
     @property
-    def streams(self) -> bool:
-        return True
-
-    @property
     def reads_history(self) -> bool:
         return True
 

@@ -119,7 +119,7 @@ class Replies:
         self._emit_error = emit_error
         self._queue: deque[PendingChat] = deque()
         self._busy = False  # a chat is being answered
-        self._worker: asyncio.Task[None] | None = None
+        self._worker: asyncio.Task[None] | None = None  # holds the task answering a chat
         self._inflight: InFlight | None = None
         self._settled: asyncio.Future[None] | None = None  # set when no chat is being answered
         self._recent: deque[PastMessage] = deque(maxlen=2 * services.settings.history_turns)
@@ -268,12 +268,11 @@ class Replies:
         chat = inflight.chat
         self._inflight = inflight  # from here on, `cancel` applies to this chat
         try:
-            if self._services.generator.streams:
-                # Deltas carry the reply id, so ids come first; a retried chat is answered
-                # from storage before anything is generated again.
-                if chat.ref is not None and await self._replay(chat):
-                    return
-                inflight.message_id, inflight.reply_id = await store.reserve_message_ids()
+            # Deltas carry the reply id, so ids come first; a retried chat is answered from
+            # storage before anything is generated again.
+            if chat.ref is not None and await self._replay(chat):
+                return
+            inflight.message_id, inflight.reply_id = await store.reserve_message_ids()
             status, usage, failure = await self._run(inflight)
         finally:
             self._inflight = None
@@ -283,13 +282,9 @@ class Replies:
         if inflight.cancel_requested:
             return "cancelled", None, None
         try:
-            if self._services.generator.streams:
-                # its own task, so that `cancel` can stop it wherever it waits
-                inflight.task = asyncio.create_task(self._generate(inflight))
-                status, usage = await inflight.task
-            else:
-                # the reply is ready at once: nothing to cancel, no task to pay for
-                status, usage = await self._generate(inflight)
+            # its own task, so that `cancel` can stop it wherever it waits
+            inflight.task = asyncio.create_task(self._generate(inflight))
+            status, usage = await inflight.task
         except (GeneratorUnavailable, Unavailable) as exc:
             log.warning("session %s: reply failed: %s", self._session_id, exc)
             return "failed", None, exc if isinstance(exc, Unavailable) else Unavailable(str(exc))
@@ -319,8 +314,7 @@ class Replies:
                         usage = piece
                         continue
                     inflight.parts.append(piece)
-                    if coalescer is not None:
-                        coalescer.add(piece)
+                    coalescer.add(piece)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if not inflight.cancel_requested or task is None:
@@ -328,14 +322,13 @@ class Replies:
             task.uncancel()  # our own cancel: keep the partial text
             return "cancelled", usage
         finally:
-            if coalescer is not None:
-                coalescer.close()
+            coalescer.close()
         return "completed", usage
 
-    def _coalescer(self, inflight: InFlight) -> DeltaCoalescer | None:
+    def _coalescer(self, inflight: InFlight) -> DeltaCoalescer:
         reply_id = inflight.reply_id
         if reply_id is None:
-            return None
+            raise RuntimeError("a reply streams only once its ids are reserved")
         ref = inflight.chat.ref
         settings = self._services.settings
         return DeltaCoalescer(
