@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import fields
 from importlib import resources
 from typing import Any, TypeAlias, TypeVar
@@ -95,6 +95,16 @@ FROM changed
 _Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[Any]"
 
 
+@contextmanager
+def _unreachable_is_unavailable() -> Iterator[None]:
+    """Errors that mean the database is not reachable become `Unavailable`; bugs stay bugs."""
+    try:
+        yield
+    except _UNREACHABLE as exc:
+        log.warning("database unreachable: %s: %s", type(exc).__name__, exc)
+        raise Unavailable("the database is unreachable; try again shortly") from exc
+
+
 class _PoolConnection(asyncpg.Connection):
     """A pooled connection that needs no reset on release.
 
@@ -169,21 +179,15 @@ class Store:
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[_Conn]:
         """A pooled connection; unreachable-database errors become `Unavailable`."""
-        try:
+        with _unreachable_is_unavailable():
             async with self._pool.acquire(timeout=self._timeout) as conn:
                 yield conn
-        except _UNREACHABLE as exc:
-            log.warning("database unreachable: %s: %s", type(exc).__name__, exc)
-            raise Unavailable("the database is unreachable; try again shortly") from exc
 
     async def _fetch(self, conn: _Conn, query: str, *args: object) -> list[asyncpg.Record]:
         """A batch's statement on the connection its batcher holds; unreachable-database errors
         become `Unavailable`."""
-        try:
+        with _unreachable_is_unavailable():
             return await conn.fetch(query, *args)
-        except _UNREACHABLE as exc:
-            log.warning("database unreachable: %s: %s", type(exc).__name__, exc)
-            raise Unavailable("the database is unreachable; try again shortly") from exc
 
     # ------------------------------------------------------------------ lifecycle
 
