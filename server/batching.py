@@ -14,7 +14,7 @@ C = TypeVar("C")
 T = TypeVar("T")
 R = TypeVar("R")
 
-# Called once per item with its result, or with the exception that failed its batch.
+# Called once per item with its result, or with the exception that failed it (or its batch).
 Done = Callable[[R | None, BaseException | None], None]
 
 
@@ -25,12 +25,13 @@ class Batcher(Generic[C, T, R]):
     arrive while a flush is in flight wait for it and then go together in the next one: under
     load, one database round trip serves many callers. One resource from `open` (a database
     connection) serves consecutive flushes for as long as items keep coming; a failed flush
-    gets a fresh one for the next batch.
+    gets a fresh one for the next batch. A flush fails one item by returning an exception in its
+    place, and the whole batch by raising.
     """
 
     def __init__(
         self,
-        flush: Callable[[C, Sequence[T]], Awaitable[Sequence[R]]],
+        flush: Callable[[C, Sequence[T]], Awaitable[Sequence[R | BaseException]]],
         open_resource: Callable[[], AbstractAsyncContextManager[C]],
         *,
         max_batch: int = 512,
@@ -50,18 +51,7 @@ class Batcher(Generic[C, T, R]):
     async def submit(self, item: T) -> R:
         """Queue `item` and wait for its result."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-
-        def done(result: R | None, error: BaseException | None) -> None:
-            if future.done():
-                return
-            if error is None:
-                future.set_result(result)  # type: ignore[arg-type]
-            elif isinstance(error, asyncio.CancelledError):
-                future.cancel()
-            else:
-                future.set_exception(error)
-
-        self.add(item, done)
+        self.add(item, settle(future))
         return await future
 
     def add(self, item: T, done: Done[R]) -> None:
@@ -124,8 +114,27 @@ class Batcher(Generic[C, T, R]):
             _finish(batch, exc)
             raise
         for (_, done), result in zip(batch, results, strict=True):
-            _call(done, result, None)
+            if isinstance(result, BaseException):
+                _call(done, None, result)
+            else:
+                _call(done, result, None)
         return True
+
+
+def settle(future: asyncio.Future[R]) -> Done[R]:
+    """A callback that hands an item's result, or its error, to `future`."""
+
+    def done(result: R | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is None:
+            future.set_result(result)  # type: ignore[arg-type]
+        elif isinstance(error, asyncio.CancelledError):
+            future.cancel()
+        else:
+            future.set_exception(error)
+
+    return done
 
 
 def _finish(batch: Sequence[tuple[T, Done[R]]], error: BaseException) -> None:

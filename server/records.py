@@ -54,13 +54,16 @@ class PastTurn:
     status: ReplyStatus
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, eq=False)
 class Switch:
-    """One persona switch to commit."""
+    """One persona switch to commit. Chats rendered with its personality before it committed
+    are written in the same statement as it, or after it, and only if it committed."""
 
     user_id: str
     personality: str
     origin: str
+    committed: bool = False  # set by the store once it has
+    found: bool = True  # set False by the store when the user had no avatar to switch
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,11 +11,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from protocol.errors import Busy, DuplicateId, NothingToCancel, Unavailable
+from protocol.errors import Busy, DuplicateId, NothingToCancel, ProtocolError, Unavailable
 from protocol.frames import Reply, ReplyDelta, ReplyStatus, ServerFrame, Usage
 from protocol.personas import get_card
 from server.generators import GeneratorUnavailable, TurnContext
-from server.records import StoredTurn, Turn
+from server.records import StoredTurn, Switch, Turn
 from server.render import PastMessage
 from server.services import Services
 
@@ -33,6 +33,7 @@ class PendingChat:
     text: str
     persona: str
     received_at: float
+    after: Switch | None = None  # the switch it was rendered after, perhaps not yet committed
 
 
 @dataclass(slots=True)
@@ -211,7 +212,7 @@ class Replies:
         on with the queue."""
         try:
             await answer()
-        except Unavailable as exc:
+        except ProtocolError as exc:  # unavailable, or no avatar for the switch before it
             self._emit_error(exc, chat.ref)
         except Exception as exc:
             log.exception("session %s: answering a chat failed unexpectedly", self._session_id)
@@ -228,7 +229,8 @@ class Replies:
         def stored(result: StoredTurn | None, error: BaseException | None) -> None:
             self._on_stored(chat, text, status, failure, result, error)
 
-        self._services.store.add_turn(self._stored_turn(chat, text, status, None), stored)
+        turn = self._stored_turn(chat, text, status, None)
+        self._services.store.add_turn(turn, stored, chat.after)
 
     def _on_stored(
         self,
@@ -243,7 +245,7 @@ class Replies:
         replaying = False
         try:
             if error is not None:
-                if not isinstance(error, Unavailable):
+                if not isinstance(error, ProtocolError):
                     log.error("session %s: commit failed: %r", self._session_id, error)
                 self._emit_error(error if isinstance(error, Exception) else Unavailable(), chat.ref)
             elif result is not None and not result.inserted:
@@ -358,7 +360,7 @@ class Replies:
         chat = inflight.chat
         text = "".join(inflight.parts)
         stored = await self._services.store.commit_turn(
-            self._stored_turn(chat, text, status, inflight)
+            self._stored_turn(chat, text, status, inflight), chat.after
         )
         if not stored.inserted:
             await self._replay(chat)

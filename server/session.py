@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -53,10 +54,13 @@ from server.auth import authenticate
 from server.limits import TokenBucket
 from server.outbox import Outbox
 from server.records import Avatar as StoredAvatar
+from server.records import Switch, SwitchResult
 from server.replies import PendingChat, Replies
 from server.services import Services
 
 log = logging.getLogger(__name__)
+
+MAX_PENDING_SWITCHES = 4  # a session's switches on their way to the database; more wait
 
 
 PERSONA_LIST = [PersonaInfo(id=c.id, name=c.name, description=c.description) for c in CATALOGUE]
@@ -78,6 +82,9 @@ class Session:
         self._told_persona = ""
         self._welcomed = False
         self._lock = asyncio.Lock()
+        self._switching: Switch | None = None  # this session's newest switch not yet committed
+        self._switches_pending = 0
+        self._settled_switches: asyncio.Future[None] | None = None
         self._replies = Replies(services, "", self.id, self._emit, self._emit_error)  # until hello
         self._bucket = TokenBucket(self.settings.rate_per_s, self.settings.rate_burst, 0.0)
         self._strikes = 0
@@ -294,7 +301,9 @@ class Session:
     # ------------------------------------------------------------------ avatar and persona
 
     async def _current_avatar(self) -> StoredAvatar:
-        """The cached avatar, or a fresh load; never caches its absence."""
+        """The cached avatar, or a fresh load (after this session's switches have committed);
+        never caches its absence."""
+        await self._switches_settled()
         avatar = self._avatar
         if avatar is not None and self.services.cache_trusted:
             return avatar
@@ -344,36 +353,74 @@ class Session:
     async def set_persona(self, personality: str, ref: str | None) -> None:
         """The one persona switch, for `set_persona` and `/persona` alike.
 
-        Validate, commit, clear this session's cached avatar under its lock (and refill it
-        with the committed row), and only then acknowledge; then tell the user's other sessions.
+        Validate, clear this session's cached avatar, and hand the switch to the group commit
+        without waiting for it: the chats read behind it are rendered with its personality and
+        are written with it (in the same statement, or a later one) only if it commits. Once it
+        has, refill the cache with the committed row, acknowledge, and tell the user's other
+        sessions; the acknowledgement leaves before the replies rendered after the switch.
         """
         require_known(personality)
+        if self._switches_pending >= MAX_PENDING_SWITCHES:
+            await self._switches_settled()
+        switch = Switch(self.user_id, personality, self.services.origin)
+        self.clear_avatar_cache()
+        self._switching = switch
+        self._switches_pending += 1
+        done = functools.partial(self._on_switched, switch, self._avatar_epoch, ref)
+        self.services.store.add_switch(switch, done)
+
+    def _on_switched(
+        self,
+        switch: Switch,
+        epoch: int,
+        ref: str | None,
+        result: SwitchResult | None,
+        error: BaseException | None,
+    ) -> None:
+        """The group commit's answer for this session's switch."""
         services = self.services
-        async with self._lock:
-            epoch = self._avatar_epoch
-            try:
-                result = await services.store.set_persona(
-                    self.user_id, personality, services.origin
-                )
-            finally:
-                # nothing else emptied the cache (a notification, a listener reconnect)
-                untouched = epoch == self._avatar_epoch
-                # also when the answer was lost: the switch may have committed all the same
-                self.clear_avatar_cache()
-            if result is None:
-                raise NoAvatar()
-            avatar, previous = result.avatar, result.previous
-            if untouched and result.newest and avatar.version >= self._persona_version:
-                # The row this switch committed is what a reload would read now: the next chat
-                # renders from it without another round trip. When anything else emptied the
-                # cache meanwhile, or a later switch of this user is already committed, it
-                # stays empty and the next chat reads the avatar.
-                self._avatar = avatar
+        # nothing else emptied the cache meanwhile (a notification, a listener reconnect, a
+        # later switch of this session)
+        untouched = epoch == self._avatar_epoch
+        if self._avatar is not None:  # filled meanwhile (a new avatar): the switch may be newer
+            self.clear_avatar_cache()
+        self._switches_pending -= 1
+        if self._switching is switch:
+            self._switching = None
+        if self._switches_pending == 0 and self._settled_switches is not None:
+            if not self._settled_switches.done():
+                self._settled_switches.set_result(None)
+            self._settled_switches = None
+        if error is not None:
+            if not isinstance(error, Unavailable):
+                log.error("session %s: switch failed: %r", self.id, error)
+            self._emit_error(error if isinstance(error, Exception) else Unavailable(), ref)
+            return
+        if result is None:
+            self._emit_error(NoAvatar(), ref)
+            return
+        avatar, previous = result.avatar, result.previous
+        if untouched and result.newest and avatar.version >= self._persona_version:
+            # The row this switch committed is what a reload would read now: the next chat
+            # renders from it without another round trip. When anything else emptied the
+            # cache meanwhile, or a later switch of this user is already committed, it
+            # stays empty and the next chat reads the avatar.
+            self._avatar = avatar
         self._seen(avatar)
-        self._told(avatar.version, personality)
+        self._told(avatar.version, avatar.personality)
         services.metrics.persona_switches.inc()
-        self._emit(PersonaSet(ref=ref, personality=personality, previous=previous))
-        services.hub.persona_changed(self.user_id, personality, previous, avatar.version, self)
+        self._emit(PersonaSet(ref=ref, personality=avatar.personality, previous=previous))
+        services.hub.persona_changed(
+            self.user_id, avatar.personality, previous, avatar.version, self
+        )
+
+    async def _switches_settled(self) -> None:
+        """Wait until every switch of this session has committed (or failed)."""
+        if self._switches_pending == 0:
+            return
+        if self._settled_switches is None:
+            self._settled_switches = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._settled_switches)
 
     def on_persona_changed(self, personality: str, previous: str, version: int) -> None:
         """Another connection of this user switched persona: forget the cache, tell the client.
@@ -406,5 +453,9 @@ class Session:
                 raise UnknownCommand(f"unknown command '/{word}'; send /help for the list")
 
     async def _enqueue(self, ref: str | None, text: str) -> None:
-        avatar = await self._current_avatar()
-        self._replies.accept(PendingChat(ref, text, avatar.personality, time.perf_counter()))
+        switch = self._switching  # the chat is rendered after it: with its personality
+        if switch is not None:
+            persona = switch.personality
+        else:
+            persona = (await self._current_avatar()).personality
+        self._replies.accept(PendingChat(ref, text, persona, time.perf_counter(), switch))

@@ -9,14 +9,14 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import fields
 from importlib import resources
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, TypeAlias, TypeVar, cast
 
 import asyncpg
 import orjson
 
-from protocol.errors import AvatarExists, Unavailable
+from protocol.errors import AvatarExists, NoAvatar, Unavailable
 from protocol.frames import HistoryEntry
-from server.batching import Batcher, Done
+from server.batching import Batcher, Done, settle
 from server.records import Avatar, PastTurn, StoredTurn, Switch, SwitchResult, Turn
 from server.render import PastMessage
 
@@ -38,58 +38,89 @@ _UNREACHABLE: tuple[type[BaseException], ...] = (
 
 _AVATAR_COLUMNS = "id, user_id, name, personality, version, created_at, updated_at"
 
-_COMMIT_TURNS = """
-WITH turns AS MATERIALIZED (
+# Every write of the chat path, in one statement and so in one transaction: the persona
+# switches of many sessions, then their chats and replies.
+#
+# Switches: a user's avatar row is updated once per statement, to its last switch in it, and
+# rows are locked in user order, so that two processes' statements cannot deadlock. Each switch
+# still gets its own result (the personality it replaced, the version it made) and its own
+# notification (delivered on commit, so that every process can tell the user's other
+# connections).
+#
+# Turns: a chat rendered with the personality of a switch in the same statement ($5 holds that
+# switch's position) is written only if the switch was.
+_WRITE = """
+WITH wanted AS MATERIALIZED (
+    SELECT w.ord, w.user_id, w.personality,
+           row_number() OVER mine AS k,
+           count(*) OVER (PARTITION BY w.user_id) AS n,
+           lag(w.personality) OVER mine AS before
+    FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS w(user_id, personality, ord)
+    WINDOW mine AS (PARTITION BY w.user_id ORDER BY w.ord)
+),
+old AS MATERIALIZED (
+    SELECT a.user_id, a.personality FROM avatars a
+    WHERE a.user_id IN (SELECT user_id FROM wanted)
+    ORDER BY a.user_id FOR UPDATE OF a
+),
+changed AS (
+    UPDATE avatars a SET personality = w.personality, version = a.version + w.n,
+                         updated_at = now()
+    FROM wanted w JOIN old USING (user_id)
+    WHERE a.user_id = w.user_id AND w.k = w.n
+    RETURNING a.id, a.user_id, a.name, a.version, a.created_at, a.updated_at
+),
+switched AS MATERIALIZED (
+    SELECT w.ord, c.id, c.user_id, c.name, w.personality, c.version - w.n + w.k AS version,
+           c.created_at, c.updated_at, coalesce(w.before, o.personality) AS previous,
+           w.k = w.n AS newest
+    FROM wanted w JOIN changed c USING (user_id) JOIN old o USING (user_id)
+),
+notified AS MATERIALIZED (
+    SELECT s.ord, pg_notify('persona_changed', json_build_object(
+        'user_id', s.user_id, 'personality', s.personality, 'previous', s.previous,
+        'version', s.version, 'origin', $3::text)::text)
+    FROM switched s ORDER BY s.ord
+),
+turns AS MATERIALIZED (
     SELECT t.ord, t.user_id, t.persona, t.user_text, t.reply_text, t.status, t.client_id,
+           t.after IS NULL OR t.after IN (SELECT ord FROM switched) AS kept,
            coalesce(t.message_id, nextval('messages_id_seq')) AS message_id,
            coalesce(t.reply_id, nextval('messages_id_seq')) AS reply_id
-    FROM ROWS FROM (json_to_recordset($1::json)
+    FROM ROWS FROM (json_to_recordset($4::json)
                     AS (user_id text, persona text, user_text text, reply_text text, status text,
-                        client_id text, message_id bigint, reply_id bigint))
+                        client_id text, message_id bigint, reply_id bigint),
+                    unnest($5::bigint[]))
          WITH ORDINALITY
          AS t(user_id, persona, user_text, reply_text, status, client_id, message_id, reply_id,
-              ord)
+              after, ord)
 ),
 user_rows AS (
     INSERT INTO messages (id, user_id, role, persona, text, status, client_id)
     SELECT message_id, user_id, 'user', persona, user_text, 'completed', client_id FROM turns
+    WHERE kept
     ON CONFLICT DO NOTHING
     RETURNING id
 ),
 reply_rows AS (
     INSERT INTO messages (id, user_id, role, persona, text, status, reply_to)
     SELECT reply_id, user_id, 'assistant', persona, reply_text, status, message_id FROM turns
-    WHERE message_id IN (SELECT id FROM user_rows)
+    WHERE kept AND message_id IN (SELECT id FROM user_rows)
     RETURNING reply_to
 )
-SELECT t.ord, t.message_id, t.reply_id, (r.reply_to IS NOT NULL) AS inserted
+SELECT true AS switch, s.ord, s.id, s.user_id, s.name, s.personality, s.version, s.created_at,
+       s.updated_at, s.previous, s.newest,
+       NULL::bool AS kept, NULL::bigint AS message_id, NULL::bigint AS reply_id,
+       NULL::bool AS inserted
+FROM switched s JOIN notified USING (ord)
+UNION ALL
+SELECT false, t.ord, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       t.kept, t.message_id, t.reply_id, r.reply_to IS NOT NULL
 FROM turns t LEFT JOIN reply_rows r ON r.reply_to = t.message_id
-ORDER BY t.ord
 """
 
-
-# Switches of many sessions in one statement. Rows are locked in user order, so that two
-# processes' batches cannot deadlock; a user appears at most once per statement.
-_SET_PERSONAS = """
-WITH wanted AS (
-    SELECT * FROM unnest($1::text[], $2::text[]) AS w(user_id, personality)
-),
-old AS (
-    SELECT a.user_id, a.personality FROM avatars a JOIN wanted USING (user_id)
-    ORDER BY a.user_id FOR UPDATE OF a
-),
-changed AS (
-    UPDATE avatars a SET personality = w.personality, version = a.version + 1, updated_at = now()
-    FROM wanted w JOIN old USING (user_id)
-    WHERE a.user_id = w.user_id
-    RETURNING a.id, a.user_id, a.name, a.personality, a.version, a.created_at, a.updated_at,
-              old.personality AS previous
-)
-SELECT changed.*, pg_notify('persona_changed', json_build_object(
-    'user_id', user_id, 'personality', personality, 'previous', previous,
-    'version', version, 'origin', $3::text)::text)
-FROM changed
-"""
+# An item of the write batcher: a switch, or a turn with the switch it was rendered after.
+_Write: TypeAlias = "Switch | tuple[Turn, Switch | None]"
 
 
 _Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[Any]"
@@ -128,11 +159,8 @@ class Store:
     ) -> None:
         self._pool = pool
         self._timeout = timeout_s
-        self._turns: Batcher[_Conn, Turn, StoredTurn] = Batcher(
-            self._commit_turns, self._connection, name="turns", observe=on_batch
-        )
-        self._switches: Batcher[_Conn, Switch, SwitchResult | None] = Batcher(
-            self._commit_switches, self._connection, name="switches"
+        self._writes: Batcher[_Conn, _Write, object] = Batcher(
+            self._write, self._connection, name="writes", observe=on_batch
         )
         self._loads: Batcher[_Conn, str, Avatar | None] = Batcher(
             self._load_avatars, self._connection, name="avatars"
@@ -159,8 +187,7 @@ class Store:
         return cls(pool, timeout_s, on_batch)
 
     async def close(self) -> None:
-        for batcher in (self._turns, self._switches):
-            await batcher.drain()
+        await self._writes.drain()
         await asyncio.wait_for(self._pool.close(), timeout=self._timeout)
 
     @property
@@ -168,8 +195,8 @@ class Store:
         return self._pool.get_size() - self._pool.get_idle_size()
 
     @property
-    def batches(self) -> Batcher[_Conn, Turn, StoredTurn]:
-        return self._turns
+    def batches(self) -> Batcher[_Conn, _Write, object]:
+        return self._writes
 
     @property
     def avatar_loads(self) -> int:
@@ -273,50 +300,88 @@ class Store:
     ) -> SwitchResult | None:
         """Commit a new personality; return the avatar and the previous one, or None (no avatar).
 
-        Switches of concurrent sessions share one statement (group commit). The same statement
-        notifies `persona_changed` (delivered on commit) so that every process can tell the
-        user's other connections.
+        Switches and turns of concurrent sessions share one statement (group commit), which
+        also notifies `persona_changed` on commit.
         """
-        return await self._switches.submit(Switch(user_id, personality, origin))
+        # None (no avatar) is a result, which settle() passes on as it is
+        future: asyncio.Future[SwitchResult] = asyncio.get_running_loop().create_future()
+        self.add_switch(Switch(user_id, personality, origin), settle(future))
+        return await future
 
-    async def _commit_switches(
-        self, conn: _Conn, switches: Sequence[Switch]
-    ) -> list[SwitchResult | None]:
-        results: list[SwitchResult | None] = [None] * len(switches)
-        last = {switch.user_id: index for index, switch in enumerate(switches)}
-        for rounds in _one_per_user(switches):
-            rows = await self._fetch(
-                conn,
-                _SET_PERSONAS,
-                [switches[i].user_id for i in rounds],
-                [switches[i].personality for i in rounds],
-                switches[rounds[0]].origin,
-            )
-            by_user = {row["user_id"]: row for row in rows}
-            for i in rounds:
-                row = by_user.get(switches[i].user_id)
-                if row is not None:
-                    newest = last[switches[i].user_id] == i
-                    results[i] = SwitchResult(_record(Avatar, row), str(row["previous"]), newest)
+    def add_switch(self, switch: Switch, done: Done[SwitchResult | None]) -> None:
+        """`set_persona` without a wait: `done` gets the result, or the error, once committed.
+
+        Turns added after it with `after=switch` are written only if it commits.
+        """
+        self._writes.add(switch, cast("Done[object]", done))
+
+    async def commit_turn(self, turn: Turn, after: Switch | None = None) -> StoredTurn:
+        """Write a chat and its reply durably, batched with other sessions' writes."""
+        future: asyncio.Future[StoredTurn] = asyncio.get_running_loop().create_future()
+        self.add_turn(turn, settle(future), after)
+        return await future
+
+    def add_turn(self, turn: Turn, done: Done[StoredTurn], after: Switch | None = None) -> None:
+        """`commit_turn` without a wait: `done` gets the result, or the error, once committed.
+
+        `after`: the switch whose personality the reply was rendered with, added before this
+        turn and perhaps not committed yet; the turn is written only if that switch is.
+        """
+        self._writes.add((turn, after), cast("Done[object]", done))
+
+    async def _write(self, conn: _Conn, writes: Sequence[_Write]) -> list[object]:
+        results: list[object] = [None] * len(writes)
+        switches: dict[Switch, int] = {}  # position in the statement (1-based) of each switch
+        switch_at: list[int] = []  # index in `writes` of each switch
+        turns: list[Turn] = []
+        after: list[int | None] = []
+        turn_at: list[int] = []
+        for index, write in enumerate(writes):
+            if isinstance(write, Switch):
+                switches[write] = len(switches) + 1
+                switch_at.append(index)
+                continue
+            turn, before = write
+            position = None
+            if before is not None:
+                position = switches.get(before)
+                if position is None and not before.committed:  # it failed in an earlier batch
+                    results[index] = (
+                        Unavailable("the persona switch before this chat did not commit")
+                        if before.found
+                        else NoAvatar()
+                    )
+                    continue
+            turns.append(turn)
+            after.append(position)
+            turn_at.append(index)
+        if not switches and not turns:
+            return results
+        listed = list(switches)
+        rows = await self._fetch(
+            conn,
+            _WRITE,
+            [switch.user_id for switch in listed],
+            [switch.personality for switch in listed],
+            listed[0].origin if listed else "",
+            orjson.dumps(turns).decode(),
+            after,
+        )
+        for switch in listed:
+            switch.found = False  # until its row says otherwise
+        for row in rows:
+            ord_ = row["ord"] - 1
+            if row["switch"]:
+                listed[ord_].committed = listed[ord_].found = True
+                avatar = _record(Avatar, row)
+                results[switch_at[ord_]] = SwitchResult(avatar, row["previous"], row["newest"])
+            elif row["kept"]:
+                results[turn_at[ord_]] = StoredTurn(
+                    message_id=row["message_id"], reply_id=row["reply_id"], inserted=row["inserted"]
+                )
+            else:
+                results[turn_at[ord_]] = NoAvatar()  # its switch found no avatar
         return results
-
-    # ------------------------------------------------------------------ messages
-
-    async def commit_turn(self, turn: Turn) -> StoredTurn:
-        """Write a chat and its reply durably, batched with other sessions' turns."""
-        return await self._turns.submit(turn)
-
-    def add_turn(self, turn: Turn, done: Done[StoredTurn]) -> None:
-        """`commit_turn` without a wait: `done` gets the result, or the error, once committed."""
-        self._turns.add(turn, done)
-
-    async def _commit_turns(self, conn: _Conn, turns: Sequence[Turn]) -> list[StoredTurn]:
-        # One JSON parameter: asyncpg would encode eight arrays element by element.
-        rows = await self._fetch(conn, _COMMIT_TURNS, orjson.dumps(turns).decode())
-        return [
-            StoredTurn(message_id=r["message_id"], reply_id=r["reply_id"], inserted=r["inserted"])
-            for r in rows
-        ]
 
     async def find_turn(self, user_id: str, client_id: str) -> PastTurn | None:
         """The stored chat with this client id, with its reply."""
@@ -396,19 +461,6 @@ async def migrate_database(dsn: str, timeout_s: float) -> list[str]:
 
 
 R = TypeVar("R")
-
-
-def _one_per_user(switches: Sequence[Switch]) -> list[list[int]]:
-    """Indexes of `switches` in rounds where each user appears once, in submission order."""
-    rounds: list[list[int]] = []
-    next_round: dict[str, int] = {}
-    for index, switch in enumerate(switches):
-        number = next_round.get(switch.user_id, 0)
-        next_round[switch.user_id] = number + 1
-        if number == len(rounds):
-            rounds.append([])
-        rounds[number].append(index)
-    return rounds
 
 
 def _record(cls: type[R], row: asyncpg.Record) -> R:

@@ -70,6 +70,32 @@ async def test_set_persona_without_avatar_is_no_avatar(connect: ClientFactory) -
     assert (answer["code"], answer["status"]) == ("no_avatar", 404)
 
 
+async def test_a_chat_behind_a_switch_without_avatar_is_no_avatar_too(
+    app: App, connect: ClientFactory
+) -> None:
+    user = f"no-avatar-{uuid.uuid4().hex[:8]}"
+    client = await connect(user)
+    await client.send({"type": "set_persona", "id": "s1", "personality": "witty"})
+    await client.send({"type": "chat", "id": "m1", "text": "right behind the switch"})
+    first, second = await client.recv(), await client.recv()
+    assert [(f["ref"], f["code"]) for f in (first, second)] == [
+        ("s1", "no_avatar"), ("m1", "no_avatar"),
+    ]  # fmt: skip
+    assert await app.services.store.history(user, 10, None) == []
+
+
+async def test_the_switch_is_acknowledged_before_the_reply_rendered_behind_it(
+    connect: ClientFactory,
+) -> None:
+    client = await connect()
+    await with_avatar(client, "friendly")
+    await client.send({"type": "chat", "id": "s1", "text": "/persona caring"})
+    await client.send({"type": "chat", "id": "m1", "text": "right behind the switch"})
+    first, second = await client.recv(), await client.recv()
+    assert (first["type"], first["ref"], first["previous"]) == ("persona_set", "s1", "friendly")
+    assert (second["type"], second["ref"], second["persona"]) == ("reply", "m1", "caring")
+
+
 async def test_persona_command_answers_like_set_persona(connect: ClientFactory) -> None:
     client = await connect()
     await with_avatar(client, "friendly")

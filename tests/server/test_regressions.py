@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -13,6 +14,8 @@ import pytest
 from protocol.errors import BadJson
 from protocol.frames import decode_client_frame
 from server.app import App
+from server.batching import Done
+from server.records import Switch, SwitchResult
 from tests.client import Client
 from tests.conftest import SECRET, AppFactory, ClientFactory, slow_client, with_avatar
 
@@ -106,27 +109,36 @@ async def test_switch_answered_after_a_listener_reconnect_does_not_refill_a_stal
     client = await connect(user)
     await with_avatar(client, "friendly")
     store = app.services.store
-    commit = store.set_persona
+    add_switch = store.add_switch
+    answers: list[asyncio.Task[None]] = []
 
-    async def set_persona(user_id: str, personality: str, origin: str = "") -> object:
+    def add_switch_across_a_reconnect(switch: Switch, done: Done[SwitchResult | None]) -> None:
         app._on_listener_state(False)
-        result = await commit(user_id, personality, origin)
-        conn = await asyncpg.connect(database_url)
-        try:  # another process's switch, whose notification is lost with the listener
-            await conn.execute(
-                "UPDATE avatars SET personality = 'witty', version = version + 1"
-                " WHERE user_id = $1",
-                user_id,
-            )
-        finally:
-            await conn.close()
-        app._on_listener_state(True)
-        return result
 
-    monkeypatch.setattr(store, "set_persona", set_persona)
+        async def answer_after_a_missed_switch(
+            result: SwitchResult | None, error: BaseException | None
+        ) -> None:
+            conn = await asyncpg.connect(database_url)
+            try:  # another process's switch, whose notification is lost with the listener
+                await conn.execute(
+                    "UPDATE avatars SET personality = 'witty', version = version + 1"
+                    " WHERE user_id = $1",
+                    switch.user_id,
+                )
+            finally:
+                await conn.close()
+            app._on_listener_state(True)
+            done(result, error)
+
+        def committed(result: SwitchResult | None, error: BaseException | None) -> None:
+            answers.append(asyncio.create_task(answer_after_a_missed_switch(result, error)))
+
+        add_switch(switch, committed)
+
+    monkeypatch.setattr(store, "add_switch", add_switch_across_a_reconnect)
     ack = await client.request({"type": "set_persona", "personality": "romantic"})
     assert ack["type"] == "persona_set"
-    monkeypatch.setattr(store, "set_persona", commit)
+    monkeypatch.setattr(store, "add_switch", add_switch)
     await client.send({"type": "chat", "id": "m1", "text": "which persona now?"})
     reply = await client.recv_type("reply")
     assert reply["persona"] == "witty"

@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import asyncpg
 import pytest
 from pydantic import ValidationError
 
-from protocol.errors import Unavailable
+from protocol.errors import NoAvatar, Unavailable
 from protocol.personas import PERSONA_IDS
 from server.batching import Batcher
-from server.records import Turn
+from server.records import StoredTurn, Switch, SwitchResult, Turn
 from server.settings import Settings
 from server.store import Store
 
@@ -192,6 +192,73 @@ async def test_concurrent_switches_share_statements_and_chain_previous(store: St
     assert avatar is not None and (avatar.personality, avatar.version) == ("playful", 4)
 
 
+def _answers() -> tuple[list[object], Callable[[object, BaseException | None], None]]:
+    """A list, and a batcher callback that appends each item's result (or error) to it."""
+    answers: list[object] = []
+    return answers, lambda result, error: answers.append(error if error is not None else result)
+
+
+async def _messages(store: Store, user: str) -> list[tuple[str, str]]:
+    return [(m.role, m.persona) for m in await store.history(user, 10, None)]
+
+
+def _turn(user: str, persona: str, text: str = "hi") -> Turn:
+    return Turn(user, persona, text, f"{persona} says hello", "completed", client_id=text)
+
+
+async def test_a_turn_behind_a_switch_commits_in_the_same_statement(store: Store) -> None:
+    user = _user()
+    await store.open_user(user)
+    await store.create_avatar(user, "Ava", "friendly")
+    flushes = store.batches.flushes
+    switch = Switch(user, "witty", "")
+    switched, on_switch = _answers()
+    stored, on_turn = _answers()
+    store.add_switch(switch, on_switch)
+    store.add_turn(_turn(user, "witty"), on_turn, after=switch)
+    await store.batches.drain()
+    assert store.batches.flushes == flushes + 1
+    assert isinstance(switched[0], SwitchResult) and switched[0].previous == "friendly"
+    assert isinstance(stored[0], StoredTurn) and stored[0].inserted
+    assert switch.committed
+    assert await _messages(store, user) == [("user", "witty"), ("assistant", "witty")]
+
+
+async def test_a_turn_behind_a_switch_that_found_no_avatar_is_not_written(store: Store) -> None:
+    user = _user()
+    await store.open_user(user)
+    switch = Switch(user, "witty", "")
+    switched, on_switch = _answers()
+    stored, on_turn = _answers()
+    store.add_switch(switch, on_switch)
+    store.add_turn(_turn(user, "witty", "same statement"), on_turn, after=switch)
+    await store.batches.drain()
+    store.add_turn(_turn(user, "witty", "next statement"), on_turn, after=switch)
+    await store.batches.drain()
+    assert switched == [None] and not switch.committed
+    assert [type(answer) for answer in stored] == [NoAvatar, NoAvatar]
+    assert await _messages(store, user) == []
+
+
+async def test_a_turn_behind_a_switch_whose_statement_failed_is_not_written(
+    store: Store,
+) -> None:
+    user = _user()
+    await store.open_user(user)
+    await store.create_avatar(user, "Ava", "friendly")
+    switch = Switch(user, "not-a-persona", "")  # the catalogue constraint fails the statement
+    switched, on_switch = _answers()
+    store.add_switch(switch, on_switch)
+    await store.batches.drain()
+    stored, on_turn = _answers()
+    store.add_turn(_turn(user, "not-a-persona"), on_turn, after=switch)
+    store.add_turn(_turn(user, "friendly", "unrelated"), on_turn)
+    await store.batches.drain()
+    assert isinstance(switched[0], asyncpg.CheckViolationError)
+    assert isinstance(stored[0], Unavailable) and isinstance(stored[1], StoredTurn)
+    assert await _messages(store, user) == [("user", "friendly"), ("assistant", "friendly")]
+
+
 async def test_concurrent_avatar_loads_each_get_their_own(store: Store) -> None:
     users = [_user() for _ in range(4)]
     for user, persona in zip(users, PERSONA_IDS, strict=False):
@@ -284,7 +351,7 @@ async def test_batcher_observer_failure_fails_only_its_batch() -> None:
     assert len(answers) == 1 and isinstance(answers[0], ValueError)
 
 
-def test_a_pool_too_small_for_the_three_group_commits_is_refused() -> None:
+def test_a_pool_too_small_for_the_two_group_commits_is_refused() -> None:
     with pytest.raises(ValidationError, match="db_pool_max"):
-        Settings(db_pool_max=3)
-    assert Settings(db_pool_max=4).db_pool_max == 4
+        Settings(db_pool_max=2)
+    assert Settings(db_pool_max=3).db_pool_max == 3
