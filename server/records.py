@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -64,6 +65,7 @@ class Switch:
     origin: str
     committed: bool = False  # set by the store once it has
     found: bool = True  # set False by the store when the user had no avatar to switch
+    settled: asyncio.Future[None] | None = None  # done once the store has its answer
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,9 +28,9 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("DATABASE_URL", "CHAT_DATABASE_URL")
     )
     db_pool_min: int = Field(default=2, ge=1)
-    # the two group commits (writes, avatar reads) may each hold a connection while their
-    # batches keep coming: at least one more is left for everything else
-    db_pool_max: int = Field(default=10, ge=3)
+    # the three group commits (turns, switches, avatar reads) may each hold a connection while
+    # their batches keep coming: at least one more is left for everything else
+    db_pool_max: int = Field(default=10, ge=4)
     db_timeout_s: float = Field(default=5.0, gt=0)
     run_migrations: bool = True  # workers under a supervisor leave this to it
     # prometheus-client's multiprocess mode (set by `serve --workers N`)

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import fields
 from importlib import resources
-from typing import Any, TypeAlias, TypeVar, cast
+from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 import orjson
@@ -38,18 +38,12 @@ _UNREACHABLE: tuple[type[BaseException], ...] = (
 
 _AVATAR_COLUMNS = "id, user_id, name, personality, version, created_at, updated_at"
 
-# Every write of the chat path, in one statement and so in one transaction: the persona
-# switches of many sessions, then their chats and replies.
-#
-# Switches: a user's avatar row is updated once per statement, to its last switch in it, and
-# rows are locked in user order, so that two processes' statements cannot deadlock. Each switch
-# still gets its own result (the personality it replaced, the version it made) and its own
-# notification (delivered on commit, so that every process can tell the user's other
-# connections).
-#
-# Turns: a chat rendered with the personality of a switch in the same statement ($5 holds that
-# switch's position) is written only if the switch was.
-_WRITE = """
+# Switches of many sessions in one statement. A user's avatar row is updated once per statement,
+# to its last switch in it, and rows are locked in user order, so that two processes' statements
+# cannot deadlock. Each switch still gets its own result (the personality it replaced, the
+# version it made) and its own notification, delivered on commit, so that every process can
+# tell the user's other connections.
+_SET_PERSONAS = """
 WITH wanted AS MATERIALIZED (
     SELECT w.ord, w.user_id, w.personality,
            row_number() OVER mine AS k,
@@ -75,52 +69,45 @@ switched AS MATERIALIZED (
            c.created_at, c.updated_at, coalesce(w.before, o.personality) AS previous,
            w.k = w.n AS newest
     FROM wanted w JOIN changed c USING (user_id) JOIN old o USING (user_id)
-),
-notified AS MATERIALIZED (
-    SELECT s.ord, pg_notify('persona_changed', json_build_object(
-        'user_id', s.user_id, 'personality', s.personality, 'previous', s.previous,
-        'version', s.version, 'origin', $3::text)::text)
-    FROM switched s ORDER BY s.ord
-),
-turns AS MATERIALIZED (
+)
+SELECT s.*, pg_notify('persona_changed', json_build_object(
+    'user_id', s.user_id, 'personality', s.personality, 'previous', s.previous,
+    'version', s.version, 'origin', $3::text)::text)
+FROM switched s ORDER BY s.ord
+"""
+
+_COMMIT_TURNS = """
+WITH turns AS MATERIALIZED (
     SELECT t.ord, t.user_id, t.persona, t.user_text, t.reply_text, t.status, t.client_id,
-           t.after IS NULL OR t.after IN (SELECT ord FROM switched) AS kept,
            coalesce(t.message_id, nextval('messages_id_seq')) AS message_id,
            coalesce(t.reply_id, nextval('messages_id_seq')) AS reply_id
-    FROM ROWS FROM (json_to_recordset($4::json)
+    FROM ROWS FROM (json_to_recordset($1::json)
                     AS (user_id text, persona text, user_text text, reply_text text, status text,
-                        client_id text, message_id bigint, reply_id bigint),
-                    unnest($5::bigint[]))
+                        client_id text, message_id bigint, reply_id bigint))
          WITH ORDINALITY
          AS t(user_id, persona, user_text, reply_text, status, client_id, message_id, reply_id,
-              after, ord)
+              ord)
 ),
 user_rows AS (
     INSERT INTO messages (id, user_id, role, persona, text, status, client_id)
     SELECT message_id, user_id, 'user', persona, user_text, 'completed', client_id FROM turns
-    WHERE kept
     ON CONFLICT DO NOTHING
     RETURNING id
 ),
 reply_rows AS (
     INSERT INTO messages (id, user_id, role, persona, text, status, reply_to)
     SELECT reply_id, user_id, 'assistant', persona, reply_text, status, message_id FROM turns
-    WHERE kept AND message_id IN (SELECT id FROM user_rows)
+    WHERE message_id IN (SELECT id FROM user_rows)
     RETURNING reply_to
 )
-SELECT true AS switch, s.ord, s.id, s.user_id, s.name, s.personality, s.version, s.created_at,
-       s.updated_at, s.previous, s.newest,
-       NULL::bool AS kept, NULL::bigint AS message_id, NULL::bigint AS reply_id,
-       NULL::bool AS inserted
-FROM switched s JOIN notified USING (ord)
-UNION ALL
-SELECT false, t.ord, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-       t.kept, t.message_id, t.reply_id, r.reply_to IS NOT NULL
+SELECT t.ord, t.message_id, t.reply_id, (r.reply_to IS NOT NULL) AS inserted
 FROM turns t LEFT JOIN reply_rows r ON r.reply_to = t.message_id
+ORDER BY t.ord
 """
 
-# An item of the write batcher: a switch, or a turn with the switch it was rendered after.
-_Write: TypeAlias = "Switch | tuple[Turn, Switch | None]"
+# An item of the turn batcher: a turn, and the switch it was rendered after (if not committed
+# when the chat was accepted).
+_TurnAfter: TypeAlias = "tuple[Turn, Switch | None]"
 
 
 _Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[Any]"
@@ -159,8 +146,11 @@ class Store:
     ) -> None:
         self._pool = pool
         self._timeout = timeout_s
-        self._writes: Batcher[_Conn, _Write, object] = Batcher(
-            self._write, self._connection, name="writes", observe=on_batch
+        self._turns: Batcher[_Conn, _TurnAfter, StoredTurn] = Batcher(
+            self._commit_turns, self._connection, name="turns", observe=on_batch
+        )
+        self._switches: Batcher[_Conn, Switch, SwitchResult | None] = Batcher(
+            self._commit_switches, self._connection, name="switches"
         )
         self._loads: Batcher[_Conn, str, Avatar | None] = Batcher(
             self._load_avatars, self._connection, name="avatars"
@@ -187,16 +177,21 @@ class Store:
         return cls(pool, timeout_s, on_batch)
 
     async def close(self) -> None:
-        await self._writes.drain()
+        await self.drain()
         await asyncio.wait_for(self._pool.close(), timeout=self._timeout)
+
+    async def drain(self) -> None:
+        """Wait until every switch and turn handed to the group commits has been flushed."""
+        for batcher in (self._switches, self._turns):
+            await batcher.drain()
 
     @property
     def pool_in_use(self) -> int:
         return self._pool.get_size() - self._pool.get_idle_size()
 
     @property
-    def batches(self) -> Batcher[_Conn, _Write, object]:
-        return self._writes
+    def batches(self) -> Batcher[_Conn, _TurnAfter, StoredTurn]:
+        return self._turns
 
     @property
     def avatar_loads(self) -> int:
@@ -300,8 +295,8 @@ class Store:
     ) -> SwitchResult | None:
         """Commit a new personality; return the avatar and the previous one, or None (no avatar).
 
-        Switches and turns of concurrent sessions share one statement (group commit), which
-        also notifies `persona_changed` on commit.
+        Switches of concurrent sessions share one statement (group commit), which also
+        notifies `persona_changed` on commit.
         """
         # None (no avatar) is a result, which settle() passes on as it is
         future: asyncio.Future[SwitchResult] = asyncio.get_running_loop().create_future()
@@ -311,12 +306,40 @@ class Store:
     def add_switch(self, switch: Switch, done: Done[SwitchResult | None]) -> None:
         """`set_persona` without a wait: `done` gets the result, or the error, once committed.
 
-        Turns added after it with `after=switch` are written only if it commits.
+        Turns added after it with `after=switch` are written once it has committed, and only if
+        it did.
         """
-        self._writes.add(switch, cast("Done[object]", done))
+        settled = switch.settled = asyncio.get_running_loop().create_future()
+
+        def answered(result: SwitchResult | None, error: BaseException | None) -> None:
+            switch.committed = result is not None
+            switch.found = result is not None or error is not None
+            if not settled.done():
+                settled.set_result(None)
+            done(result, error)
+
+        self._switches.add(switch, answered)
+
+    async def _commit_switches(
+        self, conn: _Conn, switches: Sequence[Switch]
+    ) -> list[SwitchResult | None]:
+        rows = await self._fetch(
+            conn,
+            _SET_PERSONAS,
+            [switch.user_id for switch in switches],
+            [switch.personality for switch in switches],
+            switches[0].origin,
+        )
+        results: list[SwitchResult | None] = [None] * len(switches)
+        for row in rows:
+            avatar = _record(Avatar, row)
+            results[row["ord"] - 1] = SwitchResult(avatar, row["previous"], row["newest"])
+        return results
+
+    # ------------------------------------------------------------------ messages
 
     async def commit_turn(self, turn: Turn, after: Switch | None = None) -> StoredTurn:
-        """Write a chat and its reply durably, batched with other sessions' writes."""
+        """Write a chat and its reply durably, batched with other sessions' turns."""
         future: asyncio.Future[StoredTurn] = asyncio.get_running_loop().create_future()
         self.add_turn(turn, settle(future), after)
         return await future
@@ -325,63 +348,40 @@ class Store:
         """`commit_turn` without a wait: `done` gets the result, or the error, once committed.
 
         `after`: the switch whose personality the reply was rendered with, added before this
-        turn and perhaps not committed yet; the turn is written only if that switch is.
+        turn and perhaps not committed yet. The turn's batch waits for it, and the turn is
+        written only if it committed.
         """
-        self._writes.add((turn, after), cast("Done[object]", done))
+        self._turns.add((turn, after), done)
 
-    async def _write(self, conn: _Conn, writes: Sequence[_Write]) -> list[object]:
-        results: list[object] = [None] * len(writes)
-        switches: dict[Switch, int] = {}  # position in the statement (1-based) of each switch
-        switch_at: list[int] = []  # index in `writes` of each switch
+    async def _commit_turns(
+        self, conn: _Conn, writes: Sequence[_TurnAfter]
+    ) -> list[StoredTurn | BaseException]:
+        waiting = {
+            after.settled
+            for _, after in writes
+            if after is not None and after.settled is not None and not after.settled.done()
+        }
+        if waiting:  # switches started before these chats: their statements are short
+            await asyncio.wait(waiting, timeout=self._timeout)
+        failed: dict[int, BaseException] = {}
         turns: list[Turn] = []
-        after: list[int | None] = []
-        turn_at: list[int] = []
-        for index, write in enumerate(writes):
-            if isinstance(write, Switch):
-                switches[write] = len(switches) + 1
-                switch_at.append(index)
-                continue
-            turn, before = write
-            position = None
-            if before is not None:
-                position = switches.get(before)
-                if position is None and not before.committed:  # it failed in an earlier batch
-                    results[index] = (
-                        Unavailable("the persona switch before this chat did not commit")
-                        if before.found
-                        else NoAvatar()
-                    )
-                    continue
-            turns.append(turn)
-            after.append(position)
-            turn_at.append(index)
-        if not switches and not turns:
-            return results
-        listed = list(switches)
-        rows = await self._fetch(
-            conn,
-            _WRITE,
-            [switch.user_id for switch in listed],
-            [switch.personality for switch in listed],
-            listed[0].origin if listed else "",
-            orjson.dumps(turns).decode(),
-            after,
-        )
-        for switch in listed:
-            switch.found = False  # until its row says otherwise
-        for row in rows:
-            ord_ = row["ord"] - 1
-            if row["switch"]:
-                listed[ord_].committed = listed[ord_].found = True
-                avatar = _record(Avatar, row)
-                results[switch_at[ord_]] = SwitchResult(avatar, row["previous"], row["newest"])
-            elif row["kept"]:
-                results[turn_at[ord_]] = StoredTurn(
-                    message_id=row["message_id"], reply_id=row["reply_id"], inserted=row["inserted"]
+        for index, (turn, after) in enumerate(writes):
+            if after is not None and not after.committed:
+                failed[index] = (
+                    Unavailable("the persona switch before this chat did not commit")
+                    if after.found
+                    else NoAvatar()
                 )
             else:
-                results[turn_at[ord_]] = NoAvatar()  # its switch found no avatar
-        return results
+                turns.append(turn)
+        # One JSON parameter: asyncpg would encode eight arrays element by element.
+        rows = iter(
+            await self._fetch(conn, _COMMIT_TURNS, orjson.dumps(turns).decode()) if turns else ()
+        )
+        return [
+            failed[index] if index in failed else _stored_turn(next(rows))
+            for index in range(len(writes))
+        ]
 
     async def find_turn(self, user_id: str, client_id: str) -> PastTurn | None:
         """The stored chat with this client id, with its reply."""
@@ -461,6 +461,10 @@ async def migrate_database(dsn: str, timeout_s: float) -> list[str]:
 
 
 R = TypeVar("R")
+
+
+def _stored_turn(row: asyncpg.Record) -> StoredTurn:
+    return StoredTurn(row["message_id"], row["reply_id"], row["inserted"])
 
 
 def _record(cls: type[R], row: asyncpg.Record) -> R:

@@ -206,20 +206,21 @@ def _turn(user: str, persona: str, text: str = "hi") -> Turn:
     return Turn(user, persona, text, f"{persona} says hello", "completed", client_id=text)
 
 
-async def test_a_turn_behind_a_switch_commits_in_the_same_statement(store: Store) -> None:
+async def test_a_turn_behind_a_switch_waits_for_it_and_is_written_after_it(
+    store: Store,
+) -> None:
     user = _user()
     await store.open_user(user)
     await store.create_avatar(user, "Ava", "friendly")
-    flushes = store.batches.flushes
     switch = Switch(user, "witty", "")
-    switched, on_switch = _answers()
-    stored, on_turn = _answers()
-    store.add_switch(switch, on_switch)
-    store.add_turn(_turn(user, "witty"), on_turn, after=switch)
-    await store.batches.drain()
-    assert store.batches.flushes == flushes + 1
-    assert isinstance(switched[0], SwitchResult) and switched[0].previous == "friendly"
-    assert isinstance(stored[0], StoredTurn) and stored[0].inserted
+    answers, answered = _answers()
+    store.add_switch(switch, answered)
+    store.add_turn(_turn(user, "witty"), answered, after=switch)
+    await store.drain()
+    assert [type(answer) for answer in answers] == [SwitchResult, StoredTurn]  # in this order
+    switched, stored = answers
+    assert isinstance(switched, SwitchResult) and switched.previous == "friendly"
+    assert isinstance(stored, StoredTurn) and stored.inserted
     assert switch.committed
     assert await _messages(store, user) == [("user", "witty"), ("assistant", "witty")]
 
@@ -231,10 +232,10 @@ async def test_a_turn_behind_a_switch_that_found_no_avatar_is_not_written(store:
     switched, on_switch = _answers()
     stored, on_turn = _answers()
     store.add_switch(switch, on_switch)
-    store.add_turn(_turn(user, "witty", "same statement"), on_turn, after=switch)
-    await store.batches.drain()
-    store.add_turn(_turn(user, "witty", "next statement"), on_turn, after=switch)
-    await store.batches.drain()
+    store.add_turn(_turn(user, "witty", "right behind"), on_turn, after=switch)
+    await store.drain()
+    store.add_turn(_turn(user, "witty", "later"), on_turn, after=switch)
+    await store.drain()
     assert switched == [None] and not switch.committed
     assert [type(answer) for answer in stored] == [NoAvatar, NoAvatar]
     assert await _messages(store, user) == []
@@ -248,12 +249,11 @@ async def test_a_turn_behind_a_switch_whose_statement_failed_is_not_written(
     await store.create_avatar(user, "Ava", "friendly")
     switch = Switch(user, "not-a-persona", "")  # the catalogue constraint fails the statement
     switched, on_switch = _answers()
-    store.add_switch(switch, on_switch)
-    await store.batches.drain()
     stored, on_turn = _answers()
+    store.add_switch(switch, on_switch)
     store.add_turn(_turn(user, "not-a-persona"), on_turn, after=switch)
     store.add_turn(_turn(user, "friendly", "unrelated"), on_turn)
-    await store.batches.drain()
+    await store.drain()
     assert isinstance(switched[0], asyncpg.CheckViolationError)
     assert isinstance(stored[0], Unavailable) and isinstance(stored[1], StoredTurn)
     assert await _messages(store, user) == [("user", "friendly"), ("assistant", "friendly")]
@@ -351,7 +351,7 @@ async def test_batcher_observer_failure_fails_only_its_batch() -> None:
     assert len(answers) == 1 and isinstance(answers[0], ValueError)
 
 
-def test_a_pool_too_small_for_the_two_group_commits_is_refused() -> None:
+def test_a_pool_too_small_for_the_three_group_commits_is_refused() -> None:
     with pytest.raises(ValidationError, match="db_pool_max"):
-        Settings(db_pool_max=2)
-    assert Settings(db_pool_max=3).db_pool_max == 3
+        Settings(db_pool_max=3)
+    assert Settings(db_pool_max=4).db_pool_max == 4
