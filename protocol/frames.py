@@ -335,6 +335,26 @@ def encode(frame: ServerFrame) -> bytes:
     return frame.__pydantic_serializer__.to_json(frame)
 
 
+def encode_reply(
+    ref: str | None, reply_id: int, message_id: int, persona: str, text: str, status: ReplyStatus
+) -> bytes:
+    """`encode(Reply(...))` for a reply without usage or replay flag, byte for byte, without
+    building the model: the server's most frequent frame, whose every field was checked before
+    it got here (the ref and text in a validated frame, the persona in the catalogue, the rest
+    by the database). tests/protocol/test_frames.py holds the two encoders to the same bytes."""
+    return orjson.dumps(
+        {
+            "type": "reply",
+            "ref": ref,
+            "reply_id": reply_id,
+            "message_id": message_id,
+            "persona": persona,
+            "text": text,
+            "status": status,
+        }
+    )
+
+
 def decode_server_frame(raw: str | bytes) -> AnyServerFrame:
     """Decode one server frame (for clients, bots and tests)."""
     return SERVER_ADAPTER.validate_json(raw)

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from protocol.errors import Busy, DuplicateId, NothingToCancel, ProtocolError, Unavailable
-from protocol.frames import Reply, ReplyDelta, ReplyStatus, ServerFrame, Usage
+from protocol.frames import Reply, ReplyDelta, ReplyStatus, ServerFrame, Usage, encode_reply
 from protocol.personas import get_card
 from server.generators import GeneratorUnavailable, TurnContext
 from server.records import StoredTurn, Switch, Turn
@@ -21,7 +21,7 @@ from server.services import Services
 
 log = logging.getLogger(__name__)
 
-Emit = Callable[[ServerFrame], None]
+Emit = Callable[[ServerFrame | bytes], None]  # a frame, or one already encoded
 EmitError = Callable[[Exception, str | None], None]
 
 
@@ -203,7 +203,8 @@ class Replies:
             self._settled.set_result(None)
 
     def _turn(self, chat: PendingChat) -> TurnContext:
-        return TurnContext(card=get_card(chat.persona), text=chat.text, recent=tuple(self._recent))
+        # render() is synchronous: it may read the conversation as it is, without a copy
+        return TurnContext(card=get_card(chat.persona), text=chat.text, recent=self._recent)
 
     async def _answer_then_done(
         self, chat: PendingChat, answer: Callable[[], Awaitable[object]]
@@ -400,14 +401,17 @@ class Replies:
             self._recent.append(PastMessage("assistant", text))
         services.metrics.replies[status].inc()
         services.metrics.reply_latency.observe(time.perf_counter() - chat.received_at)
-        # Every field is already checked: the ref and text came in a validated frame, the persona
-        # from the catalogue, and PostgreSQL has just stored the text. No second validation.
+        ref, persona = chat.ref, chat.persona
+        reply_id, message_id = stored.reply_id, stored.message_id
+        if usage is None:  # the usual reply, encoded without building the model
+            self._emit(encode_reply(ref, reply_id, message_id, persona, text, status))
+            return
         self._emit(
-            Reply.model_construct(
-                ref=chat.ref,
-                reply_id=stored.reply_id,
-                message_id=stored.message_id,
-                persona=chat.persona,
+            Reply(
+                ref=ref,
+                reply_id=reply_id,
+                message_id=message_id,
+                persona=persona,
                 text=text,
                 status=status,
                 usage=usage,

@@ -221,10 +221,11 @@ class Session:
 
     # ------------------------------------------------------------------ output
 
-    def _emit(self, frame: ServerFrame) -> None:
-        """Send a frame; frames leave in the order they were emitted."""
+    def _emit(self, frame: ServerFrame | bytes) -> None:
+        """Send a frame (a model, or one already encoded); frames leave in the order they were
+        emitted."""
         if self.ws.close_code is None:
-            self._outbox.put(encode(frame))
+            self._outbox.put(frame if isinstance(frame, bytes) else encode(frame))
 
     def _emit_error(self, exc: Exception, ref: str | None) -> None:
         frame = error_frame(exc, ref)

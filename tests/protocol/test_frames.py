@@ -17,15 +17,18 @@ from protocol.frames import (
     History,
     HistoryEntry,
     Reply,
+    ReplyStatus,
     SetPersona,
     Usage,
     decode_client_frame,
     decode_server_frame,
     encode,
+    encode_reply,
     error_frame,
     fit_history_page,
     salvage_ref,
 )
+from protocol.personas import PERSONA_IDS
 
 
 def test_chat_frame_decodes_with_its_id() -> None:
@@ -131,6 +134,23 @@ def test_encode_includes_usage_when_known() -> None:
     assert orjson.loads(encode(reply))["usage"] == {
         "prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
     }  # fmt: skip
+
+
+@settings(max_examples=300)
+@given(
+    ref=st.one_of(st.none(), st.text(max_size=64)),
+    ids=st.tuples(st.integers(0, 2**63 - 1), st.integers(0, 2**63 - 1)),
+    persona=st.sampled_from(PERSONA_IDS),
+    text=st.text(st.characters(exclude_categories=["Cs"]), max_size=300),
+    status=st.sampled_from(["completed", "cancelled", "failed"]),
+)
+def test_the_fast_reply_encoder_writes_what_the_model_encoder_writes(
+    ref: str | None, ids: tuple[int, int], persona: str, text: str, status: ReplyStatus
+) -> None:
+    reply = Reply(
+        ref=ref, reply_id=ids[0], message_id=ids[1], persona=persona, text=text, status=status
+    )
+    assert encode_reply(ref, ids[0], ids[1], persona, text, status) == encode(reply)
 
 
 def test_error_frame_carries_code_status_and_details() -> None:
