@@ -57,10 +57,9 @@ from server.records import Avatar as StoredAvatar
 from server.records import Switch, SwitchResult
 from server.replies import PendingChat, Replies
 from server.services import Services
+from server.switches import SwitchesInFlight
 
 log = logging.getLogger(__name__)
-
-MAX_PENDING_SWITCHES = 4  # a session's switches on their way to the database; more wait
 
 
 PERSONA_LIST = [PersonaInfo(id=c.id, name=c.name, description=c.description) for c in CATALOGUE]
@@ -82,9 +81,7 @@ class Session:
         self._told_persona = ""
         self._welcomed = False
         self._lock = asyncio.Lock()
-        self._switching: Switch | None = None  # this session's newest switch not yet committed
-        self._switches_pending = 0
-        self._settled_switches: asyncio.Future[None] | None = None
+        self._switches = SwitchesInFlight()
         self._replies = Replies(services, "", self.id, self._emit, self._emit_error)  # until hello
         self._bucket = TokenBucket(self.settings.rate_per_s, self.settings.rate_burst, 0.0)
         self._strikes = 0
@@ -304,7 +301,7 @@ class Session:
     async def _current_avatar(self) -> StoredAvatar:
         """The cached avatar, or a fresh load (after this session's switches have committed);
         never caches its absence."""
-        await self._switches_settled()
+        await self._switches.all_answered()
         avatar = self._avatar
         if avatar is not None and self.services.cache_trusted:
             return avatar
@@ -355,18 +352,17 @@ class Session:
         """The one persona switch, for `set_persona` and `/persona` alike.
 
         Validate, clear this session's cached avatar, and hand the switch to the group commit
-        without waiting for it: the chats read behind it are rendered with its personality and
-        are written with it (in the same statement, or a later one) only if it commits. Once it
-        has, refill the cache with the committed row, acknowledge, and tell the user's other
-        sessions; the acknowledgement leaves before the replies rendered after the switch.
+        without waiting for it: the chats read behind it are rendered with its personality, and
+        the store writes them after it, only if it commits. Once it has, refill the cache with
+        the committed row, acknowledge, and tell the user's other sessions; the acknowledgement
+        leaves before the replies rendered after the switch.
         """
         require_known(personality)
-        if self._switches_pending >= MAX_PENDING_SWITCHES:
-            await self._switches_settled()
+        if self._switches.full:
+            await self._switches.all_answered()
         switch = Switch(self.user_id, personality, self.services.origin)
         self.clear_avatar_cache()
-        self._switching = switch
-        self._switches_pending += 1
+        self._switches.started(switch)
         done = functools.partial(self._on_switched, switch, self._avatar_epoch, ref)
         self.services.store.add_switch(switch, done)
 
@@ -385,13 +381,7 @@ class Session:
         untouched = epoch == self._avatar_epoch
         if self._avatar is not None:  # filled meanwhile (a new avatar): the switch may be newer
             self.clear_avatar_cache()
-        self._switches_pending -= 1
-        if self._switching is switch:
-            self._switching = None
-        if self._switches_pending == 0 and self._settled_switches is not None:
-            if not self._settled_switches.done():
-                self._settled_switches.set_result(None)
-            self._settled_switches = None
+        self._switches.answered(switch)
         if error is not None:
             if not isinstance(error, Unavailable):
                 log.error("session %s: switch failed: %r", self.id, error)
@@ -414,14 +404,6 @@ class Session:
         services.hub.persona_changed(
             self.user_id, avatar.personality, previous, avatar.version, self
         )
-
-    async def _switches_settled(self) -> None:
-        """Wait until every switch of this session has committed (or failed)."""
-        if self._switches_pending == 0:
-            return
-        if self._settled_switches is None:
-            self._settled_switches = asyncio.get_running_loop().create_future()
-        await asyncio.shield(self._settled_switches)
 
     def on_persona_changed(self, personality: str, previous: str, version: int) -> None:
         """Another connection of this user switched persona: forget the cache, tell the client.
@@ -454,7 +436,7 @@ class Session:
                 raise UnknownCommand(f"unknown command '/{word}'; send /help for the list")
 
     async def _enqueue(self, ref: str | None, text: str) -> None:
-        switch = self._switching  # the chat is rendered after it: with its personality
+        switch = self._switches.newest  # the chat is rendered after it: with its personality
         if switch is not None:
             persona = switch.personality
         else:
