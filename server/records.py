@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import dataclass
 from datetime import datetime
 
+from protocol.errors import NoAvatar, ProtocolError, Unavailable
 from protocol.frames import AvatarInfo, ReplyStatus
 
 
@@ -66,6 +67,14 @@ class Switch:
     committed: bool = False  # set by the store once it has
     found: bool = True  # set False by the store when the user had no avatar to switch
     settled: asyncio.Future[None] | None = None  # done once the store has its answer
+
+    def failure(self) -> ProtocolError | None:
+        """Why a chat rendered after this answered switch is not written; None if it committed."""
+        if self.committed:
+            return None
+        if not self.found:
+            return NoAvatar()
+        return Unavailable("the persona switch before this chat did not commit")
 
 
 @dataclass(frozen=True, slots=True)

@@ -271,6 +271,9 @@ class Replies:
         chat = inflight.chat
         self._inflight = inflight  # from here on, `cancel` applies to this chat
         try:
+            # Nothing is sent for a chat before the switch it was rendered after is answered,
+            # and nothing is generated for it if that switch failed.
+            await self._switch_answered(chat)
             # Deltas carry the reply id, so ids come first; a retried chat is answered from
             # storage before anything is generated again.
             if chat.ref is not None and await self._replay(chat):
@@ -280,6 +283,17 @@ class Replies:
         finally:
             self._inflight = None
         await self._commit_and_answer(inflight, status, usage, failure)
+
+    async def _switch_answered(self, chat: PendingChat) -> None:
+        """Wait for the switch `chat` was rendered after; fail as it did."""
+        switch = chat.after
+        if switch is None:
+            return
+        if switch.settled is not None:
+            await asyncio.shield(switch.settled)
+        failure = switch.failure()
+        if failure is not None:
+            raise failure
 
     async def _run(self, inflight: InFlight) -> tuple[ReplyStatus, Usage | None, Exception | None]:
         if inflight.cancel_requested:

@@ -338,6 +338,7 @@ class Session:
 
     async def _create_avatar(self, frame: CreateAvatar) -> None:
         require_known(frame.personality)
+        await self._switches.all_answered()  # a switch sent before must not apply to it
         async with self._lock:
             avatar = await self.services.store.create_avatar(
                 self.user_id, frame.name, frame.personality
@@ -415,6 +416,9 @@ class Session:
         if version > self._persona_version:
             self._persona_version = version
             self.clear_avatar_cache()
+            # which of this change and a switch of ours in flight commits last is not known
+            # yet: chats wait for ours, then read the avatar
+            self._switches.contested()
         if self._welcomed and version > self._told_version:
             # before `welcome`, the avatar in it is the new one
             self._emit(PersonaChanged(personality=personality, previous=previous))
@@ -436,7 +440,7 @@ class Session:
                 raise UnknownCommand(f"unknown command '/{word}'; send /help for the list")
 
     async def _enqueue(self, ref: str | None, text: str) -> None:
-        switch = self._switches.newest  # the chat is rendered after it: with its personality
+        switch = self._switches.deciding()  # the chat is rendered after it: with its personality
         if switch is not None:
             persona = switch.personality
         else:

@@ -14,7 +14,7 @@ from typing import Any, TypeAlias, TypeVar
 import asyncpg
 import orjson
 
-from protocol.errors import AvatarExists, NoAvatar, Unavailable
+from protocol.errors import AvatarExists, Unavailable
 from protocol.frames import HistoryEntry
 from server.batching import Batcher, Done, settle
 from server.records import Avatar, PastTurn, StoredTurn, Switch, SwitchResult, Turn
@@ -182,8 +182,9 @@ class Store:
 
     async def drain(self) -> None:
         """Wait until every switch and turn handed to the group commits has been flushed."""
-        for batcher in (self._switches, self._turns):
-            await batcher.drain()
+        await self._switches.drain()
+        await asyncio.sleep(0)  # turns that waited for a switch join their batcher now
+        await self._turns.drain()
 
     @property
     def pool_in_use(self) -> int:
@@ -348,30 +349,24 @@ class Store:
         """`commit_turn` without a wait: `done` gets the result, or the error, once committed.
 
         `after`: the switch whose personality the reply was rendered with, added before this
-        turn and perhaps not committed yet. The turn's batch waits for it, and the turn is
-        written only if it committed.
+        turn and perhaps not answered yet. The turn joins a batch once the switch has its
+        answer (so no batch waits for a switch), and is written only if the switch committed.
         """
+        settled = after.settled if after is not None else None
+        if settled is not None and not settled.done():
+            settled.add_done_callback(lambda _: self._turns.add((turn, after), done))
+            return
         self._turns.add((turn, after), done)
 
     async def _commit_turns(
         self, conn: _Conn, writes: Sequence[_TurnAfter]
     ) -> list[StoredTurn | BaseException]:
-        waiting = {
-            after.settled
-            for _, after in writes
-            if after is not None and after.settled is not None and not after.settled.done()
-        }
-        if waiting:  # switches started before these chats: their statements are short
-            await asyncio.wait(waiting, timeout=self._timeout)
         failed: dict[int, BaseException] = {}
         turns: list[Turn] = []
         for index, (turn, after) in enumerate(writes):
-            if after is not None and not after.committed:
-                failed[index] = (
-                    Unavailable("the persona switch before this chat did not commit")
-                    if after.found
-                    else NoAvatar()
-                )
+            failure = after.failure() if after is not None else None
+            if failure is not None:
+                failed[index] = failure
             else:
                 turns.append(turn)
         # One JSON parameter: asyncpg would encode eight arrays element by element.

@@ -540,3 +540,29 @@ async def test_recent_history_from_the_database_is_sent(client: Client, fake: Fa
         {"role": "assistant", "content": WHOLE},
         {"role": "user", "content": "She is called Miso"},
     ]
+
+
+async def test_a_stream_behind_a_switch_without_avatar_is_never_generated(
+    connect: ClientFactory, fake: FakeLLM
+) -> None:
+    client = await connect()  # no avatar
+    await client.send({"type": "set_persona", "id": "s1", "personality": "witty"})
+    await client.send({"type": "chat", "id": "m1", "text": "hello?"})
+    first, second = await client.recv(), await client.recv()
+    assert [(f["type"], f["ref"], f.get("code")) for f in (first, second)] == [
+        ("error", "s1", "no_avatar"), ("error", "m1", "no_avatar"),
+    ]  # fmt: skip
+    assert fake.requests == []
+
+
+async def test_a_stream_behind_a_switch_starts_after_its_acknowledgement(
+    client: Client, fake: FakeLLM
+) -> None:
+    fake.script = Script(tokens=("tok ",) * 3)
+    await client.send({"type": "set_persona", "id": "s1", "personality": "witty"})
+    await client.send({"type": "chat", "id": "m1", "text": "hello?"})
+    frames = [await client.recv()]
+    while frames[-1]["type"] != "reply":
+        frames.append(await client.recv())
+    assert (frames[0]["type"], frames[0]["ref"]) == ("persona_set", "s1")
+    assert (frames[-1]["persona"], frames[-1]["status"]) == ("witty", "completed")

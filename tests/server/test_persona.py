@@ -84,6 +84,19 @@ async def test_a_chat_behind_a_switch_without_avatar_is_no_avatar_too(
     assert await app.services.store.history(user, 10, None) == []
 
 
+async def test_an_avatar_created_behind_a_failed_switch_is_not_switched(
+    connect: ClientFactory,
+) -> None:
+    client = await connect()
+    await client.send({"type": "set_persona", "id": "s1", "personality": "witty"})
+    await client.send({"type": "create_avatar", "id": "c1", "name": "Ava", "personality": "caring"})
+    first, second = await client.recv(), await client.recv()
+    assert (first["ref"], first["code"]) == ("s1", "no_avatar")
+    assert (second["ref"], second["avatar"]["personality"]) == ("c1", "caring")
+    await client.send({"type": "chat", "id": "m1", "text": "who are you now?"})
+    assert (await client.recv_type("reply"))["persona"] == "caring"
+
+
 async def test_the_switch_is_acknowledged_before_the_reply_rendered_behind_it(
     connect: ClientFactory,
 ) -> None:
@@ -222,8 +235,9 @@ async def test_the_chat_after_a_switch_renders_from_the_committed_row(
     client = await connect()
     await with_avatar(client, "friendly")
     loads = app.services.store.avatar_loads
-    await client.send({"type": "set_persona", "id": "s1", "personality": "romantic"})
-    await client.send({"type": "chat", "id": "m1", "text": "right behind the switch"})
+    ack = await client.request({"type": "set_persona", "personality": "romantic"})
+    assert ack["type"] == "persona_set"  # answered: the chat reads the cache, not the switch
+    await client.send({"type": "chat", "id": "m1", "text": "after the acknowledgement"})
     reply = await client.recv_type("reply")
     assert reply["persona"] == "romantic"
     assert app.services.store.avatar_loads == loads  # no second read of what was just written

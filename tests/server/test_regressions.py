@@ -142,3 +142,56 @@ async def test_switch_answered_after_a_listener_reconnect_does_not_refill_a_stal
     await client.send({"type": "chat", "id": "m1", "text": "which persona now?"})
     reply = await client.recv_type("reply")
     assert reply["persona"] == "witty"
+
+
+async def test_a_chat_read_after_another_connections_change_waits_for_the_switch_in_flight(
+    app: App, connect: ClientFactory, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This connection's switch commits, then another process's switch does, and its
+    notification arrives before this switch is answered. A chat read meanwhile must not take
+    this switch's persona, which is no longer the avatar's: it waits, then reads the avatar."""
+    user = f"contested-{uuid.uuid4().hex[:8]}"
+    client = await connect(user)
+    await with_avatar(client, "friendly")
+    store = app.services.store
+    add_switch = store.add_switch
+    release = asyncio.Event()
+    held: list[asyncio.Task[None]] = []
+
+    def add_switch_answered_late(switch: Switch, done: Done[SwitchResult | None]) -> None:
+        async def answer_after_a_later_switch(
+            result: SwitchResult | None, error: BaseException | None
+        ) -> None:
+            conn = await asyncpg.connect(database_url)
+            try:  # another process switches after this switch committed, and notifies
+                await conn.execute(
+                    "WITH changed AS (UPDATE avatars SET personality = 'witty',"
+                    " version = version + 1 WHERE user_id = $1 RETURNING version)"
+                    " SELECT pg_notify('persona_changed', json_build_object('user_id', $1::text,"
+                    " 'personality', 'witty', 'previous', 'romantic', 'version', version,"
+                    " 'origin', 'another-process')::text) FROM changed",
+                    user,
+                )
+            finally:
+                await conn.close()
+            await release.wait()
+            done(result, error)
+
+        def committed(result: SwitchResult | None, error: BaseException | None) -> None:
+            held.append(asyncio.create_task(answer_after_a_later_switch(result, error)))
+
+        add_switch(switch, committed)
+
+    monkeypatch.setattr(store, "add_switch", add_switch_answered_late)
+    await client.send({"type": "set_persona", "id": "s1", "personality": "romantic"})
+    pushed = await client.recv_type("persona_changed")
+    assert pushed["personality"] == "witty"
+    await client.send({"type": "chat", "id": "m1", "text": "which persona now?"})
+    await asyncio.sleep(0.3)  # the chat is read while the switch is still unanswered
+    release.set()
+    answers: dict[str, str] = {}
+    while len(answers) < 2:
+        frame = await client.recv()
+        if frame["type"] in ("persona_set", "reply"):
+            answers[frame["type"]] = frame.get("persona") or frame["personality"]
+    assert answers == {"persona_set": "romantic", "reply": "witty"}

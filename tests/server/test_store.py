@@ -206,7 +206,7 @@ def _turn(user: str, persona: str, text: str = "hi") -> Turn:
     return Turn(user, persona, text, f"{persona} says hello", "completed", client_id=text)
 
 
-async def test_a_turn_behind_a_switch_waits_for_it_and_is_written_after_it(
+async def test_a_turn_behind_a_switch_joins_a_batch_once_the_switch_is_answered(
     store: Store,
 ) -> None:
     user = _user()
@@ -249,13 +249,14 @@ async def test_a_turn_behind_a_switch_whose_statement_failed_is_not_written(
     await store.create_avatar(user, "Ava", "friendly")
     switch = Switch(user, "not-a-persona", "")  # the catalogue constraint fails the statement
     switched, on_switch = _answers()
-    stored, on_turn = _answers()
+    behind, on_behind = _answers()
+    unrelated, on_unrelated = _answers()
     store.add_switch(switch, on_switch)
-    store.add_turn(_turn(user, "not-a-persona"), on_turn, after=switch)
-    store.add_turn(_turn(user, "friendly", "unrelated"), on_turn)
+    store.add_turn(_turn(user, "not-a-persona"), on_behind, after=switch)
+    store.add_turn(_turn(user, "friendly", "unrelated"), on_unrelated)
     await store.drain()
     assert isinstance(switched[0], asyncpg.CheckViolationError)
-    assert isinstance(stored[0], Unavailable) and isinstance(stored[1], StoredTurn)
+    assert isinstance(behind[0], Unavailable) and isinstance(unrelated[0], StoredTurn)
     assert await _messages(store, user) == [("user", "friendly"), ("assistant", "friendly")]
 
 
