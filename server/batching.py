@@ -37,9 +37,11 @@ class Batcher(Generic[C, T, R]):
         max_batch: int = 512,
         name: str = "batch",
         observe: Callable[[int], object] | None = None,
+        before_batch: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._flush = flush
         self._open = open_resource
+        self._before_batch = before_batch  # awaited before a batch is taken from the queue
         self._max_batch = max_batch
         self._name = name
         self._observe = observe
@@ -74,7 +76,7 @@ class Batcher(Generic[C, T, R]):
         batch: list[tuple[T, Done[R]]] = []
         try:
             while self._pending:
-                batch = self._take()
+                batch = await self._next_batch()
                 try:
                     async with self._open() as resource:
                         while batch:
@@ -82,7 +84,7 @@ class Batcher(Generic[C, T, R]):
                             if not await self._flush_batch(resource, current):
                                 break  # the next batch gets a fresh resource
                             if self._pending:
-                                batch = self._take()
+                                batch = await self._next_batch()
                 except Exception as exc:  # no resource for this batch, or its release failed
                     _finish(batch, exc)
                     batch = []
@@ -92,6 +94,11 @@ class Batcher(Generic[C, T, R]):
             raise
         finally:
             self._runner = None
+
+    async def _next_batch(self) -> list[tuple[T, Done[R]]]:
+        if self._before_batch is not None:
+            await self._before_batch()
+        return self._take()
 
     def _take_all(self) -> list[tuple[T, Done[R]]]:
         batch, self._pending = self._pending, []

@@ -110,6 +110,8 @@ ORDER BY t.ord
 _TurnAfter: TypeAlias = "tuple[Turn, Switch | None]"
 
 
+SWITCH_WAIT_S = 0.1  # how long a batch of turns may wait for switches that turns wait for
+
 _Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[Any]"
 
 
@@ -147,8 +149,13 @@ class Store:
         self._pool = pool
         self._timeout = timeout_s
         self._turns: Batcher[_Conn, _TurnAfter, StoredTurn] = Batcher(
-            self._commit_turns, self._connection, name="turns", observe=on_batch
+            self._commit_turns,
+            self._connection,
+            name="turns",
+            observe=on_batch,
+            before_batch=self._switches_answered,
         )
+        self._awaited: set[asyncio.Future[None]] = set()  # switches that turns wait for
         self._switches: Batcher[_Conn, Switch, SwitchResult | None] = Batcher(
             self._commit_switches, self._connection, name="switches"
         )
@@ -349,14 +356,30 @@ class Store:
         """`commit_turn` without a wait: `done` gets the result, or the error, once committed.
 
         `after`: the switch whose personality the reply was rendered with, added before this
-        turn and perhaps not answered yet. The turn joins a batch once the switch has its
-        answer (so no batch waits for a switch), and is written only if the switch committed.
+        turn and perhaps not answered yet. The turn joins the queue once the switch has its
+        answer, and is written only if the switch committed.
         """
         settled = after.settled if after is not None else None
-        if settled is not None and not settled.done():
-            settled.add_done_callback(lambda _: self._turns.add((turn, after), done))
+        if settled is None or settled.done():
+            self._turns.add((turn, after), done)
             return
-        self._turns.add((turn, after), done)
+
+        def join(_: object) -> None:
+            self._awaited.discard(settled)
+            self._turns.add((turn, after), done)
+
+        self._awaited.add(settled)
+        settled.add_done_callback(join)
+
+    async def _switches_answered(self) -> None:
+        """Before a batch of turns is taken: give the switches that turns wait for a moment
+        (they are short statements), so that those turns join this batch, not the next one.
+        A switch that takes longer (a row lock held by another process) holds up one batch
+        for that long at most: its turns join a later one."""
+        if not self._awaited:
+            return
+        waiting, self._awaited = self._awaited, set()
+        await asyncio.wait(waiting, timeout=SWITCH_WAIT_S)
 
     async def _commit_turns(
         self, conn: _Conn, writes: Sequence[_TurnAfter]

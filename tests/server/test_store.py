@@ -356,3 +356,54 @@ def test_a_pool_too_small_for_the_three_group_commits_is_refused() -> None:
     with pytest.raises(ValidationError, match="db_pool_max"):
         Settings(db_pool_max=3)
     assert Settings(db_pool_max=4).db_pool_max == 4
+
+
+async def test_turns_behind_a_switch_join_the_batch_that_waited_for_it(store: Store) -> None:
+    user, other = _user(), _user()
+    for name in (user, other):
+        await store.open_user(name)
+        await store.create_avatar(name, "Ava", "friendly")
+    flushes = store.batches.flushes
+    switch = Switch(user, "witty", "")
+    switched, on_switch = _answers()
+    stored, on_turn = _answers()
+    store.add_switch(switch, on_switch)
+    store.add_turn(_turn(user, "witty", "behind the switch"), on_turn, after=switch)
+    store.add_turn(_turn(other, "friendly", "unrelated"), on_turn)
+    await store.drain()
+    assert isinstance(switched[0], SwitchResult)
+    assert [type(answer) for answer in stored] == [StoredTurn, StoredTurn]
+    assert store.batches.flushes == flushes + 1  # one batch of turns, after the switch
+
+
+async def test_a_switch_held_up_by_a_row_lock_holds_up_one_batch_briefly(
+    store: Store, database_url: str
+) -> None:
+    user, other = _user(), _user()
+    for name in (user, other):
+        await store.open_user(name)
+        await store.create_avatar(name, "Ava", "friendly")
+    locker = await asyncpg.connect(database_url)
+    try:
+        locking = locker.transaction()
+        await locking.start()
+        await locker.execute("SELECT 1 FROM avatars WHERE user_id = $1 FOR UPDATE", user)
+        switch = Switch(user, "witty", "")
+        switched, on_switch = _answers()
+        behind, on_behind = _answers()
+        unrelated: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        store.add_switch(switch, on_switch)
+        store.add_turn(_turn(user, "witty", "behind the switch"), on_behind, after=switch)
+        store.add_turn(
+            _turn(other, "friendly", "unrelated"),
+            lambda result, error: unrelated.set_result(error or result),
+        )
+        assert isinstance(await asyncio.wait_for(unrelated, 3), StoredTurn)
+        assert switched == [] and behind == []  # the switch still waits for the lock
+        await locking.rollback()
+    finally:
+        await locker.close()
+    await store.drain()
+    assert isinstance(switched[0], SwitchResult)
+    assert isinstance(behind[0], StoredTurn)
+    assert await _messages(store, user) == [("user", "witty"), ("assistant", "witty")]
