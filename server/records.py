@@ -58,8 +58,8 @@ class PastTurn:
 
 @dataclass(slots=True, eq=False)
 class Switch:
-    """One persona switch to commit. Chats rendered with its personality before it committed
-    are written in the same statement as it, or after it, and only if it committed."""
+    """One persona switch to commit. Chats rendered with its personality before it was
+    answered are written after it, and only if it committed."""
 
     user_id: str
     personality: str

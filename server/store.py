@@ -397,7 +397,7 @@ class Store:
             await self._fetch(conn, _COMMIT_TURNS, orjson.dumps(turns).decode()) if turns else ()
         )
         return [
-            failed[index] if index in failed else _stored_turn(next(rows))
+            failed[index] if index in failed else _record(StoredTurn, next(rows))
             for index in range(len(writes))
         ]
 
@@ -479,10 +479,6 @@ async def migrate_database(dsn: str, timeout_s: float) -> list[str]:
 
 
 R = TypeVar("R")
-
-
-def _stored_turn(row: asyncpg.Record) -> StoredTurn:
-    return StoredTurn(row["message_id"], row["reply_id"], row["inserted"])
 
 
 def _record(cls: type[R], row: asyncpg.Record) -> R:
