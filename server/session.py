@@ -377,11 +377,10 @@ class Session:
     ) -> None:
         """The group commit's answer for this session's switch."""
         services = self.services
-        # nothing else emptied the cache meanwhile (a notification, a listener reconnect, a
-        # later switch of this session)
+        # Nothing else emptied the cache meanwhile (a notification, a listener reconnect, a
+        # later switch of this session). Nothing filled it either: loads and create_avatar wait
+        # for this session's switches, and an earlier switch refills only an untouched cache.
         untouched = epoch == self._avatar_epoch
-        if self._avatar is not None:  # filled meanwhile (a new avatar): the switch may be newer
-            self.clear_avatar_cache()
         self._switches.answered(switch)
         if error is not None:
             if not isinstance(error, Unavailable):
