@@ -16,7 +16,7 @@ import orjson
 from protocol.schema import json_schema
 from server.app import App, run_async, serve_until_signalled
 from server.auth import load_or_create_secret, mint_token
-from server.embedded import Database
+from server.embedded import Database, Keeper
 from server.settings import Settings
 from server.store import migrate_database
 from server.supervisor import Supervisor, metrics_dir, remove_metrics_dir, reserve_port
@@ -127,11 +127,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.worker:
         return _serve_worker(settings)
     secret = load_or_create_secret(settings)
-    with Database(settings.database_url, settings.pgdata_path()) as dsn:
+    database = Database(settings.database_url, settings.pgdata_path())
+    with database as dsn:
         if args.workers > 1:
-            return _serve_workers(args, settings, dsn, secret)
+            return _serve_workers(args, settings, dsn, secret, database.keeper())
         app = App(settings, dsn, secret)
-        run_async(serve_until_signalled(app, lambda app: _banner(app.url, app.port, settings)))
+        run_async(
+            serve_until_signalled(
+                app, lambda app: _banner(app.url, app.port, settings), database.keeper()
+            )
+        )
     return 0
 
 
@@ -148,8 +153,11 @@ def _serve_worker(settings: Settings) -> int:
     return 0
 
 
-def _serve_workers(args: argparse.Namespace, settings: Settings, dsn: str, secret: str) -> int:
-    """Migrate once, hold the port, and run `args.workers` workers under a supervisor."""
+def _serve_workers(
+    args: argparse.Namespace, settings: Settings, dsn: str, secret: str, keeper: Keeper | None
+) -> int:
+    """Migrate once, hold the port, and run `args.workers` workers under a supervisor (which
+    also keeps the embedded database running, if there is one)."""
     asyncio.run(migrate_database(dsn, settings.db_timeout_s))
     holder = reserve_port(settings.host, settings.port)
     port = holder.getsockname()[1]
@@ -170,6 +178,7 @@ def _serve_workers(args: argparse.Namespace, settings: Settings, dsn: str, secre
         args.workers,
         settings.drain_timeout_s,
         metrics_path,
+        keeper,
     )
     url = f"ws://{settings.host}:{port}/ws"
     try:

@@ -12,7 +12,7 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine
 from importlib import resources
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
@@ -31,6 +31,9 @@ from server.services import Services
 from server.session import Session
 from server.settings import Settings
 from server.store import Store
+
+if TYPE_CHECKING:
+    from server.embedded import Keeper
 
 log = logging.getLogger(__name__)
 
@@ -312,13 +315,17 @@ def with_body(response: Response, body: bytes, content_type: str) -> Response:
     return Response(response.status_code, response.reason_phrase, headers, body)
 
 
-async def serve_until_signalled(app: App, on_ready: Callable[[App], None]) -> None:
-    """Run `app` until SIGINT or SIGTERM, then stop it gracefully."""
+async def serve_until_signalled(
+    app: App, on_ready: Callable[[App], None], keeper: Keeper | None = None
+) -> None:
+    """Run `app` until SIGINT or SIGTERM, then stop it gracefully. `keeper` restarts the
+    embedded database should it stop meanwhile."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     await app.start()
+    watching = None if keeper is None else asyncio.create_task(keeper.watch(), name="keeper")
     tune_gc()
     on_ready(app)
     try:
@@ -326,6 +333,8 @@ async def serve_until_signalled(app: App, on_ready: Callable[[App], None]) -> No
         log.info("signal received: draining")
     finally:
         await app.stop()
+        if watching is not None:
+            watching.cancel()
 
 
 def tune_gc() -> None:

@@ -15,6 +15,8 @@ from types import FrameType
 
 from prometheus_client import multiprocess
 
+from server.embedded import Keeper
+
 log = logging.getLogger(__name__)
 
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
@@ -39,12 +41,14 @@ class Supervisor:
         count: int,
         drain_timeout_s: float,
         metrics_path: str,
+        keeper: Keeper | None = None,
     ) -> None:
         self._command = command
         self._env = env
         self._count = count
         self._drain_timeout_s = drain_timeout_s
         self._metrics_path = metrics_path
+        self._keeper = keeper
         self._workers: dict[int, Worker] = {}
         self._stopping = False
 
@@ -62,6 +66,8 @@ class Supervisor:
                 self._workers[index] = self._spawn(index)
             on_ready()
             while not self._stopping:
+                if self._keeper is not None:
+                    self._keeper.check()
                 self._restart_dead()
                 time.sleep(0.2)
             return self._stop_all()

@@ -4,6 +4,7 @@ and a graceful drain. Nothing acknowledged may be lost."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 import uuid
@@ -202,3 +203,61 @@ async def test_sigterm_under_load_drains_gracefully(database_url: str, tmp_path:
     assert ledger.closes == {1001: CLIENTS}
     assert all(r.status == "completed" for r in ledger.replies)  # replies in flight finished
     await _verify_nothing_lost(database_url, ledger, users)
+
+
+def _postmaster(pgdata: Path) -> int:
+    return int((pgdata / "postmaster.pid").read_text().splitlines()[0])
+
+
+def _restarted(pgdata: Path, killed: int) -> bool:
+    try:
+        return _postmaster(pgdata) != killed
+    except (OSError, ValueError, IndexError):  # gone, or being written
+        return False
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_the_embedded_database_is_started_again_when_it_dies(
+    tmp_path: Path, workers: int
+) -> None:
+    data = tmp_path / "data"
+    log_path = tmp_path / "server.log"
+    env = clean_env(CHAT_JWT_SECRET=SECRET, CHAT_DB_TIMEOUT_S="2", **UNLIMITED)
+    served = await serve(
+        "--data-dir", str(data), "--workers", str(workers), log_path=log_path, env=env
+    )
+    users = _users("keeper")
+    ledger, stop, load = await _start_load(served.url, users)
+    try:
+        await _until(_flowing(ledger), "the load is running")
+        killed = _postmaster(data / "pgdata")
+        os.kill(killed, signal.SIGKILL)  # the worst way to go: no shutdown at all
+        died = time.monotonic()
+        await _until(lambda: ledger.errors["unavailable"] > 0, "unavailable answers", 10.0)
+        try:
+            await _until(lambda: _restarted(data / "pgdata", killed), "a new postmaster", 60.0)
+            before = len(ledger.replies)
+            await _until(lambda: len(ledger.replies) > before, "replies again", 30.0)
+        except AssertionError as exc:
+            raise AssertionError(
+                f"{exc}; server log ends:\n{log_path.read_text()[-3000:]}"
+            ) from None
+        print(
+            f"\nembedded PostgreSQL killed ({workers} worker(s)): replies again"
+            f" {time.monotonic() - died:.1f} s later, {ledger.errors['unavailable']} unavailable"
+        )
+        assert await _readyz(served) == 200
+        await asyncio.sleep(0.5)
+    finally:
+        stop.set()
+        await asyncio.wait_for(load, 30)
+        assert await served.stop() == 0
+    log = log_path.read_text()
+    assert "is not running; starting it again" in log and "runs again after" in log
+    assert not ledger.closes  # the outage was answered, not dropped
+    pg = EmbeddedPostgres(data / "pgdata")  # the server stopped it on its way out
+    dsn = await asyncio.to_thread(pg.start)
+    try:
+        await _verify_nothing_lost(dsn, ledger, users)
+    finally:
+        await asyncio.to_thread(pg.stop)
