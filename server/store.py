@@ -116,12 +116,22 @@ _Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[Any]"
 
 
 @contextmanager
-def _unreachable_is_unavailable() -> Iterator[None]:
-    """Errors that mean the database is not reachable become `Unavailable`; bugs stay bugs."""
+def _unreachable_is_unavailable(conn: _Conn | None = None) -> Iterator[None]:
+    """Errors that mean the database is not reachable become `Unavailable`; bugs stay bugs.
+
+    When the database goes away under a statement, asyncpg can also answer with an
+    `InternalClientError` about its protocol state; on `conn`, now closed, that is one more
+    sign of the same thing.
+    """
     try:
         yield
     except _UNREACHABLE as exc:
         log.warning("database unreachable: %s: %s", type(exc).__name__, exc)
+        raise Unavailable("the database is unreachable; try again shortly") from exc
+    except asyncpg.InternalClientError as exc:
+        if conn is None or not conn.is_closed():
+            raise
+        log.warning("database connection lost under a statement: %s", exc)
         raise Unavailable("the database is unreachable; try again shortly") from exc
 
 
@@ -211,12 +221,13 @@ class Store:
         """A pooled connection; unreachable-database errors become `Unavailable`."""
         with _unreachable_is_unavailable():
             async with self._pool.acquire(timeout=self._timeout) as conn:
-                yield conn
+                with _unreachable_is_unavailable(conn):
+                    yield conn
 
     async def _fetch(self, conn: _Conn, query: str, *args: object) -> list[asyncpg.Record]:
         """A batch's statement on the connection its batcher holds; unreachable-database errors
         become `Unavailable`."""
-        with _unreachable_is_unavailable():
+        with _unreachable_is_unavailable(conn):
             return await conn.fetch(query, *args)
 
     # ------------------------------------------------------------------ lifecycle

@@ -255,6 +255,7 @@ async def test_the_embedded_database_is_started_again_when_it_dies(
     log = log_path.read_text()
     assert "is not running; starting it again" in log and "runs again after" in log
     assert not ledger.closes  # the outage was answered, not dropped
+    assert set(ledger.errors) == {"unavailable"}, dict(ledger.errors)
     pg = EmbeddedPostgres(data / "pgdata")  # the server stopped it on its way out
     dsn = await asyncio.to_thread(pg.start)
     try:
