@@ -17,10 +17,12 @@ import orjson
 from protocol.errors import AvatarExists, Unavailable
 from protocol.frames import HistoryEntry
 from server.batching import Batcher, Done, settle
+from server.logs import Throttled
 from server.records import Avatar, PastTurn, StoredTurn, Switch, SwitchResult, Turn
 from server.render import PastMessage
 
 log = logging.getLogger(__name__)
+_outage = Throttled(log)  # every request fails during an outage: a line per 5 s says so
 
 MIGRATION_LOCK_KEY = 0x70657273  # "pers": one advisory lock for every process that migrates
 
@@ -126,12 +128,12 @@ def _unreachable_is_unavailable(conn: _Conn | None = None) -> Iterator[None]:
     try:
         yield
     except _UNREACHABLE as exc:
-        log.warning("database unreachable: %s: %s", type(exc).__name__, exc)
+        _outage.warning("database unreachable: %s: %s", type(exc).__name__, exc)
         raise Unavailable("the database is unreachable; try again shortly") from exc
     except asyncpg.InternalClientError as exc:
         if conn is None or not conn.is_closed():
             raise
-        log.warning("database connection lost under a statement: %s", exc)
+        _outage.warning("database connection lost under a statement: %s", exc)
         raise Unavailable("the database is unreachable; try again shortly") from exc
 
 
