@@ -152,7 +152,9 @@ class Bot:
             if plan.switch_every > 0 and chats and chats % plan.switch_every == 0:
                 await self._maybe_invalid()
                 await self._switch(by_command=self._switches % 2 == 1)
-            ref = await self._send_chat(chats)
+                ref = await self._send_chat(chats, after_switch=True)
+            else:
+                ref = await self._send_chat(chats)
             await self._await_answer(ref)
             chats += 1
             if plan.think_s > 0:
@@ -204,10 +206,11 @@ class Bot:
         ref = await self._send(frame, Pending(kind, 0.0))
         return await self._await_answer(ref)
 
-    async def _send_chat(self, n: int) -> str:
+    async def _send_chat(self, n: int, after_switch: bool = False) -> str:
         self._stats.chats_sent += 1
         text = f"bot {self.index} says hello, message {n}"
-        return await self._send({"type": "chat", "text": text}, Pending("chat", 0.0))
+        pending = Pending("chat", 0.0, after_switch=after_switch)
+        return await self._send({"type": "chat", "text": text}, pending)
 
     async def _switch(self, by_command: bool) -> None:
         """Switch to a persona the avatar surely does not have; never wait for the ack here."""
@@ -333,7 +336,7 @@ class Bot:
             self._stats.pongs += pending.kind == "ping"
 
     def _check_reply(self, pending: Pending, frame: dict[str, Any], now: float) -> None:
-        self._stats.reply(now - pending.sent_at, now < self._phase.deadline)
+        self._stats.reply(now - pending.sent_at, now < self._phase.deadline, pending.after_switch)
         if frame.get("status") != "completed":
             self._stats.error(f"reply_{frame.get('status')}")
         if frame.get("replayed"):

@@ -38,6 +38,7 @@ class Pending:
     sent_at: float
     expect: str = ""  # the personality a switch asks for
     accept: set[str] = field(default_factory=set)  # personas a chat's reply may carry
+    after_switch: bool = False  # a chat sent right behind a switch, before its acknowledgement
 
 
 class Phase:

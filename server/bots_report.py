@@ -42,6 +42,7 @@ class Stats:
     errors: Counter[str] = field(default_factory=Counter)
     chat_s: array[float] = field(default_factory=lambda: array("d"))
     switch_s: array[float] = field(default_factory=lambda: array("d"))
+    after_switch_s: array[float] = field(default_factory=lambda: array("d"))  # chats behind one
     recent_s: list[float] = field(default_factory=list)
     stale_examples: list[dict[str, Any]] = field(default_factory=list)
 
@@ -55,11 +56,13 @@ class Stats:
     def error(self, kind: str) -> None:
         self.errors[kind] += 1
 
-    def reply(self, latency_s: float, in_window: bool) -> None:
+    def reply(self, latency_s: float, in_window: bool, after_switch: bool = False) -> None:
         self.replies += 1
         self.replies_in_window += in_window
         self.chat_s.append(latency_s)
         self.recent_s.append(latency_s)
+        if after_switch:
+            self.after_switch_s.append(latency_s)
 
     def switch_ack(self, latency_s: float) -> None:
         self.switch_acks += 1
@@ -113,6 +116,8 @@ def build_report(stats: Stats, config: dict[str, Any], chat_window_s: float) -> 
         },
         "latency_ms": {
             "chat": summarize_ms(stats.chat_s),
+            # the chats sent right behind a switch (before its acknowledgement), among "chat"
+            "chat_after_switch": summarize_ms(stats.after_switch_s),
             "switch_ack": summarize_ms(stats.switch_s),
         },
         "errors": dict(sorted(stats.errors.items())),

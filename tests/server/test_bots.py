@@ -42,7 +42,11 @@ async def test_bots_run_against_the_server_finds_no_stale_render(make_app: AppFa
     assert totals["replies"] > 10
     assert totals["switches"] > 0 and totals["switch_acks"] == totals["switches"]
     assert totals["invalid_personas_sent"] == totals["invalid_personas_rejected"] > 0
-    assert report["latency_ms"]["chat"]["p99"] > 0
+    latency = report["latency_ms"]
+    assert latency["chat"]["p99"] > 0
+    # every second chat follows a switch: those are reported on their own as well
+    after = latency["chat_after_switch"]["count"]
+    assert 0 < after <= totals["switches"] and after < latency["chat"]["count"]
     assert report["ok"] is True
 
 
@@ -55,7 +59,7 @@ async def test_bots_command_writes_a_json_report(make_app: AppFactory, tmp_path:
     assert status == 0
     assert report["totals"]["replies"] > 0
     assert report["totals"]["stale_renders"] == 0
-    assert set(report["latency_ms"]) == {"chat", "switch_ack"}
+    assert set(report["latency_ms"]) == {"chat", "chat_after_switch", "switch_ack"}
 
 
 # ---------------------------------------------------------------- a server that renders stale
