@@ -124,6 +124,15 @@ async def own_database(tmp_path: Path) -> AsyncIterator[tuple[EmbeddedPostgres, 
     await asyncio.to_thread(pg.stop)
 
 
+async def _stop_load_then_server(
+    stop: asyncio.Event, load: asyncio.Future[list[None]], served: Served
+) -> None:
+    """End the clients' loops (bounded), then stop the server, which must exit 0."""
+    stop.set()
+    await asyncio.wait_for(load, 30)
+    assert await served.stop() == 0
+
+
 async def _readyz(served: Served) -> int:
     async with httpx.AsyncClient(timeout=10) as http:
         return (await http.get(f"http://127.0.0.1:{served.port}/readyz")).status_code
@@ -167,9 +176,7 @@ async def test_database_restart_under_load_recovers_within_2_s(
         assert await _readyz(served) == 200
         await asyncio.sleep(0.5)
     finally:
-        stop.set()
-        await asyncio.wait_for(load, 30)
-        assert await served.stop() == 0
+        await _stop_load_then_server(stop, load, served)
     assert not ledger.closes  # no connection was dropped: the outage was answered, not crashed
     await _verify_nothing_lost(dsn, ledger, users)
 
@@ -249,9 +256,7 @@ async def test_the_embedded_database_is_started_again_when_it_dies(
         assert await _readyz(served) == 200
         await asyncio.sleep(0.5)
     finally:
-        stop.set()
-        await asyncio.wait_for(load, 30)
-        assert await served.stop() == 0
+        await _stop_load_then_server(stop, load, served)
     log = log_path.read_text()
     assert "is not running; starting it again" in log and "runs again after" in log
     assert not ledger.closes  # the outage was answered, not dropped
