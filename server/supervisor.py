@@ -66,7 +66,7 @@ class Supervisor:
                 self._workers[index] = self._spawn(index)
             on_ready()
             while not self._stopping:
-                if self._keeper is not None:
+                if self._keeper is not None:  # a restart blocks for its deadline at most
                     self._keeper.check()
                 self._restart_dead()
                 time.sleep(0.2)
