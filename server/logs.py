@@ -5,12 +5,20 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class _Kind:
+    next_at: float = float("-inf")
+    held: int = 0
 
 
 class Throttled:
-    """Logs a warning at most once per `every_s`; the next one it logs says how many it held
-    back meanwhile. For what fails once per request during an outage: the log tells that it
-    happened and how often, without a line per request."""
+    """Logs each kind of warning at most once per `every_s`; the next line of a kind says how
+    many of it were held back since the previous one. For what fails once per request during
+    an outage: the log tells what happened and how often, without a line per request, and a
+    new cause (another kind) is logged at once."""
 
     def __init__(
         self,
@@ -21,19 +29,17 @@ class Throttled:
         self._log = logger
         self._every_s = every_s
         self._clock = clock
-        self._next = float("-inf")
-        self._held = 0
-        self._last = 0.0
+        self._kinds: dict[str, _Kind] = {}
 
-    def warning(self, message: str, *args: object) -> None:
+    def warning(self, kind: str, message: str, *args: object, exc_info: bool = False) -> None:
         now = self._clock()
-        if now < self._next:
-            self._held += 1
+        state = self._kinds.setdefault(kind, _Kind())
+        if now < state.next_at:
+            state.held += 1
             return
-        if self._held:
-            message += " (and %d more like it in the %.0f s before)"
-            args = (*args, self._held, now - self._last)
-        self._log.warning(message, *args)
-        self._held = 0
-        self._last = now
-        self._next = now + self._every_s
+        if state.held:
+            message += " (and %d more like it since the previous such line)"
+            args = (*args, state.held)
+        self._log.warning(message, *args, exc_info=exc_info)
+        state.held = 0
+        state.next_at = now + self._every_s

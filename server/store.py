@@ -128,12 +128,17 @@ def _unreachable_is_unavailable(conn: _Conn | None = None) -> Iterator[None]:
     try:
         yield
     except _UNREACHABLE as exc:
-        _outage.warning("database unreachable: %s: %s", type(exc).__name__, exc)
+        kind = type(exc).__name__
+        _outage.warning(kind, "database unreachable: %s: %s", kind, exc)
         raise Unavailable("the database is unreachable; try again shortly") from exc
     except asyncpg.InternalClientError as exc:
         if conn is None or not conn.is_closed():
             raise
-        _outage.warning("database connection lost under a statement: %s", exc)
+        # with its traceback: were it a bug in asyncpg rather than the database going away,
+        # this is where it would show
+        _outage.warning(
+            "lost", "database connection lost under a statement: %s", exc, exc_info=True
+        )
         raise Unavailable("the database is unreachable; try again shortly") from exc
 
 
