@@ -217,7 +217,8 @@ class Bot:
         self._switches += 1
         choices = [p for p in PERSONA_IDS if p not in self._current] or list(PERSONA_IDS)
         target = choices[(self.index + self._switches) % len(choices)]
-        await self._send(self._switch_frame(target, by_command), Pending("switch", 0.0, target))
+        pending = Pending("switch", 0.0, target, before=set(self._current))
+        await self._send(self._switch_frame(target, by_command), pending)
         self._stats.switches += 1
         self._current = {target}
 
@@ -327,6 +328,12 @@ class Bot:
         elif pending.kind == "create" and code == "avatar_exists":
             pass
         else:
+            if pending.kind == "switch":
+                # Not applied, or (`unavailable`: the database went away around its commit) not
+                # known: until the bot's next switch, the personas before it count as well. The
+                # answer comes before the one to the chat sent behind the switch, so before the
+                # bot's next chat.
+                self._current |= pending.before
             self._stats.error(code)
 
     def _check_echo(self, pending: Pending, now: float) -> None:

@@ -37,6 +37,7 @@ class Pending:
     kind: str  # hello, create, chat, switch, invalid, ping
     sent_at: float
     expect: str = ""  # the personality a switch asks for
+    before: set[str] = field(default_factory=set)  # a switch: the personas current before it
     accept: set[str] = field(default_factory=set)  # personas a chat's reply may carry
     after_switch: bool = False  # a chat sent right behind a switch, before its acknowledgement
 

@@ -97,6 +97,50 @@ class StaleServer:
         return reply | {"reply_id": 2, "message_id": 1, "text": "hi"}, current
 
 
+class FailingSwitchServer(StaleServer):
+    """Answers every switch `unavailable`, as a server whose database went away around the
+    commit, and fails the chat sent behind it the same way; it applies the switch or not (the
+    client cannot tell which). Its replies carry the persona it really has: none is stale."""
+
+    def __init__(self, applies: bool) -> None:
+        super().__init__()
+        self.applies = applies
+
+    async def handle(self, ws: ServerConnection) -> None:
+        current, failed = self.first, False
+        async for raw in ws:
+            frame = orjson.loads(raw)
+            ref, text = frame.get("id"), str(frame.get("text", ""))
+            unavailable = {"type": "error", "ref": ref, "code": "unavailable", "status": 503}
+            if frame["type"] == "set_persona" or text.startswith("/persona "):
+                wanted = frame.get("personality") or text.removeprefix("/persona ")
+                if wanted != "no-such-persona":
+                    current, failed = wanted if self.applies else current, True
+                    await ws.send(orjson.dumps(unavailable).decode())
+                    continue
+            elif frame["type"] == "chat" and failed:
+                failed = False
+                await ws.send(orjson.dumps(unavailable).decode())
+                continue
+            answer, current = self.answer(frame, current)
+            if answer["type"] == "reply":
+                answer["persona"] = current
+            await ws.send(orjson.dumps(answer).decode())
+
+
+@pytest.mark.parametrize("applies", [False, True])
+async def test_bots_take_a_failed_switch_as_perhaps_applied(applies: bool) -> None:
+    async with serve(FailingSwitchServer(applies).handle, "127.0.0.1", 0) as server:
+        url = f"ws://127.0.0.1:{next(iter(server.sockets)).getsockname()[1]}/ws"
+        config = LoadConfig(
+            plan=BotPlan(url=url, switch_every=2), clients=2, duration_s=0.5, secret=SECRET
+        )
+        report = await run_load(config)
+    assert report["totals"]["replies"] > 0 and report["totals"]["switches"] > 0
+    assert report["totals"]["stale_renders"] == 0, report["stale_examples"]
+    assert set(report["errors"]) == {"unavailable"}  # counted, as every unexpected error is
+
+
 @pytest.fixture
 async def stale_url() -> AsyncIterator[str]:
     async with serve(StaleServer().handle, "127.0.0.1", 0, compression=None) as server:
