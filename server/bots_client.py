@@ -330,10 +330,13 @@ class Bot:
         else:
             if pending.kind == "switch":
                 # Not applied, or (`unavailable`: the database went away around its commit) not
-                # known: until the bot's next switch, the personas before it count as well. The
-                # answer comes before the one to the chat sent behind the switch, so before the
-                # bot's next chat.
+                # known: until the bot's next switch, the personas before it count as well, also
+                # for the chat sent behind it (the server may read that chat only once the
+                # switch has failed, and then renders it with the avatar as it is).
                 self._current |= pending.before
+                for waiting in self._pending.values():
+                    if waiting.kind == "chat":
+                        waiting.accept |= pending.before
             self._stats.error(code)
 
     def _check_echo(self, pending: Pending, now: float) -> None:

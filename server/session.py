@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 
 
 PERSONA_LIST = [PersonaInfo(id=c.id, name=c.name, description=c.description) for c in CATALOGUE]
+# Reads of the avatar for one chat while changes keep being notified under them; then it fails.
+MAX_AVATAR_READS = 5
 
 
 class Session:
@@ -306,10 +308,17 @@ class Session:
         if avatar is not None and self.services.cache_trusted:
             return avatar
         async with self._lock:
-            epoch = self._avatar_epoch
-            avatar = await self.services.store.get_avatar(self.user_id)
-            if avatar is None:
-                raise NoAvatar()
+            for _ in range(MAX_AVATAR_READS):
+                epoch = self._avatar_epoch
+                avatar = await self.services.store.get_avatar(self.user_id)
+                if avatar is None:
+                    raise NoAvatar()
+                if avatar.version >= self._persona_version:
+                    break
+                # Another connection's change was notified while this read was on its way: the
+                # row is older than what this session knows (and may have told its client).
+            else:
+                raise Unavailable("the persona keeps changing; try again")
             self._seen(avatar)
             if epoch == self._avatar_epoch:
                 self._avatar = avatar

@@ -99,12 +99,14 @@ class StaleServer:
 
 class FailingSwitchServer(StaleServer):
     """Answers every switch `unavailable`, as a server whose database went away around the
-    commit, and fails the chat sent behind it the same way; it applies the switch or not (the
-    client cannot tell which). Its replies carry the persona it really has: none is stale."""
+    commit; it applies the switch or not (the client cannot tell which). The chat sent behind
+    the switch fails the same way, or (read once the switch had failed) gets a reply. Replies
+    carry the persona the server really has: none is stale."""
 
-    def __init__(self, applies: bool) -> None:
+    def __init__(self, applies: bool, fails_behind: bool) -> None:
         super().__init__()
         self.applies = applies
+        self.fails_behind = fails_behind
 
     async def handle(self, ws: ServerConnection) -> None:
         current, failed = self.first, False
@@ -115,7 +117,7 @@ class FailingSwitchServer(StaleServer):
             if frame["type"] == "set_persona" or text.startswith("/persona "):
                 wanted = frame.get("personality") or text.removeprefix("/persona ")
                 if wanted != "no-such-persona":
-                    current, failed = wanted if self.applies else current, True
+                    current, failed = wanted if self.applies else current, self.fails_behind
                     await ws.send(orjson.dumps(unavailable).decode())
                     continue
             elif frame["type"] == "chat" and failed:
@@ -128,9 +130,14 @@ class FailingSwitchServer(StaleServer):
             await ws.send(orjson.dumps(answer).decode())
 
 
-@pytest.mark.parametrize("applies", [False, True])
-async def test_bots_take_a_failed_switch_as_perhaps_applied(applies: bool) -> None:
-    async with serve(FailingSwitchServer(applies).handle, "127.0.0.1", 0) as server:
+@pytest.mark.parametrize(
+    ("applies", "fails_behind"), [(False, True), (True, True), (False, False), (True, False)]
+)
+async def test_bots_take_a_failed_switch_as_perhaps_applied(
+    applies: bool, fails_behind: bool
+) -> None:
+    server_ = FailingSwitchServer(applies, fails_behind)
+    async with serve(server_.handle, "127.0.0.1", 0) as server:
         url = f"ws://127.0.0.1:{next(iter(server.sockets)).getsockname()[1]}/ws"
         config = LoadConfig(
             plan=BotPlan(url=url, switch_every=2), clients=2, duration_s=0.5, secret=SECRET

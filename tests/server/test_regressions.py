@@ -15,6 +15,7 @@ from protocol.errors import BadJson
 from protocol.frames import decode_client_frame
 from server.app import App
 from server.batching import Done
+from server.records import Avatar as StoredAvatar
 from server.records import Switch, SwitchResult
 from tests.client import Client
 from tests.conftest import SECRET, AppFactory, ClientFactory, slow_client, with_avatar
@@ -195,3 +196,48 @@ async def test_a_chat_read_after_another_connections_change_waits_for_the_switch
         if frame["type"] in ("persona_set", "reply"):
             answers[frame["type"]] = frame.get("persona") or frame["personality"]
     assert answers == {"persona_set": "romantic", "reply": "witty"}
+
+
+async def test_a_change_notified_while_the_avatar_is_read_is_not_rendered_over(
+    app: App, connect: ClientFactory, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chat reads the avatar; before that read's answer is used, another process commits a
+    switch and its notification arrives (pushed to the client). The row the read returned is
+    now older than what the client was told: the chat must read again, not render over it."""
+    user = f"readrace-{uuid.uuid4().hex[:8]}"
+    client = await connect(user)
+    await with_avatar(client, "friendly")
+    store = app.services.store
+    get_avatar = store.get_avatar
+
+    def notifications() -> float:
+        return app.metrics.registry.get_sample_value("chat_persona_notifications_total") or 0.0
+
+    async def read_then_a_change(user_id: str) -> StoredAvatar | None:
+        avatar = await get_avatar(user_id)  # the row as it is before the other switch
+        monkeypatch.setattr(store, "get_avatar", get_avatar)  # later reads are plain
+        seen = notifications()
+        conn = await asyncpg.connect(database_url)
+        try:  # another process switches after that read, and notifies
+            await conn.execute(
+                "WITH changed AS (UPDATE avatars SET personality = 'witty',"
+                " version = version + 1 WHERE user_id = $1 RETURNING version)"
+                " SELECT pg_notify('persona_changed', json_build_object('user_id', $1::text,"
+                " 'personality', 'witty', 'previous', 'friendly', 'version', version,"
+                " 'origin', 'another-process')::text) FROM changed",
+                user_id,
+            )
+        finally:
+            await conn.close()
+        async with asyncio.timeout(10):  # until the notification has reached the sessions
+            while notifications() <= seen:
+                await asyncio.sleep(0.01)
+        return avatar
+
+    app.services.hub.clear_all_caches()  # so that the chat reads the avatar
+    monkeypatch.setattr(store, "get_avatar", read_then_a_change)
+    await client.send({"type": "chat", "id": "m1", "text": "which persona now?"})
+    pushed = await client.recv_type("persona_changed")
+    assert pushed["personality"] == "witty"
+    reply = await client.recv_type("reply")
+    assert reply["persona"] == "witty"
