@@ -4,6 +4,7 @@ and a graceful drain. Nothing acknowledged may be lost."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import time
@@ -17,6 +18,8 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 
+from server.bots_load import LoadConfig, run_load
+from server.bots_plan import BotPlan
 from server.embedded import EmbeddedPostgres
 from tests.client import login
 from tests.conftest import SECRET
@@ -267,3 +270,43 @@ async def test_the_embedded_database_is_started_again_when_it_dies(
         await _verify_nothing_lost(dsn, ledger, users)
     finally:
         await asyncio.to_thread(pg.stop)
+
+
+async def test_bots_sharing_users_see_no_stale_render_while_the_database_is_killed(
+    tmp_path: Path,
+) -> None:
+    """Bots that share users over two workers switch and chat while the embedded database is
+    killed three times: every answer is a reply with a persona the bot could know, or
+    `unavailable`. (Runs like this found the two races that test_regressions.py and
+    test_bots.py now pin deterministically.)"""
+    data = tmp_path / "data"
+    log_path = tmp_path / "server.log"
+    env = clean_env(CHAT_JWT_SECRET=SECRET, CHAT_DB_TIMEOUT_S="2", **UNLIMITED)
+    served = await serve("--data-dir", str(data), "--workers", "2", log_path=log_path, env=env)
+    config = LoadConfig(
+        plan=BotPlan(url=served.url, switch_every=2),
+        clients=40,
+        users=10,
+        duration_s=12.0,
+        ramp_s=0.5,
+        secret=SECRET,
+    )
+    try:
+        load = asyncio.ensure_future(run_load(config))
+        for _ in range(3):
+            await asyncio.sleep(3.0)
+            killed = _postmaster(data / "pgdata")
+            os.kill(killed, signal.SIGKILL)
+            back = functools.partial(_restarted, data / "pgdata", killed)
+            await _until(back, "a new postmaster", 60.0)
+        report = await asyncio.wait_for(load, 60)
+    finally:
+        assert await served.stop() == 0
+    totals = report["totals"]
+    print(
+        f"\nbots over three database kills: {totals['replies']} replies,"
+        f" {totals['switch_acks']} switches acknowledged, errors {report['errors']}"
+    )
+    assert totals["stale_renders"] == 0, report["stale_examples"]
+    assert set(report["errors"]) <= {"unavailable"}, report["errors"]
+    assert totals["replies"] > 100 and totals["switch_acks"] > 50
