@@ -329,15 +329,26 @@ class Bot:
             pass
         else:
             if pending.kind == "switch":
-                # Not applied, or (`unavailable`: the database went away around its commit) not
-                # known: until the bot's next switch, the personas before it count as well, also
-                # for the chat sent behind it (the server may read that chat only once the
-                # switch has failed, and then renders it with the avatar as it is).
-                self._current |= pending.before
-                for waiting in self._pending.values():
-                    if waiting.kind == "chat":
-                        waiting.accept |= pending.before
+                self._switch_failed(pending, code)
             self._stats.error(code)
+
+    def _switch_failed(self, switch: Pending, code: str) -> None:
+        """A switch answered with an error: not applied, or (`unavailable`, `internal`: the
+        database went away around its commit) not known to be.
+
+        Until the bot's next switch, the personas before it count again, also for the chats
+        sent behind it (the server may read such a chat only once the switch has failed, and
+        then renders it with the avatar as it is), unless another connection's change was pushed
+        meanwhile: that change is newer than they are, and the push already counts.
+        """
+        if code not in UNKNOWN_OUTCOME:
+            self._current.discard(switch.expect)
+        if switch.pushed:
+            return
+        self._current |= switch.before
+        for waiting in self._pending.values():
+            if waiting.kind == "chat" and waiting.sent_at >= switch.sent_at:
+                waiting.accept |= switch.before
 
     def _check_echo(self, pending: Pending, now: float) -> None:
         if pending.kind == "chat":
@@ -375,6 +386,8 @@ class Bot:
         for pending in self._pending.values():
             if pending.kind == "chat":
                 pending.accept.add(personality)
+            elif pending.kind == "switch":
+                pending.pushed = True
         self._current.add(personality)
         self._suspects = [(t, ex) for t, ex in self._suspects if ex["persona"] != personality]
 
@@ -391,4 +404,6 @@ class Bot:
         return BotFailed(kind)
 
 
+# Errors after which a switch may have committed all the same.
+UNKNOWN_OUTCOME = frozenset({"unavailable", "internal"})
 _EXPECTED_ANSWERS = frozenset({("hello", "welcome"), ("create", "avatar"), ("ping", "pong")})

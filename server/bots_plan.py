@@ -38,6 +38,7 @@ class Pending:
     sent_at: float
     expect: str = ""  # the personality a switch asks for
     before: set[str] = field(default_factory=set)  # a switch: the personas current before it
+    pushed: bool = False  # a switch: another connection's change was pushed while it was pending
     accept: set[str] = field(default_factory=set)  # personas a chat's reply may carry
     after_switch: bool = False  # a chat sent right behind a switch, before its acknowledgement
 

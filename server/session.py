@@ -309,11 +309,22 @@ class Session:
             return avatar
         async with self._lock:
             for _ in range(MAX_AVATAR_READS):
-                epoch = self._avatar_epoch
+                epoch, known = self._avatar_epoch, self._persona_version
                 avatar = await self.services.store.get_avatar(self.user_id)
                 if avatar is None:
                     raise NoAvatar()
                 if avatar.version >= self._persona_version:
+                    break
+                if self._persona_version == known:
+                    # Older than before the read, and nothing was notified meanwhile: the row
+                    # itself went back (a restored database, an avatar made again). Believe it,
+                    # and tell the client.
+                    log.warning(
+                        "session %s: the avatar's version went back from %d to %d",
+                        self.id, known, avatar.version,
+                    )  # fmt: skip
+                    self._persona_version = avatar.version
+                    self._told_version = min(self._told_version, avatar.version - 1)
                     break
                 # Another connection's change was notified while this read was on its way: the
                 # row is older than what this session knows (and may have told its client).
@@ -353,7 +364,8 @@ class Session:
                 self.user_id, frame.name, frame.personality
             )
             self.clear_avatar_cache()
-            self._avatar = avatar
+            if avatar.version >= self._persona_version:  # else a switch was notified meanwhile
+                self._avatar = avatar
             self._seen(avatar)
             self._told(avatar.version, avatar.personality)
         self._emit(Avatar(ref=frame.id, avatar=avatar.info()))

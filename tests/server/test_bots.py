@@ -11,6 +11,7 @@ import orjson
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
+from protocol.personas import PERSONA_IDS
 from run import build_parser
 from server.bots import main as bots_main
 from server.bots_load import LoadConfig, run_load
@@ -146,6 +147,52 @@ async def test_bots_take_a_failed_switch_as_perhaps_applied(
     assert report["totals"]["replies"] > 0 and report["totals"]["switches"] > 0
     assert report["totals"]["stale_renders"] == 0, report["stale_examples"]
     assert set(report["errors"]) == {"unavailable"}  # counted, as every unexpected error is
+
+
+class PushThenFailServer(StaleServer):
+    """While the bot's switch is pending, another connection's change is pushed; then the
+    switch fails `unavailable`, not applied. The reply to the chat sent behind it carries the
+    pushed persona (right), or with `stale` the one from before the switch, which the push made
+    old: the bots must count that one."""
+
+    def __init__(self, stale: bool) -> None:
+        super().__init__()
+        self.stale = stale
+
+    async def handle(self, ws: ServerConnection) -> None:
+        current, before = self.first, ""
+        async for raw in ws:
+            frame = orjson.loads(raw)
+            ref, text = frame.get("id"), str(frame.get("text", ""))
+            if frame["type"] == "set_persona" or text.startswith("/persona "):
+                wanted = frame.get("personality") or text.removeprefix("/persona ")
+                if wanted != "no-such-persona":
+                    pushed = next(p for p in PERSONA_IDS if p not in (current, wanted))
+                    push = {"type": "persona_changed", "personality": pushed, "previous": current}
+                    await ws.send(orjson.dumps(push).decode())
+                    before, current = current, pushed
+                    error = {"type": "error", "ref": ref, "code": "unavailable", "status": 503}
+                    await ws.send(orjson.dumps(error).decode())
+                    continue
+            answer, current = self.answer(frame, current)
+            if answer["type"] == "reply":
+                answer["persona"] = before if self.stale and before else current
+                before = ""
+            await ws.send(orjson.dumps(answer).decode())
+
+
+@pytest.mark.parametrize("stale", [False, True])
+async def test_bots_judge_the_chat_behind_a_failed_switch_by_what_was_pushed_meanwhile(
+    stale: bool,
+) -> None:
+    async with serve(PushThenFailServer(stale).handle, "127.0.0.1", 0) as server:
+        url = f"ws://127.0.0.1:{next(iter(server.sockets)).getsockname()[1]}/ws"
+        config = LoadConfig(
+            plan=BotPlan(url=url, switch_every=2), clients=2, duration_s=0.5, secret=SECRET
+        )
+        report = await run_load(config)
+    assert report["totals"]["switches"] > 0
+    assert (report["totals"]["stale_renders"] > 0) is stale, report["stale_examples"]
 
 
 @pytest.fixture

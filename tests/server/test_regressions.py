@@ -241,3 +241,69 @@ async def test_a_change_notified_while_the_avatar_is_read_is_not_rendered_over(
     assert pushed["personality"] == "witty"
     reply = await client.recv_type("reply")
     assert reply["persona"] == "witty"
+
+
+async def test_an_avatar_whose_version_went_back_is_still_answered(
+    app: App, connect: ClientFactory, database_url: str
+) -> None:
+    """The row's version goes back (a restored database): chats are answered with the avatar as
+    it is, not refused as older than what the session saw."""
+    user = f"goneback-{uuid.uuid4().hex[:8]}"
+    client = await connect(user)
+    await with_avatar(client, "friendly")
+    for personality in ("witty", "caring", "playful"):
+        ack = await client.request({"type": "set_persona", "personality": personality})
+        assert ack["type"] == "persona_set"
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "UPDATE avatars SET personality = 'romantic', version = 1 WHERE user_id = $1", user
+        )
+    finally:
+        await conn.close()
+    app.services.hub.clear_all_caches()
+    for _ in range(2):
+        reply = await client.request({"type": "chat", "text": "still there?"})
+        assert (reply["type"], reply["persona"]) == ("reply", "romantic")
+
+
+async def test_an_avatar_created_while_a_switch_is_notified_is_not_cached_over_it(
+    app: App, connect: ClientFactory, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Right after this connection creates the avatar, another process switches it, and the
+    notification arrives before the create's answer: the next chat has the switched persona."""
+    user = f"createrace-{uuid.uuid4().hex[:8]}"
+    client = await connect(user)
+    store = app.services.store
+    create_avatar = store.create_avatar
+
+    def notifications() -> float:
+        return app.metrics.registry.get_sample_value("chat_persona_notifications_total") or 0.0
+
+    async def create_then_a_switch(user_id: str, name: str, personality: str) -> StoredAvatar:
+        avatar = await create_avatar(user_id, name, personality)
+        seen = notifications()
+        conn = await asyncpg.connect(database_url)
+        try:  # another process switches right after the create, and notifies
+            await conn.execute(
+                "WITH changed AS (UPDATE avatars SET personality = 'witty',"
+                " version = version + 1 WHERE user_id = $1 RETURNING version)"
+                " SELECT pg_notify('persona_changed', json_build_object('user_id', $1::text,"
+                " 'personality', 'witty', 'previous', 'friendly', 'version', version,"
+                " 'origin', 'another-process')::text) FROM changed",
+                user_id,
+            )
+        finally:
+            await conn.close()
+        async with asyncio.timeout(10):
+            while notifications() <= seen:
+                await asyncio.sleep(0.01)
+        return avatar
+
+    monkeypatch.setattr(store, "create_avatar", create_then_a_switch)
+    created = await client.request(
+        {"type": "create_avatar", "name": "Ava", "personality": "friendly"}
+    )
+    assert created["type"] == "avatar"
+    reply = await client.request({"type": "chat", "text": "which persona now?"})
+    assert (reply["type"], reply["persona"]) == ("reply", "witty")
