@@ -210,28 +210,10 @@ async def test_a_change_notified_while_the_avatar_is_read_is_not_rendered_over(
     store = app.services.store
     get_avatar = store.get_avatar
 
-    def notifications() -> float:
-        return app.metrics.registry.get_sample_value("chat_persona_notifications_total") or 0.0
-
     async def read_then_a_change(user_id: str) -> StoredAvatar | None:
         avatar = await get_avatar(user_id)  # the row as it is before the other switch
         monkeypatch.setattr(store, "get_avatar", get_avatar)  # later reads are plain
-        seen = notifications()
-        conn = await asyncpg.connect(database_url)
-        try:  # another process switches after that read, and notifies
-            await conn.execute(
-                "WITH changed AS (UPDATE avatars SET personality = 'witty',"
-                " version = version + 1 WHERE user_id = $1 RETURNING version)"
-                " SELECT pg_notify('persona_changed', json_build_object('user_id', $1::text,"
-                " 'personality', 'witty', 'previous', 'friendly', 'version', version,"
-                " 'origin', 'another-process')::text) FROM changed",
-                user_id,
-            )
-        finally:
-            await conn.close()
-        async with asyncio.timeout(10):  # until the notification has reached the sessions
-            while notifications() <= seen:
-                await asyncio.sleep(0.01)
+        await _switched_elsewhere(app, database_url, user_id, "witty", "friendly")
         return avatar
 
     app.services.hub.clear_all_caches()  # so that the chat reads the avatar
@@ -277,27 +259,9 @@ async def test_an_avatar_created_while_a_switch_is_notified_is_not_cached_over_i
     store = app.services.store
     create_avatar = store.create_avatar
 
-    def notifications() -> float:
-        return app.metrics.registry.get_sample_value("chat_persona_notifications_total") or 0.0
-
     async def create_then_a_switch(user_id: str, name: str, personality: str) -> StoredAvatar:
         avatar = await create_avatar(user_id, name, personality)
-        seen = notifications()
-        conn = await asyncpg.connect(database_url)
-        try:  # another process switches right after the create, and notifies
-            await conn.execute(
-                "WITH changed AS (UPDATE avatars SET personality = 'witty',"
-                " version = version + 1 WHERE user_id = $1 RETURNING version)"
-                " SELECT pg_notify('persona_changed', json_build_object('user_id', $1::text,"
-                " 'personality', 'witty', 'previous', 'friendly', 'version', version,"
-                " 'origin', 'another-process')::text) FROM changed",
-                user_id,
-            )
-        finally:
-            await conn.close()
-        async with asyncio.timeout(10):
-            while notifications() <= seen:
-                await asyncio.sleep(0.01)
+        await _switched_elsewhere(app, database_url, user_id, "witty", personality)
         return avatar
 
     monkeypatch.setattr(store, "create_avatar", create_then_a_switch)
@@ -307,3 +271,32 @@ async def test_an_avatar_created_while_a_switch_is_notified_is_not_cached_over_i
     assert created["type"] == "avatar"
     reply = await client.request({"type": "chat", "text": "which persona now?"})
     assert (reply["type"], reply["persona"]) == ("reply", "witty")
+
+
+async def _switched_elsewhere(
+    app: App, database_url: str, user: str, personality: str, previous: str
+) -> None:
+    """Another process switches `user` to `personality` and notifies, as the server's statement
+    does; return once this app has received the notification."""
+
+    def notifications() -> float:
+        return app.metrics.registry.get_sample_value("chat_persona_notifications_total") or 0.0
+
+    seen = notifications()
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(
+            "WITH changed AS (UPDATE avatars SET personality = $2,"
+            " version = version + 1 WHERE user_id = $1 RETURNING version)"
+            " SELECT pg_notify('persona_changed', json_build_object('user_id', $1::text,"
+            " 'personality', $2::text, 'previous', $3::text, 'version', version,"
+            " 'origin', 'another-process')::text) FROM changed",
+            user,
+            personality,
+            previous,
+        )
+    finally:
+        await conn.close()
+    async with asyncio.timeout(10):
+        while notifications() <= seen:
+            await asyncio.sleep(0.01)
