@@ -149,12 +149,11 @@ class Bot:
         await self._phase.go.wait()
         chats = 0
         while self._phase.running() and chats < plan.max_chats:
-            if plan.switch_every > 0 and chats and chats % plan.switch_every == 0:
+            switching = plan.switch_every > 0 and chats > 0 and chats % plan.switch_every == 0
+            if switching:
                 await self._maybe_invalid()
                 await self._switch(by_command=self._switches % 2 == 1)
-                ref = await self._send_chat(chats, after_switch=True)
-            else:
-                ref = await self._send_chat(chats)
+            ref = await self._send_chat(chats, after_switch=switching)
             await self._await_answer(ref)
             chats += 1
             if plan.think_s > 0:
