@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 
@@ -127,6 +128,39 @@ async def test_turn_with_a_used_client_id_is_not_stored_twice(store: Store) -> N
     first, second = await asyncio.gather(store.commit_turn(turn), store.commit_turn(turn))
     assert sorted([first.inserted, second.inserted]) == [False, True]
     assert len(await store.history(user, 100, None)) == 2
+
+
+async def test_a_batch_meeting_a_stored_chat_writes_the_others_once(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The batch's one INSERT fails on the stored chat's client id; written again, it keeps the
+    stored chat and writes every other turn of the batch, once."""
+    user = _user()
+    await store.open_user(user)
+
+    def turn(client_id: str, reply: str) -> Turn:
+        return Turn(
+            user_id=user,
+            persona="witty",
+            user_text=f"q-{client_id}",
+            reply_text=reply,
+            status="completed",
+            client_id=client_id,
+        )
+
+    stored = await store.commit_turn(turn("c1", "first answer"))
+    caplog.set_level(logging.INFO, logger="server.store")
+    again, *others = await asyncio.gather(
+        store.commit_turn(turn("c1", "second answer")),
+        *(store.commit_turn(turn(f"n{i}", f"a{i}")) for i in range(5)),
+    )
+    assert stored.inserted and not again.inserted
+    assert "a batch of 6 turns met a stored chat" in caplog.text
+    assert all(other.inserted for other in others)
+    texts = [entry.text for entry in await store.history(user, 100, None)]
+    assert texts.count("first answer") == 1 and "second answer" not in texts
+    assert len(texts) == 2 + 2 * 5
+    assert sorted(texts[2:]) == sorted([f"q-n{i}" for i in range(5)] + [f"a{i}" for i in range(5)])
 
 
 async def test_recent_messages_respect_count_and_characters(store: Store) -> None:
