@@ -1,15 +1,13 @@
-"""Storage: the asyncpg pool, migrations, and every SQL statement the server runs."""
+"""The store: the asyncpg pool, migrations, the group commits, and every query."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
-from dataclasses import fields
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Any, TypeAlias, TypeVar
+from typing import TypeAlias
 
 import asyncpg
 import orjson
@@ -17,123 +15,25 @@ import orjson
 from protocol.errors import AvatarExists, Unavailable
 from protocol.frames import HistoryEntry
 from server.batching import Batcher, Done, settle
-from server.logs import Throttled
 from server.records import Avatar, PastTurn, StoredTurn, Switch, SwitchResult, Turn
 from server.render import PastMessage
+from server.store.connections import (
+    Conn,
+    PoolConnection,
+    avatar_or_none,
+    record,
+    unreachable_is_unavailable,
+)
+from server.store.statements import (
+    AVATAR_COLUMNS,
+    COMMIT_TURNS,
+    COMMIT_TURNS_SKIPPING,
+    SET_PERSONAS,
+)
 
-log = logging.getLogger(__name__)
-_outage = Throttled(log)  # every request fails during an outage: a line per 5 s says so
+log = logging.getLogger("server.store")
 
 MIGRATION_LOCK_KEY = 0x70657273  # "pers": one advisory lock for every process that migrates
-
-# Errors that mean "the database is not reachable right now", as opposed to a bug.
-_UNREACHABLE: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-)
-
-
-_AVATAR_COLUMNS = "id, user_id, name, personality, version, created_at, updated_at"
-
-# Switches of many sessions in one statement. A user's avatar row is updated once per statement,
-# to its last switch in it, and rows are locked in user order, so that two processes' statements
-# cannot deadlock. Each switch still gets its own result (the personality it replaced, the
-# version it made) and its own notification, delivered on commit, so that every process can
-# tell the user's other connections.
-_SET_PERSONAS = """
-WITH wanted AS MATERIALIZED (
-    SELECT w.ord, w.user_id, w.personality,
-           row_number() OVER mine AS k,
-           count(*) OVER (PARTITION BY w.user_id) AS n,
-           lag(w.personality) OVER mine AS before
-    FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS w(user_id, personality, ord)
-    WINDOW mine AS (PARTITION BY w.user_id ORDER BY w.ord)
-),
-old AS MATERIALIZED (
-    SELECT a.user_id, a.personality FROM avatars a
-    WHERE a.user_id IN (SELECT user_id FROM wanted)
-    ORDER BY a.user_id FOR UPDATE OF a
-),
-changed AS (
-    UPDATE avatars a SET personality = w.personality, version = a.version + w.n,
-                         updated_at = now()
-    FROM wanted w JOIN old USING (user_id)
-    WHERE a.user_id = w.user_id AND w.k = w.n
-    RETURNING a.id, a.user_id, a.name, a.version, a.created_at, a.updated_at
-),
-switched AS MATERIALIZED (
-    SELECT w.ord, c.id, c.user_id, c.name, w.personality, c.version - w.n + w.k AS version,
-           c.created_at, c.updated_at, coalesce(w.before, o.personality) AS previous,
-           w.k = w.n AS newest
-    FROM wanted w JOIN changed c USING (user_id) JOIN old o USING (user_id)
-)
-SELECT s.*, pg_notify('persona_changed', json_build_object(
-    'user_id', s.user_id, 'personality', s.personality, 'previous', s.previous,
-    'version', s.version, 'origin', $3::text)::text)
-FROM switched s ORDER BY s.ord
-"""
-
-# A batch of turns: each chat and its reply, two rows, in one statement. `$1` is one JSON array
-# (asyncpg would encode eight arrays element by element).
-_TURNS = """
-WITH turns AS MATERIALIZED (
-    SELECT t.ord, t.user_id, t.persona, t.user_text, t.reply_text, t.status, t.client_id,
-           coalesce(t.message_id, nextval('messages_id_seq')) AS message_id,
-           coalesce(t.reply_id, nextval('messages_id_seq')) AS reply_id
-    FROM ROWS FROM (json_to_recordset($1::json)
-                    AS (user_id text, persona text, user_text text, reply_text text, status text,
-                        client_id text, message_id bigint, reply_id bigint))
-         WITH ORDINALITY
-         AS t(user_id, persona, user_text, reply_text, status, client_id, message_id, reply_id,
-              ord)
-)"""
-
-# The usual case: no chat of the batch is stored yet, so both rows of every turn go in with one
-# INSERT. `ON CONFLICT` would cost PostgreSQL about a quarter of its time per turn (a
-# speculative insertion into each unique index), so a conflict fails the statement instead, and
-# the batch is written again with `_COMMIT_TURNS_SKIPPING`.
-_COMMIT_TURNS = (
-    _TURNS
-    + """,
-rows AS (
-    INSERT INTO messages (id, user_id, role, persona, text, status, client_id, reply_to)
-    SELECT m.* FROM turns t CROSS JOIN LATERAL (VALUES
-        (t.message_id, t.user_id, 'user', t.persona, t.user_text, 'completed', t.client_id,
-         NULL::bigint),
-        (t.reply_id, t.user_id, 'assistant', t.persona, t.reply_text, t.status, NULL,
-         t.message_id)) AS m
-)
-SELECT t.ord, t.message_id, t.reply_id, true AS inserted FROM turns t ORDER BY t.ord
-"""
-)
-
-# A batch with a chat already stored (its client id retried on another connection, or in another
-# process, at the same moment): the stored one is kept and reported as not inserted.
-_COMMIT_TURNS_SKIPPING = (
-    _TURNS
-    + """,
-user_rows AS (
-    INSERT INTO messages (id, user_id, role, persona, text, status, client_id)
-    SELECT message_id, user_id, 'user', persona, user_text, 'completed', client_id FROM turns
-    ON CONFLICT DO NOTHING
-    RETURNING id
-),
-reply_rows AS (
-    INSERT INTO messages (id, user_id, role, persona, text, status, reply_to)
-    SELECT reply_id, user_id, 'assistant', persona, reply_text, status, message_id FROM turns
-    WHERE message_id IN (SELECT id FROM user_rows)
-    RETURNING reply_to
-)
-SELECT t.ord, t.message_id, t.reply_id, (r.reply_to IS NOT NULL) AS inserted
-FROM turns t LEFT JOIN reply_rows r ON r.reply_to = t.message_id
-ORDER BY t.ord
-"""
-)
 
 # An item of the turn batcher: a turn, and the switch it was rendered after (if not committed
 # when the chat was accepted).
@@ -141,45 +41,6 @@ _TurnAfter: TypeAlias = "tuple[Turn, Switch | None]"
 
 
 SWITCH_WAIT_S = 0.1  # how long a batch of turns may wait for switches that turns wait for
-
-_Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[Any]"
-
-
-@contextmanager
-def _unreachable_is_unavailable(conn: _Conn | None = None) -> Iterator[None]:
-    """Errors that mean the database is not reachable become `Unavailable`; bugs stay bugs.
-
-    When the database goes away under a statement, asyncpg can also answer with an
-    `InternalClientError` about its protocol state; on `conn`, now closed, that is one more
-    sign of the same thing.
-    """
-    try:
-        yield
-    except _UNREACHABLE as exc:
-        kind = type(exc).__name__
-        _outage.warning(kind, "database unreachable: %s: %s", kind, exc)
-        raise Unavailable("the database is unreachable; try again shortly") from exc
-    except asyncpg.InternalClientError as exc:
-        if conn is None or not conn.is_closed():
-            raise
-        # with its traceback: were it a bug in asyncpg rather than the database going away,
-        # this is where it would show
-        _outage.warning(
-            "lost", "database connection lost under a statement: %s", exc, exc_info=True
-        )
-        raise Unavailable("the database is unreachable; try again shortly") from exc
-
-
-class _PoolConnection(asyncpg.Connection):
-    """A pooled connection that needs no reset on release.
-
-    The server sets no session state on pooled connections (no SET, no LISTEN, no cursors, and
-    the migration lock is released explicitly), so asyncpg's reset query, one more round trip
-    every time a connection goes back to the pool, would only cost time.
-    """
-
-    def get_reset_query(self) -> str:
-        return ""
 
 
 class Store:
@@ -193,7 +54,7 @@ class Store:
     ) -> None:
         self._pool = pool
         self._timeout = timeout_s
-        self._turns: Batcher[_Conn, _TurnAfter, StoredTurn] = Batcher(
+        self._turns: Batcher[Conn, _TurnAfter, StoredTurn] = Batcher(
             self._commit_turns,
             self._connection,
             name="turns",
@@ -201,10 +62,10 @@ class Store:
             before_batch=self._switches_answered,
         )
         self._awaited: set[asyncio.Future[None]] = set()  # switches that turns wait for
-        self._switches: Batcher[_Conn, Switch, SwitchResult | None] = Batcher(
+        self._switches: Batcher[Conn, Switch, SwitchResult | None] = Batcher(
             self._commit_switches, self._connection, name="switches"
         )
-        self._loads: Batcher[_Conn, str, Avatar | None] = Batcher(
+        self._loads: Batcher[Conn, str, Avatar | None] = Batcher(
             self._load_avatars, self._connection, name="avatars"
         )
 
@@ -224,7 +85,7 @@ class Store:
             max_size=max_size,
             timeout=timeout_s,
             command_timeout=timeout_s,
-            connection_class=_PoolConnection,
+            connection_class=PoolConnection,
         )
         return cls(pool, timeout_s, on_batch)
 
@@ -243,7 +104,7 @@ class Store:
         return self._pool.get_size() - self._pool.get_idle_size()
 
     @property
-    def batches(self) -> Batcher[_Conn, _TurnAfter, StoredTurn]:
+    def batches(self) -> Batcher[Conn, _TurnAfter, StoredTurn]:
         return self._turns
 
     @property
@@ -252,17 +113,17 @@ class Store:
         return self._loads.items
 
     @asynccontextmanager
-    async def _connection(self) -> AsyncIterator[_Conn]:
+    async def _connection(self) -> AsyncIterator[Conn]:
         """A pooled connection; unreachable-database errors become `Unavailable`."""
-        with _unreachable_is_unavailable():
+        with unreachable_is_unavailable():
             async with self._pool.acquire(timeout=self._timeout) as conn:
-                with _unreachable_is_unavailable(conn):
+                with unreachable_is_unavailable(conn):
                     yield conn
 
-    async def _fetch(self, conn: _Conn, query: str, *args: object) -> list[asyncpg.Record]:
+    async def _fetch(self, conn: Conn, query: str, *args: object) -> list[asyncpg.Record]:
         """A batch's statement on the connection its batcher holds; unreachable-database errors
         become `Unavailable`."""
-        with _unreachable_is_unavailable(conn):
+        with unreachable_is_unavailable(conn):
             return await conn.fetch(query, *args)
 
     # ------------------------------------------------------------------ lifecycle
@@ -312,34 +173,34 @@ class Store:
         async with self._connection() as conn:
             row = await conn.fetchrow(
                 "WITH new_user AS (INSERT INTO users (id) VALUES ($1) ON CONFLICT DO NOTHING)"
-                f" SELECT {_AVATAR_COLUMNS} FROM avatars WHERE user_id = $1",
+                f" SELECT {AVATAR_COLUMNS} FROM avatars WHERE user_id = $1",
                 user_id,
             )
-        return _avatar(row)
+        return avatar_or_none(row)
 
     async def get_avatar(self, user_id: str) -> Avatar | None:
         """The user's avatar, read together with other sessions' reads."""
         return await self._loads.submit(user_id)
 
-    async def _load_avatars(self, conn: _Conn, user_ids: Sequence[str]) -> list[Avatar | None]:
+    async def _load_avatars(self, conn: Conn, user_ids: Sequence[str]) -> list[Avatar | None]:
         rows = await self._fetch(
             conn,
-            f"SELECT {_AVATAR_COLUMNS} FROM avatars WHERE user_id = ANY($1::text[])",
+            f"SELECT {AVATAR_COLUMNS} FROM avatars WHERE user_id = ANY($1::text[])",
             list(set(user_ids)),
         )
-        found = {row["user_id"]: _record(Avatar, row) for row in rows}
+        found = {row["user_id"]: record(Avatar, row) for row in rows}
         return [found.get(user_id) for user_id in user_ids]
 
     async def create_avatar(self, user_id: str, name: str, personality: str) -> Avatar:
         async with self._connection() as conn:
             row = await conn.fetchrow(
                 "INSERT INTO avatars (user_id, name, personality) VALUES ($1, $2, $3)"
-                f" ON CONFLICT (user_id) DO NOTHING RETURNING {_AVATAR_COLUMNS}",
+                f" ON CONFLICT (user_id) DO NOTHING RETURNING {AVATAR_COLUMNS}",
                 user_id,
                 name,
                 personality,
             )
-        avatar = _avatar(row)
+        avatar = avatar_or_none(row)
         if avatar is None:
             raise AvatarExists()
         return avatar
@@ -375,18 +236,18 @@ class Store:
         self._switches.add(switch, answered)
 
     async def _commit_switches(
-        self, conn: _Conn, switches: Sequence[Switch]
+        self, conn: Conn, switches: Sequence[Switch]
     ) -> list[SwitchResult | None]:
         rows = await self._fetch(
             conn,
-            _SET_PERSONAS,
+            SET_PERSONAS,
             [switch.user_id for switch in switches],
             [switch.personality for switch in switches],
             switches[0].origin,
         )
         results: list[SwitchResult | None] = [None] * len(switches)
         for row in rows:
-            avatar = _record(Avatar, row)
+            avatar = record(Avatar, row)
             results[row["ord"] - 1] = SwitchResult(avatar, row["previous"], row["newest"])
         return results
 
@@ -428,7 +289,7 @@ class Store:
         await asyncio.wait(waiting, timeout=SWITCH_WAIT_S)
 
     async def _commit_turns(
-        self, conn: _Conn, writes: Sequence[_TurnAfter]
+        self, conn: Conn, writes: Sequence[_TurnAfter]
     ) -> list[StoredTurn | BaseException]:
         failed: dict[int, BaseException] = {}
         turns: list[Turn] = []
@@ -440,18 +301,18 @@ class Store:
                 turns.append(turn)
         rows = iter(await self._write_turns(conn, turns) if turns else ())
         return [
-            failed[index] if index in failed else _record(StoredTurn, next(rows))
+            failed[index] if index in failed else record(StoredTurn, next(rows))
             for index in range(len(writes))
         ]
 
-    async def _write_turns(self, conn: _Conn, turns: Sequence[Turn]) -> list[asyncpg.Record]:
+    async def _write_turns(self, conn: Conn, turns: Sequence[Turn]) -> list[asyncpg.Record]:
         data = orjson.dumps(turns).decode()
         try:
-            return await self._fetch(conn, _COMMIT_TURNS, data)
+            return await self._fetch(conn, COMMIT_TURNS, data)
         except asyncpg.UniqueViolationError as exc:
             # Nothing of the batch was written; again, keeping the chats already stored.
             log.info("a batch of %d turns met a stored chat (%s); written again", len(turns), exc)
-            return await self._fetch(conn, _COMMIT_TURNS_SKIPPING, data)
+            return await self._fetch(conn, COMMIT_TURNS_SKIPPING, data)
 
     async def find_turn(self, user_id: str, client_id: str) -> PastTurn | None:
         """The stored chat with this client id, with its reply."""
@@ -464,7 +325,7 @@ class Store:
                 user_id,
                 client_id,
             )
-        return None if row is None else _record(PastTurn, row)
+        return None if row is None else record(PastTurn, row)
 
     async def reserve_message_ids(self) -> tuple[int, int]:
         """Two fresh ids (the chat's, the reply's) for a reply that streams before it commits."""
@@ -528,23 +389,6 @@ async def migrate_database(dsn: str, timeout_s: float) -> list[str]:
         return await store.migrate()
     finally:
         await store.close()
-
-
-R = TypeVar("R")
-
-
-def _record(cls: type[R], row: asyncpg.Record) -> R:
-    """A dataclass from the columns of `row` that share its field names."""
-    return cls(**{name: row[name] for name in _field_names(cls)})  # type: ignore[arg-type]
-
-
-@functools.cache
-def _field_names(cls: type) -> tuple[str, ...]:
-    return tuple(f.name for f in fields(cls))
-
-
-def _avatar(row: asyncpg.Record | None) -> Avatar | None:
-    return None if row is None else _record(Avatar, row)
 
 
 def _migration_files() -> list[tuple[int, str, str]]:
