@@ -7,7 +7,7 @@ from typing import Protocol
 
 
 class Listener(Protocol):
-    """What the hub needs of a session."""
+    """What the hub needs of a session: its view of the avatar (server/avatar.py)."""
 
     def on_persona_changed(self, personality: str, previous: str, version: int) -> None: ...
 

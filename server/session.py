@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 import uuid
@@ -17,7 +16,6 @@ from protocol.errors import (
     CloseCode,
     ConnectionRefused,
     InvalidFrame,
-    NoAvatar,
     ProtocolError,
     RateLimited,
     Unavailable,
@@ -34,10 +32,8 @@ from protocol.frames import (
     HistoryPage,
     Limits,
     Notice,
-    PersonaChanged,
     PersonaInfo,
     Personas,
-    PersonaSet,
     Ping,
     Pong,
     ServerFrame,
@@ -49,22 +45,18 @@ from protocol.frames import (
     fit_history_page,
     salvage_ref,
 )
-from protocol.personas import CATALOGUE, require_known
+from protocol.personas import CATALOGUE
 from server.auth import authenticate
+from server.avatar import AvatarState
 from server.limits import TokenBucket
 from server.outbox import Outbox
-from server.records import Avatar as StoredAvatar
-from server.records import Switch, SwitchResult
 from server.replies import PendingChat, Replies
 from server.services import Services
-from server.switches import SwitchesInFlight
 
 log = logging.getLogger(__name__)
 
 
 PERSONA_LIST = [PersonaInfo(id=c.id, name=c.name, description=c.description) for c in CATALOGUE]
-# Reads of the avatar for one chat while changes keep being notified under them; then it fails.
-MAX_AVATAR_READS = 5
 
 
 class Session:
@@ -76,14 +68,7 @@ class Session:
         self.ws = ws
         self.id = uuid.uuid4().hex
         self.user_id = ""
-        self._avatar: StoredAvatar | None = None
-        self._avatar_epoch = 0
-        self._persona_version = 0  # the newest avatar version this session has seen
-        self._told_version = 0  # the newest one its client was told about
-        self._told_persona = ""
-        self._welcomed = False
-        self._lock = asyncio.Lock()
-        self._switches = SwitchesInFlight()
+        self.avatar = AvatarState(services, self.id, self._emit, self._emit_error)
         self._replies = Replies(services, "", self.id, self._emit, self._emit_error)  # until hello
         self._bucket = TokenBucket(self.settings.rate_per_s, self.settings.rate_burst, 0.0)
         self._strikes = 0
@@ -129,22 +114,14 @@ class Session:
             )
         self._replies = Replies(services, self.user_id, self.id, self._emit, self._emit_error)
         # Join before loading, so that a switch committed meanwhile reaches this session.
-        services.hub.join(self.user_id, self)
+        services.hub.join(self.user_id, self.avatar)
         try:
-            epoch = self._avatar_epoch
-            avatar = await services.store.open_user(self.user_id)
-            while epoch != self._avatar_epoch:  # a switch came in while it loaded
-                epoch = self._avatar_epoch
-                avatar = await services.store.get_avatar(self.user_id)
+            await self.avatar.load(self.user_id)
         except BaseException as exc:
-            services.hub.leave(self.user_id, self)
+            services.hub.leave(self.user_id, self.avatar)
             if isinstance(exc, Unavailable):
                 raise ConnectionRefused(CloseCode.INTERNAL_ERROR, "database unavailable") from None
             raise
-        self._avatar = avatar
-        if avatar is not None:
-            self._seen(avatar)
-            self._told(avatar.version, avatar.personality)
         return hello.id
 
     async def _read_hello(self) -> Hello:
@@ -167,7 +144,7 @@ class Session:
         services.metrics.sessions.inc()
         log.info("session %s opened for user %r", self.id, self.user_id)
         try:
-            self._welcomed = True
+            self.avatar.welcomed = True
             self._emit(self._welcome(hello_ref))
             async for raw in self.ws:
                 await self._on_frame(raw)
@@ -176,7 +153,7 @@ class Session:
         finally:
             if self._tasks:  # a close with its own code is under way: let it finish first
                 await asyncio.gather(*self._tasks, return_exceptions=True)
-            services.hub.leave(self.user_id, self)
+            services.hub.leave(self.user_id, self.avatar)
             services.metrics.sessions.dec()
             await self._finish()
             log.info(
@@ -193,7 +170,7 @@ class Session:
             ref=ref,
             session_id=self.id,
             user_id=self.user_id,
-            avatar=self._avatar.info() if self._avatar else None,
+            avatar=self.avatar.cached.info() if self.avatar.cached else None,
             personas=PERSONA_LIST,
             server=self.services.version,
             limits=Limits(
@@ -283,13 +260,13 @@ class Session:
             case Chat():
                 await self._chat(frame)
             case SetPersona():
-                await self.set_persona(frame.personality, frame.id)
+                await self.avatar.set_persona(frame.personality, frame.id)
             case Cancel():
                 self._replies.cancel()
             case GetAvatar():
-                self._emit(Avatar(ref=frame.id, avatar=(await self._current_avatar()).info()))
+                self._emit(Avatar(ref=frame.id, avatar=(await self.avatar.current()).info()))
             case CreateAvatar():
-                await self._create_avatar(frame)
+                await self.avatar.create(frame)
             case History():
                 messages = await store.history(self.user_id, frame.limit, frame.before)
                 self._emit(HistoryPage(ref=frame.id, messages=fit_history_page(messages)))
@@ -298,152 +275,6 @@ class Session:
             case Hello():
                 raise InvalidFrame("already authenticated")
 
-    # ------------------------------------------------------------------ avatar and persona
-
-    async def _current_avatar(self) -> StoredAvatar:
-        """The cached avatar, or a fresh load (after this session's switches have committed);
-        never caches its absence."""
-        await self._switches.all_answered()
-        avatar = self._avatar
-        if avatar is not None and self.services.cache_trusted:
-            return avatar
-        async with self._lock:
-            for _ in range(MAX_AVATAR_READS):
-                epoch, known = self._avatar_epoch, self._persona_version
-                avatar = await self.services.store.get_avatar(self.user_id)
-                if avatar is None:
-                    raise NoAvatar()
-                if avatar.version >= self._persona_version:
-                    break
-                if self._persona_version == known:
-                    # Older than before the read, and nothing was notified meanwhile: the row
-                    # itself went back (a restored database, an avatar made again). Believe it,
-                    # and tell the client.
-                    log.warning(
-                        "session %s: the avatar's version went back from %d to %d",
-                        self.id, known, avatar.version,
-                    )  # fmt: skip
-                    self._persona_version = avatar.version
-                    self._told_version = min(self._told_version, avatar.version - 1)
-                    break
-                # Another connection's change was notified while this read was on its way: the
-                # row is older than what this session knows (and may have told its client).
-            else:
-                raise Unavailable("the persona keeps changing; try again")
-            self._seen(avatar)
-            if epoch == self._avatar_epoch:
-                self._avatar = avatar
-        if avatar.version > self._told_version:
-            if self._told_version:
-                # a change this client was not told about (its notification is late, or was
-                # missed while the listener was down): tell it now, before the reply
-                self._emit(
-                    PersonaChanged(personality=avatar.personality, previous=self._told_persona)
-                )
-            self._told(avatar.version, avatar.personality)
-        return avatar
-
-    def clear_avatar_cache(self) -> None:
-        self._avatar = None
-        self._avatar_epoch += 1
-
-    def _seen(self, avatar: StoredAvatar) -> None:
-        self._persona_version = max(self._persona_version, avatar.version)
-
-    def _told(self, version: int, personality: str) -> None:
-        """The client now knows this personality, at this version."""
-        if version > self._told_version:
-            self._told_version = version
-            self._told_persona = personality
-
-    async def _create_avatar(self, frame: CreateAvatar) -> None:
-        require_known(frame.personality)
-        await self._switches.all_answered()  # a switch sent before must not apply to it
-        async with self._lock:
-            avatar = await self.services.store.create_avatar(
-                self.user_id, frame.name, frame.personality
-            )
-            self.clear_avatar_cache()
-            if avatar.version >= self._persona_version:  # else a switch was notified meanwhile
-                self._avatar = avatar
-            self._seen(avatar)
-            self._told(avatar.version, avatar.personality)
-        self._emit(Avatar(ref=frame.id, avatar=avatar.info()))
-
-    async def set_persona(self, personality: str, ref: str | None) -> None:
-        """The one persona switch, for `set_persona` and `/persona` alike.
-
-        Validate, clear this session's cached avatar, and hand the switch to the group commit
-        without waiting for it: the chats read behind it are rendered with its personality, and
-        the store writes them after it, only if it commits. Once it has, refill the cache with
-        the committed row, acknowledge, and tell the user's other sessions; the acknowledgement
-        leaves before the replies rendered after the switch.
-        """
-        require_known(personality)
-        if self._switches.full:
-            await self._switches.all_answered()
-        switch = Switch(self.user_id, personality, self.services.origin)
-        self.clear_avatar_cache()
-        self._switches.started(switch)
-        done = functools.partial(self._on_switched, switch, self._avatar_epoch, ref)
-        self.services.store.add_switch(switch, done)
-
-    def _on_switched(
-        self,
-        switch: Switch,
-        epoch: int,
-        ref: str | None,
-        result: SwitchResult | None,
-        error: BaseException | None,
-    ) -> None:
-        """The group commit's answer for this session's switch."""
-        services = self.services
-        # Nothing else emptied the cache meanwhile (a notification, a listener reconnect, a
-        # later switch of this session). Nothing filled it either: loads and create_avatar wait
-        # for this session's switches, and an earlier switch refills only an untouched cache.
-        untouched = epoch == self._avatar_epoch
-        self._switches.answered(switch)
-        if error is not None:
-            if not isinstance(error, Unavailable):
-                log.error("session %s: switch failed: %r", self.id, error)
-            self._emit_error(error if isinstance(error, Exception) else Unavailable(), ref)
-            return
-        if result is None:
-            self._emit_error(NoAvatar(), ref)
-            return
-        avatar, previous = result.avatar, result.previous
-        if untouched and result.newest and avatar.version >= self._persona_version:
-            # The row this switch committed is what a reload would read now: the next chat
-            # renders from it without another round trip. When anything else emptied the
-            # cache meanwhile, or a later switch of this user is already committed, it
-            # stays empty and the next chat reads the avatar.
-            self._avatar = avatar
-        self._seen(avatar)
-        self._told(avatar.version, avatar.personality)
-        services.metrics.persona_switches.inc()
-        self._emit(PersonaSet(ref=ref, personality=avatar.personality, previous=previous))
-        services.hub.persona_changed(
-            self.user_id, avatar.personality, previous, avatar.version, self
-        )
-
-    def on_persona_changed(self, personality: str, previous: str, version: int) -> None:
-        """Another connection of this user switched persona: forget the cache, tell the client.
-
-        A change no newer than one already loaded does not clear the cache, and one no newer
-        than what the client was told is not pushed (notifications can arrive late, or twice),
-        so an older persona never comes back.
-        """
-        if version > self._persona_version:
-            self._persona_version = version
-            self.clear_avatar_cache()
-            # which of this change and a switch of ours in flight commits last is not known
-            # yet: chats wait for ours, then read the avatar
-            self._switches.contested()
-        if self._welcomed and version > self._told_version:
-            # before `welcome`, the avatar in it is the new one
-            self._emit(PersonaChanged(personality=personality, previous=previous))
-            self._told(version, personality)
-
     # ------------------------------------------------------------------ chat
 
     async def _chat(self, frame: Chat) -> None:
@@ -451,7 +282,7 @@ class Session:
             case commands.Message(text=text):
                 await self._enqueue(frame.id, text)
             case commands.SwitchPersona(name=name):
-                await self.set_persona(name, frame.id)
+                await self.avatar.set_persona(name, frame.id)
             case commands.ListPersonas():
                 self._emit(Personas(ref=frame.id, personas=PERSONA_LIST))
             case commands.ShowHelp():
@@ -460,9 +291,9 @@ class Session:
                 raise UnknownCommand(f"unknown command '/{word}'; send /help for the list")
 
     async def _enqueue(self, ref: str | None, text: str) -> None:
-        switch = self._switches.deciding()  # the chat is rendered after it: with its personality
+        switch = self.avatar.switches.deciding()  # rendered after it: with its personality
         if switch is not None:
             persona = switch.personality
         else:
-            persona = (await self._current_avatar()).personality
+            persona = (await self.avatar.current()).personality
         self._replies.accept(PendingChat(ref, text, persona, time.perf_counter(), switch))
