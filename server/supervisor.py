@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import selectors
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,13 +28,24 @@ READY_TIMEOUT_S = 60.0
 @dataclass
 class Worker:
     index: int
-    process: subprocess.Popen[bytes]
+    process: subprocess.Popen[bytes] | None  # None: not started yet, or failed to start
     started_at: float = field(default_factory=time.monotonic)
     restarts: int = 0
+    restart_at: float | None = None  # when a dead worker is started again
+
+
+class WorkerFailed(RuntimeError):
+    """A worker exited, or said nothing, before it was ready."""
 
 
 class Supervisor:
-    """Starts the workers, restarts one that dies, and forwards SIGTERM for a graceful drain."""
+    """Starts the workers, restarts one that dies, and forwards SIGTERM for a graceful drain.
+
+    Nothing here waits without a bound: a worker has `ready_timeout_s` to say it is ready (or it
+    is killed and tried again later), a restart waits for its backoff without holding up the
+    others, and the embedded database's keeper, whose restart can take a while, runs in a
+    thread of its own.
+    """
 
     def __init__(
         self,
@@ -42,6 +55,7 @@ class Supervisor:
         drain_timeout_s: float,
         metrics_path: str,
         keeper: Keeper | None = None,
+        ready_timeout_s: float = READY_TIMEOUT_S,
     ) -> None:
         self._command = command
         self._env = env
@@ -49,85 +63,148 @@ class Supervisor:
         self._drain_timeout_s = drain_timeout_s
         self._metrics_path = metrics_path
         self._keeper = keeper
+        self._ready_timeout_s = ready_timeout_s
         self._workers: dict[int, Worker] = {}
         self._stopping = False
+        self._stopped = threading.Event()  # tells the keeper's thread to end
 
     @property
     def pids(self) -> list[int]:
-        return [w.process.pid for w in self._workers.values()]
+        return [w.process.pid for w in self._workers.values() if w.process is not None]
 
     def run(self, on_ready: Callable[[], None]) -> int:
         previous = {
             signum: signal.signal(signum, self._on_signal)
             for signum in (signal.SIGTERM, signal.SIGINT)
         }
+        keeping = self._keep_database()
         try:
-            for index in range(self._count):
-                self._workers[index] = self._spawn(index)
+            try:
+                for index in range(self._count):
+                    self._workers[index] = Worker(index, self._spawn(index))
+            except WorkerFailed:
+                code = self._stop_all()  # the ones that did start
+                if self._stopping:
+                    return code
+                raise
             on_ready()
             while not self._stopping:
-                if self._keeper is not None:  # a restart blocks for its deadline at most
-                    self._keeper.check()
                 self._restart_dead()
                 time.sleep(0.2)
             return self._stop_all()
         finally:
+            self._stopped.set()
+            if keeping is not None:
+                keeping.join()
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+
+    def _keep_database(self) -> threading.Thread | None:
+        keeper = self._keeper
+        if keeper is None:
+            return None
+
+        def keep() -> None:
+            while not self._stopped.wait(keeper.interval_s):
+                try:
+                    keeper.check()  # a restart blocks this thread for its deadline at most
+                except Exception:  # the keeper must outlive any failure
+                    log.exception("checking the embedded PostgreSQL failed")
+
+        thread = threading.Thread(target=keep, name="database-keeper", daemon=True)
+        thread.start()
+        return thread
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         log.info("supervisor got signal %d: draining the workers", signum)
         self._stopping = True
 
-    def _spawn(self, index: int, restarts: int = 0) -> Worker:
+    def _spawn(self, index: int) -> subprocess.Popen[bytes]:
+        """Start a worker and wait until it says "ready"; WorkerFailed when it does not in
+        time (it is killed then), or when the supervisor is told to stop meanwhile."""
         process = subprocess.Popen(
             list(self._command), env=self._env, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
         )
         assert process.stdout is not None
-        ready = process.stdout.readline().decode().strip()  # the worker says "ready" once serving
-        if ready != "ready":
+        deadline = time.monotonic() + self._ready_timeout_s
+        with selectors.DefaultSelector() as selector:
+            selector.register(process.stdout, selectors.EVENT_READ)
+            while not self._stopping and time.monotonic() < deadline:
+                if selector.select(timeout=min(0.2, max(0.0, deadline - time.monotonic()))):
+                    break
+        said = b""
+        if not self._stopping and time.monotonic() < deadline:
+            said = process.stdout.readline()  # the worker says "ready" once serving
+        if said.strip() != b"ready":
             process.kill()
-            raise RuntimeError(f"worker {index} failed to start (exit {process.wait()})")
+            code = process.wait()
+            process.stdout.close()
+            why = "stopping" if self._stopping else f"not ready in time, or exit {code}"
+            raise WorkerFailed(f"worker {index} failed to start ({why})")
         log.info("worker %d ready (pid %d)", index, process.pid)
-        return Worker(index, process, restarts=restarts)
+        return process
 
     def _restart_dead(self) -> None:
+        """Start again each worker that died, once its backoff has passed."""
         for index, worker in list(self._workers.items()):
-            code = worker.process.poll()
-            if code is None or self._stopping:
+            if self._stopping:
+                return
+            process = worker.process
+            if process is not None and (code := process.poll()) is None:
                 continue
-            self._forget(worker.process.pid)
-            delay = RESTART_BACKOFF_S[min(worker.restarts, len(RESTART_BACKOFF_S) - 1)]
-            if time.monotonic() - worker.started_at > 60:
-                delay = RESTART_BACKOFF_S[0]  # it had been running fine: restart quickly
-            log.warning("worker %d (pid %d) exited with %s; restarting in %.1f s",
-                        index, worker.process.pid, code, delay)  # fmt: skip
-            time.sleep(delay)
+            now = time.monotonic()
+            if worker.restart_at is None:
+                if process is not None:
+                    _closed(process)
+                    self._forget(process.pid)
+                delay = RESTART_BACKOFF_S[min(worker.restarts, len(RESTART_BACKOFF_S) - 1)]
+                if process is not None and now - worker.started_at > 60:
+                    delay = RESTART_BACKOFF_S[0]  # it had been running fine: restart quickly
+                worker.restart_at = now + delay
+                if process is not None:
+                    log.warning("worker %d (pid %d) exited with %s; restarting in %.1f s",
+                                index, process.pid, code, delay)  # fmt: skip
+                continue
+            if now < worker.restart_at:
+                continue
+            restarts = worker.restarts + 1
             try:
-                self._workers[index] = self._spawn(index, worker.restarts + 1)
-            except RuntimeError:
-                log.exception("worker %d could not be restarted", index)
+                self._workers[index] = Worker(index, self._spawn(index), restarts=restarts)
+            except WorkerFailed as exc:
+                if not self._stopping:
+                    log.error("worker %d could not be restarted: %s", index, exc)
+                self._workers[index] = Worker(index, None, restarts=restarts)
 
     def _forget(self, pid: int) -> None:
         """Drop a dead worker's live gauges from the multiprocess metrics."""
         multiprocess.mark_process_dead(pid, self._metrics_path)  # type: ignore[no-untyped-call]
 
     def _stop_all(self) -> int:
-        for worker in self._workers.values():
-            if worker.process.poll() is None:
+        running = [w for w in self._workers.values() if w.process is not None]
+        for worker in running:
+            if worker.process is not None and worker.process.poll() is None:
                 worker.process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self._drain_timeout_s + 5
         worst = 0
-        for worker in self._workers.values():
+        for worker in running:
+            process = worker.process
+            assert process is not None
             try:
-                code = worker.process.wait(max(0.1, deadline - time.monotonic()))
+                code = process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.error("worker %d did not drain in time; killing it", worker.index)
-                worker.process.kill()
-                code = worker.process.wait()
-            self._forget(worker.process.pid)
+                process.kill()
+                code = process.wait()
+            _closed(process)
+            self._forget(process.pid)
             worst = worst or code
         return worst
+
+
+def _closed(process: subprocess.Popen[bytes]) -> None:
+    """Close the pipe a worker said "ready" on, once it has exited."""
+    if process.stdout is not None:
+        process.stdout.close()
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
