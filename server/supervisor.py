@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import selectors
 import shutil
 import signal
@@ -14,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import IO
 
 from prometheus_client import multiprocess
 
@@ -23,6 +25,7 @@ log = logging.getLogger(__name__)
 
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 5.0)
 READY_TIMEOUT_S = 60.0
+MAX_READY_LINE = 1024  # bytes a worker may write before its "ready" line ends
 
 
 @dataclass
@@ -42,9 +45,9 @@ class Supervisor:
     """Starts the workers, restarts one that dies, and forwards SIGTERM for a graceful drain.
 
     Nothing here waits without a bound: a worker has `ready_timeout_s` to say it is ready (or it
-    is killed and tried again later), a restart waits for its backoff without holding up the
-    others, and the embedded database's keeper, whose restart can take a while, runs in a
-    thread of its own.
+    is killed and tried again later, and SIGTERM stops the wait at once), a dead worker waits
+    for its backoff while the others are looked after, and the embedded database's keeper,
+    whose restart can take a while, runs in a thread of its own. Workers start one at a time.
     """
 
     def __init__(
@@ -126,23 +129,35 @@ class Supervisor:
             list(self._command), env=self._env, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
         )
         assert process.stdout is not None
-        deadline = time.monotonic() + self._ready_timeout_s
-        with selectors.DefaultSelector() as selector:
-            selector.register(process.stdout, selectors.EVENT_READ)
-            while not self._stopping and time.monotonic() < deadline:
-                if selector.select(timeout=min(0.2, max(0.0, deadline - time.monotonic()))):
-                    break
-        said = b""
-        if not self._stopping and time.monotonic() < deadline:
-            said = process.stdout.readline()  # the worker says "ready" once serving
-        if said.strip() != b"ready":
+        first_line = self._first_line(process.stdout, time.monotonic() + self._ready_timeout_s)
+        if first_line != b"ready":  # the worker says "ready" once serving
             process.kill()
             code = process.wait()
             process.stdout.close()
+            self._forget(process.pid)  # it may have started serving, and kept gauges
             why = "stopping" if self._stopping else f"not ready in time, or exit {code}"
             raise WorkerFailed(f"worker {index} failed to start ({why})")
         log.info("worker %d ready (pid %d)", index, process.pid)
         return process
+
+    def _first_line(self, pipe: IO[bytes], deadline: float) -> bytes | None:
+        """The first line on `pipe`, stripped; None at the deadline, at the end of the pipe
+        before a whole line, or when the supervisor is told to stop."""
+        said = b""
+        with selectors.DefaultSelector() as selector:
+            selector.register(pipe, selectors.EVENT_READ)
+            while not self._stopping and (remaining := deadline - time.monotonic()) > 0:
+                if not selector.select(timeout=min(0.2, remaining)):
+                    continue
+                chunk = os.read(pipe.fileno(), 256)  # what is there: never waits for a newline
+                if not chunk:
+                    return None
+                said += chunk
+                if b"\n" in said:
+                    return said.partition(b"\n")[0].strip()
+                if len(said) > MAX_READY_LINE:
+                    return None
+        return None
 
     def _restart_dead(self) -> None:
         """Start again each worker that died, once its backoff has passed."""
