@@ -17,6 +17,7 @@ from protocol.schema import json_schema
 from server.app import App, run_async, serve_until_signalled
 from server.auth import load_or_create_secret, mint_token
 from server.embedded import Database, Keeper
+from server.logs import OneLineError
 from server.settings import Settings
 from server.store import migrate_database
 from server.supervisor import Supervisor, metrics_dir, remove_metrics_dir, reserve_port
@@ -119,6 +120,7 @@ def configure_logging(level: str) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("websockets").setLevel(logging.WARNING)
+    logging.getLogger("asyncpg.pool").addFilter(OneLineError())  # reconnects while it is down
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

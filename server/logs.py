@@ -1,4 +1,4 @@
-"""Log helpers: a warning that may repeat many times a second is logged in a measured way."""
+"""Log helpers: warnings that repeat during an outage are logged in a measured way."""
 
 from __future__ import annotations
 
@@ -43,3 +43,20 @@ class Throttled:
         self._log.warning(message, *args, exc_info=exc_info)
         state.held = 0
         state.next_at = now + self._every_s
+
+
+class OneLineError(logging.Filter):
+    """Replaces a record's traceback with one line at the end of its message.
+
+    For a library that logs an expected failure with its whole traceback: asyncpg's pool logs
+    one (about 25 lines) every time it fails to reconnect while the database is down.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None:
+            record.msg = f"{record.getMessage()} ({type(error).__name__}: {error})"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
