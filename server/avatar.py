@@ -99,9 +99,10 @@ class AvatarState:
             if epoch == self._epoch:
                 self.cached = avatar
         if avatar.version > self._told_version:
-            if self._told_version:
+            if self._told_persona:
                 # a change this client was not told about (its notification is late, or was
-                # missed while the listener was down): tell it now, before the reply
+                # missed while the listener was down, or the row went back): tell it now,
+                # before the reply
                 self._emit(
                     PersonaChanged(personality=avatar.personality, previous=self._told_persona)
                 )

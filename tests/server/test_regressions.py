@@ -228,8 +228,9 @@ async def test_a_change_notified_while_the_avatar_is_read_is_not_rendered_over(
 async def test_an_avatar_whose_version_went_back_is_still_answered(
     app: App, connect: ClientFactory, database_url: str
 ) -> None:
-    """The row's version goes back (a restored database): chats are answered with the avatar as
-    it is, not refused as older than what the session saw."""
+    """The row's version goes back (a restored database), to 1: chats are answered with the
+    avatar as it is, not refused as older than what the session saw, and the client is told of
+    the change before the first such reply."""
     user = f"goneback-{uuid.uuid4().hex[:8]}"
     client = await connect(user)
     await with_avatar(client, "friendly")
@@ -244,9 +245,14 @@ async def test_an_avatar_whose_version_went_back_is_still_answered(
     finally:
         await conn.close()
     app.services.hub.clear_all_caches()
-    for _ in range(2):
-        reply = await client.request({"type": "chat", "text": "still there?"})
-        assert (reply["type"], reply["persona"]) == ("reply", "romantic")
+    await client.send({"type": "chat", "id": "back", "text": "still there?"})
+    first = await client.recv()
+    assert (first["type"], first["personality"], first["previous"]) == (
+        "persona_changed", "romantic", "playful",
+    )  # fmt: skip
+    assert (await client.recv())["persona"] == "romantic"
+    reply = await client.request({"type": "chat", "text": "still there?"})
+    assert (reply["type"], reply["persona"]) == ("reply", "romantic")
 
 
 async def test_an_avatar_created_while_a_switch_is_notified_is_not_cached_over_it(
