@@ -31,7 +31,7 @@ MAX_READY_LINE = 1024  # bytes a worker may write before its "ready" line ends
 @dataclass
 class Worker:
     index: int
-    process: subprocess.Popen[bytes] | None  # None: not started yet, or failed to start
+    process: subprocess.Popen[bytes] | None  # None: its last start failed
     started_at: float = field(default_factory=time.monotonic)
     restarts: int = 0
     restart_at: float | None = None  # when a dead worker is started again
@@ -133,7 +133,7 @@ class Supervisor:
         if first_line != b"ready":  # the worker says "ready" once serving
             process.kill()
             code = process.wait()
-            process.stdout.close()
+            _closed(process)
             self._forget(process.pid)  # it may have started serving, and kept gauges
             why = "stopping" if self._stopping else f"not ready in time, or exit {code}"
             raise WorkerFailed(f"worker {index} failed to start ({why})")
@@ -195,19 +195,17 @@ class Supervisor:
         multiprocess.mark_process_dead(pid, self._metrics_path)  # type: ignore[no-untyped-call]
 
     def _stop_all(self) -> int:
-        running = [w for w in self._workers.values() if w.process is not None]
-        for worker in running:
-            if worker.process is not None and worker.process.poll() is None:
-                worker.process.send_signal(signal.SIGTERM)
+        running = [(w.index, w.process) for w in self._workers.values() if w.process is not None]
+        for _, process in running:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self._drain_timeout_s + 5
         worst = 0
-        for worker in running:
-            process = worker.process
-            assert process is not None
+        for index, process in running:
             try:
                 code = process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.error("worker %d did not drain in time; killing it", worker.index)
+                log.error("worker %d did not drain in time; killing it", index)
                 process.kill()
                 code = process.wait()
             _closed(process)
