@@ -8,6 +8,7 @@ import json
 import logging
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -208,6 +209,15 @@ class Keeper:
             " on their own",
             time.monotonic() - now, self.restarts,
         )  # fmt: skip
+
+    def keep(self, stopped: threading.Event) -> None:
+        """`check` every interval until `stopped` is set: the loop of a thread of its own, for
+        a process without an event loop (the supervisor of `--workers`)."""
+        while not stopped.wait(self.interval_s):
+            try:
+                self.check()  # a restart blocks this thread for its deadline at most
+            except Exception:  # the keeper must outlive any failure
+                log.exception("checking the embedded PostgreSQL failed")
 
     async def watch(self) -> None:
         """`check` every interval, until cancelled; a restart runs in a thread."""

@@ -103,18 +103,11 @@ class Supervisor:
                 signal.signal(signum, handler)
 
     def _keep_database(self) -> threading.Thread | None:
-        keeper = self._keeper
-        if keeper is None:
+        if self._keeper is None:
             return None
-
-        def keep() -> None:
-            while not self._stopped.wait(keeper.interval_s):
-                try:
-                    keeper.check()  # a restart blocks this thread for its deadline at most
-                except Exception:  # the keeper must outlive any failure
-                    log.exception("checking the embedded PostgreSQL failed")
-
-        thread = threading.Thread(target=keep, name="database-keeper", daemon=True)
+        thread = threading.Thread(
+            target=self._keeper.keep, args=(self._stopped,), name="database-keeper", daemon=True
+        )
         thread.start()
         return thread
 
