@@ -235,13 +235,13 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from server.terminal import main as chat_main
+    from clients.terminal import main as chat_main
 
     return chat_main(args)
 
 
 def cmd_bots(args: argparse.Namespace) -> int:
-    from server.bots import main as bots_main
+    from clients.bots.cli import main as bots_main
 
     return bots_main(args)
 

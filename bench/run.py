@@ -24,9 +24,9 @@ from bench import table
 from bench.procs import Cores, Proc, start_chat, start_echo
 from bench.profile import Profiler, top_functions
 from bench.scenarios import Target, chat_load, database_facts, idle_memory, warm_up
+from clients.bots.load import raise_fd_limit
+from clients.bots.plan import Mode
 from server.app import run_async
-from server.bots_load import raise_fd_limit
-from server.bots_plan import Mode
 
 # Closed-loop bots would trip the default 20 frames/s per connection: the benchmark lifts it.
 SERVER_ENV = {"CHAT_RATE_PER_S": "1000000", "CHAT_RATE_BURST": "1000000"}

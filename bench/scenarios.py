@@ -11,9 +11,9 @@ from typing import Any
 import asyncpg
 
 from bench.procs import Proc, postgres_dsn
-from server.bots_load import MAX_CHATS_PER_S_PER_BOT, LoadConfig, run_load
-from server.bots_plan import BotPlan, Mode
-from server.bots_report import Stats
+from clients.bots.load import MAX_CHATS_PER_S_PER_BOT, LoadConfig, run_load
+from clients.bots.plan import BotPlan, Mode
+from clients.bots.report import Stats
 
 CONNECT_CONCURRENCY = 200
 WARMUP_CLIENTS = 20

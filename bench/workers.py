@@ -16,9 +16,9 @@ import psutil
 from bench.procs import Proc
 from bench.run import SERVER_ENV
 from bench.scenarios import Target, chat_load, warm_up
+from clients.bots.load import raise_fd_limit
+from clients.bots.plan import Mode
 from server.app import run_async
-from server.bots_load import raise_fd_limit
-from server.bots_plan import Mode
 
 
 def start_workers(workdir: Path, count: int, secret: str) -> Proc:

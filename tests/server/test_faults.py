@@ -18,8 +18,8 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 
-from server.bots_load import LoadConfig, run_load
-from server.bots_plan import BotPlan
+from clients.bots.load import LoadConfig, run_load
+from clients.bots.plan import BotPlan
 from server.embedded import EmbeddedPostgres
 from tests.client import login
 from tests.conftest import SECRET

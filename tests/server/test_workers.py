@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-from server.bots_load import LoadConfig, run_load
-from server.bots_plan import BotPlan
+from clients.bots.load import LoadConfig, run_load
+from clients.bots.plan import BotPlan
 from tests.client import Client, login
 from tests.conftest import with_avatar
 from tests.processes import Served, run_py, serve

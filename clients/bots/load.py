@@ -10,10 +10,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from clients.bots.bot import Bot
+from clients.bots.plan import BotPlan, Mode, Phase
+from clients.bots.report import Stats, build_report
 from server.auth import mint_token
-from server.bots_client import Bot
-from server.bots_plan import BotPlan, Mode, Phase
-from server.bots_report import Stats, build_report
 
 log = logging.getLogger(__name__)
 

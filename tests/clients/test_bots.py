@@ -11,11 +11,11 @@ import orjson
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
+from clients.bots.cli import main as bots_main
+from clients.bots.load import LoadConfig, run_load
+from clients.bots.plan import BotPlan
 from protocol.personas import PERSONA_IDS
 from run import build_parser
-from server.bots import main as bots_main
-from server.bots_load import LoadConfig, run_load
-from server.bots_plan import BotPlan
 from tests.conftest import SECRET, AppFactory
 
 

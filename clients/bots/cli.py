@@ -13,10 +13,10 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 
+from clients.bots.load import MAX_CHATS_PER_S_PER_BOT, LoadConfig, run_load
+from clients.bots.plan import BotPlan, Mode
+from clients.bots.report import LiveView, Stats, render_report, write_json
 from server.app import run_async
-from server.bots_load import MAX_CHATS_PER_S_PER_BOT, LoadConfig, run_load
-from server.bots_plan import BotPlan, Mode
-from server.bots_report import LiveView, Stats, render_report, write_json
 from server.settings import Settings
 
 MAX_CLIENTS = 50_000

@@ -11,9 +11,9 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from clients.bots.plan import BotPlan, Mode, Pacer, Pending, Phase
+from clients.bots.report import Stats
 from protocol.personas import PERSONA_IDS
-from server.bots_plan import BotPlan, Mode, Pacer, Pending, Phase
-from server.bots_report import Stats
 from server.outbox import send_text_now
 
 INVALID_PERSONA = "no-such-persona"

@@ -18,6 +18,16 @@ from prompt_toolkit.history import FileHistory
 from prompt_toolkit.patch_stdout import patch_stdout
 from prompt_toolkit.styles import Style
 
+from clients.link import (
+    EXIT_AUTH_REFUSED,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    ChatLink,
+    ClientError,
+    open_link,
+)
 from protocol.frames import (
     AnyServerFrame,
     Avatar,
@@ -31,16 +41,6 @@ from protocol.frames import (
     Reply,
 )
 from server.auth import load_or_create_secret, mint_token
-from server.chatlink import (
-    EXIT_AUTH_REFUSED,
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_USAGE,
-    ChatLink,
-    ClientError,
-    open_link,
-)
 from server.settings import Settings
 
 TOKEN_TTL_S = 24 * 3600
