@@ -296,23 +296,51 @@ def _is_json(raw: str) -> bool:
     return True
 
 
-def salvage_ref(raw: str | bytes) -> str | None:
-    """The `id` of a frame that failed to decode, when it is readable and valid; else None."""
+def _loose_object(raw: str | bytes) -> dict[str, Any] | None:
+    """A frame that failed to decode, read as leniently as Python's own JSON reader reads it
+    (it takes NaN and lone surrogates, which the frame decoder refuses); None when it is not
+    a JSON object at all."""
     if isinstance(raw, bytes):
         return None
     try:
         value = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return None
-    if not isinstance(value, dict):
-        return None
-    ref = value.get("id")
+        try:
+            value = json.loads(raw)
+        except (ValueError, RecursionError):
+            return None
+    return value if isinstance(value, dict) else None
+
+
+def salvage_ref(raw: str | bytes) -> str | None:
+    """The `id` of a frame that failed to decode, when it is readable and valid, whatever else
+    in the frame is wrong; else None."""
+    value = _loose_object(raw)
+    ref = None if value is None else value.get("id")
     if isinstance(ref, str) and 1 <= len(ref) <= MAX_ID_CHARS:
         try:
             return _storable(ref)
         except ValueError:
             return None
     return None
+
+
+def frame_type(raw: str | bytes) -> str | None:
+    """The `type` of a frame that failed to decode, when it is a readable string."""
+    value = _loose_object(raw)
+    kind = None if value is None else value.get("type")
+    return kind if isinstance(kind, str) else None
+
+
+MAX_CLOSE_REASON_BYTES = 123  # RFC 6455: a close frame's reason fits in 123 bytes of UTF-8
+
+
+def close_reason(text: str) -> str:
+    """`text` cut to fit a close frame's reason, on a character boundary."""
+    encoded = text.encode("utf-8", "replace")
+    if len(encoded) <= MAX_CLOSE_REASON_BYTES:
+        return text
+    return encoded[: MAX_CLOSE_REASON_BYTES - 3].decode("utf-8", "ignore") + "..."
 
 
 HISTORY_PAGE_BYTES = 512 * 1024  # under the 1 MiB frame limit of common WebSocket clients

@@ -17,13 +17,16 @@ from urllib.parse import parse_qs, urlsplit
 
 import orjson
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
+from websockets.datastructures import Headers, MultipleValuesError
 from websockets.http11 import Request, Response
 
 from protocol.errors import CloseCode
+from server.admission import Admission, client_address
 from server.auth import MAX_SUBJECT_CHARS, mint_token
 from server.generators import ReplyGenerator, TemplateGenerator
 from server.hub import Hub
+from server.limits import UserBudgets
+from server.logs import Throttled
 from server.metrics import CONTENT_TYPE, Metrics
 from server.notify import ChangeListener, PersonaChange, process_tag
 from server.outbox import WRITE_LIMIT
@@ -75,13 +78,36 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def origin_allowed(origin: str | None, host_header: str | None, allowed: list[str]) -> bool:
-    """Browsers send `Origin`: accept the server's own origin and the configured ones."""
+def host_is_loopback(host_header: str | None) -> bool:
+    """Whether a `Host` header names this machine by a loopback address or `localhost`."""
+    if not host_header:
+        return False
+    try:
+        hostname = urlsplit("//" + host_header).hostname
+    except ValueError:  # a bad port, an unclosed bracket
+        return False
+    return hostname is not None and is_loopback(hostname)
+
+
+def origin_allowed(
+    origin: str | None, host_header: str | None, allowed: list[str], loopback_only: bool
+) -> bool:
+    """Browsers send `Origin`: accept the configured origins, and the server's own.
+
+    The server's own origin is the one whose host is the `Host` header. While the server
+    listens on loopback (`loopback_only`), that counts only for a loopback `Host`: a page on a
+    name that rebinds to 127.0.0.1 sends its own name as both, and must not pass.
+    """
     if origin is None:
         return True  # not a browser: native clients and bots send no Origin
     if origin in allowed:
         return True
-    parsed = urlsplit(origin)
+    if loopback_only and not host_is_loopback(host_header):
+        return False
+    try:
+        parsed = urlsplit(origin)
+    except ValueError:  # "http://[::1", and the like
+        return False
     return (
         parsed.scheme in ("http", "https")
         and host_header is not None
@@ -102,6 +128,7 @@ class App:
         self._server: Server | None = None
         self._listener: ChangeListener | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._refusals = Throttled(log)  # a client reopening refused ones: a line per 5 s a kind
         self._routes: dict[str, Callable[[ServerConnection, Request], Awaitable[Response]]] = {
             "/healthz": self._healthz,
             "/readyz": self._readyz,
@@ -145,6 +172,8 @@ class App:
             generator=make_generator(settings),
             secret=self._secret,
             version=server_version(),
+            admission=Admission(settings.max_preauth, settings.max_preauth_per_ip),
+            history_budgets=UserBudgets(settings.history_bytes_per_s, settings.history_burst_bytes),
             origin=process_tag(),
         )
         self._listener = ChangeListener(
@@ -173,7 +202,8 @@ class App:
         log.info("listening on %s", self.url)
 
     async def _handle(self, ws: ServerConnection) -> None:
-        session = Session(self.services, ws)
+        headers = ws.request.headers if ws.request is not None else Headers()
+        session = Session(self.services, ws, self.client_address(ws.remote_address, headers))
         self.sessions.add(session)
         try:
             await session.run()
@@ -189,7 +219,7 @@ class App:
         if self._ticker is not None:
             self._ticker.cancel()
         services = self.services
-        services.draining = True  # new chats get `unavailable`; those already queued finish
+        services.admission.begin_drain()  # new chats get `unavailable`; queued ones finish
         deadline = asyncio.get_running_loop().time() + self.settings.drain_timeout_s
         while any(not s.idle for s in self.sessions):
             if asyncio.get_running_loop().time() > deadline:
@@ -234,35 +264,55 @@ class App:
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
         path = request.path.partition("?")[0]
-        if path == WS_PATH:
-            refusal = self._over_capacity()
-            if refusal is not None:
-                log.warning("refused a WebSocket handshake: %s", refusal)
-                return connection.respond(503, refusal + "\n")
-            origin = request.headers.get("Origin")
-            if not origin_allowed(
-                origin, request.headers.get("Host"), self.settings.allowed_origins
-            ):
-                log.warning("refused a WebSocket handshake from origin %r", origin)
-                return connection.respond(403, "origin not allowed\n")
-            return None
-        route = self._routes.get(path)
-        if route is not None:
-            return await route(connection, request)
+        try:
+            if path == WS_PATH:
+                return self._check_handshake(connection, request)
+            route = self._routes.get(path)
+            if route is not None:
+                return await route(connection, request)
+        except MultipleValuesError as exc:
+            header = str(exc).strip("'")
+            self._refusals.warning("header", "refused a request with a repeated %s header", header)
+            return connection.respond(400, f"the {header} header must appear once\n")
         if path.startswith("/static/"):
             return static_file(connection, path.removeprefix("/static/"))
         return connection.respond(404, "not found\n")
 
-    def _over_capacity(self) -> str | None:
-        """Why a new connection cannot be taken now, or None."""
+    def _check_handshake(self, connection: ServerConnection, request: Request) -> Response | None:
+        """None to go on with a WebSocket handshake; else the HTTP answer that refuses it."""
+        origin = request.headers.get("Origin")
+        host = request.headers.get("Host")
+        address = self.client_address(connection.remote_address, request.headers)
+        refusal = self._over_capacity(address)
+        if refusal is not None:
+            status, reason = refusal
+            self._refusals.warning(
+                f"capacity {status}", "refused a WebSocket handshake: %s", reason
+            )
+            return connection.respond(status, reason + "\n")
+        if not origin_allowed(origin, host, self.settings.allowed_origins, self._loopback_only):
+            self._refusals.warning(
+                "origin", "refused a WebSocket handshake from origin %r (Host %r)", origin, host
+            )
+            return connection.respond(403, "origin not allowed\n")
+        return None
+
+    @property
+    def _loopback_only(self) -> bool:
+        """Listening on loopback: only loopback names are this server's own (DNS rebinding)."""
+        return is_loopback(self.settings.host)
+
+    def client_address(self, peer: object, headers: Headers) -> str:
+        """The address a connection counts under for the per-address limits."""
+        forwarded = ",".join(headers.get_all("X-Forwarded-For"))
+        return client_address(peer, forwarded, self.settings.trusted_proxies)
+
+    def _over_capacity(self, address: str) -> tuple[int, str] | None:
+        """Why a new connection from `address` cannot be taken now (HTTP status and reason)."""
         settings = self.settings
         if len(self.sessions) >= settings.max_connections:
-            return f"at the connection limit ({settings.max_connections})"
-        if self.services.preauth >= settings.max_preauth:
-            return f"too many connections waiting to authenticate ({settings.max_preauth})"
-        if self.services.draining:
-            return "shutting down"
-        return None
+            return 503, f"at the connection limit ({settings.max_connections})"
+        return self.services.admission.refusal(address)
 
     async def _healthz(self, connection: ServerConnection, request: Request) -> Response:
         return connection.respond(200, "ok\n")
@@ -280,6 +330,13 @@ class App:
         return static_file(connection, "index.html")
 
     async def _dev_token(self, connection: ServerConnection, request: Request) -> Response:
+        # Only this machine's own names: a page on a name that rebinds to 127.0.0.1 would get a
+        # token for any user otherwise.
+        if not host_is_loopback(request.headers.get("Host")):
+            self._refusals.warning(
+                "dev token", "refused /dev/token for Host %r", request.headers.get("Host")
+            )
+            return connection.respond(403, "/dev/token answers only for a loopback Host\n")
         users = parse_qs(urlsplit(request.path).query).get("user", [])
         user = users[0] if users else ""
         if not 1 <= len(user) <= MAX_SUBJECT_CHARS or "\x00" in user:

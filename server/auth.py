@@ -15,6 +15,7 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 MAX_SUBJECT_CHARS = 128
+CLOCK_SKEW_S = 30  # leeway on `iat`, `nbf` and `exp`: the issuer's clock may differ from ours
 
 
 def load_or_create_secret(settings: Settings) -> str:
@@ -48,10 +49,16 @@ def authenticate(secret: str, token: str) -> str:
     """The user id in a valid token; ConnectionRefused(4401) otherwise. Never logs the token."""
     try:
         claims = jwt.decode(
-            token, secret, algorithms=["HS256"], options={"require": ["sub"], "verify_exp": True}
+            token,
+            secret,
+            algorithms=["HS256"],
+            options={"require": ["sub"], "verify_exp": True},
+            leeway=CLOCK_SKEW_S,
         )
     except jwt.ExpiredSignatureError:
         raise ConnectionRefused(CloseCode.NOT_AUTHENTICATED, "token expired") from None
+    except jwt.ImmatureSignatureError:
+        raise ConnectionRefused(CloseCode.NOT_AUTHENTICATED, "token not valid yet") from None
     except jwt.InvalidSignatureError:
         raise ConnectionRefused(CloseCode.NOT_AUTHENTICATED, "bad token signature") from None
     except jwt.InvalidTokenError:

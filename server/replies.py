@@ -7,8 +7,8 @@ import contextlib
 import functools
 import logging
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from protocol.errors import Busy, DuplicateId, NothingToCancel, ProtocolError, Unavailable
@@ -21,6 +21,8 @@ from server.render import PastMessage
 from server.services import Services
 
 log = logging.getLogger(__name__)
+
+KNOWN_IDS = 256  # chat ids of this user known to be stored, kept to find retries before a write
 
 Emit = Callable[[ServerFrame | bytes], None]  # a frame, or one already encoded
 EmitError = Callable[[Exception, str | None], None]
@@ -63,7 +65,13 @@ class Replies:
     """
 
     def __init__(
-        self, services: Services, user_id: str, session_id: str, emit: Emit, emit_error: EmitError
+        self,
+        services: Services,
+        user_id: str,
+        session_id: str,
+        emit: Emit,
+        emit_error: EmitError,
+        stored_ids: Iterable[str] = (),
     ) -> None:
         self._services = services
         self._user_id = user_id
@@ -76,6 +84,10 @@ class Replies:
         self._inflight: InFlight | None = None
         self._settled: asyncio.Future[None] | None = None  # set when no chat is being answered
         self._recent: deque[PastMessage] = deque(maxlen=2 * services.settings.history_turns)
+        # Ids of this user's stored chats (the newest at hello, then this session's): a chat
+        # resent with one of them is a retry, answered from storage without entering a batch
+        # of writes (where it would fail the batch, written again without it).
+        self._stored_ids: OrderedDict[str, None] = OrderedDict.fromkeys(stored_ids)
 
     @property
     def idle(self) -> bool:
@@ -84,7 +96,7 @@ class Replies:
     def accept(self, chat: PendingChat) -> None:
         """Queue a chat (or start on it at once); Busy when too many wait or its id is in use."""
         services = self._services
-        if services.draining:
+        if services.admission.draining:
             raise Unavailable("the server is shutting down; reconnect in a moment")
         key = (self._user_id, chat.ref) if chat.ref is not None else None
         if key is not None and key in services.chats_in_flight:
@@ -129,7 +141,13 @@ class Replies:
         """Answer `chat`: at once when the generator has the whole reply, else in a task."""
         self._busy = True
         try:
-            text = self._services.generator.render(self._turn(chat))
+            if chat.ref is not None and chat.ref in self._stored_ids:
+                log.debug(
+                    "session %s: chat %r is a retry of a stored one", self._session_id, chat.ref
+                )
+                text = None  # answered by the path that looks a chat up first
+            else:
+                text = self._services.generator.render(self._turn(chat))
         except Exception as exc:
             log.exception("session %s: reply generator crashed", self._session_id)
             self._commit_now(chat, "", "failed", exc)
@@ -358,6 +376,8 @@ class Replies:
         stored: StoredTurn,
     ) -> None:
         """The turn is committed: send the reply (or the failure that ended it)."""
+        if chat.ref is not None:
+            self._stored_id(chat.ref)
         if failure is not None:
             self._emit_error(failure, chat.ref)
             return
@@ -384,12 +404,18 @@ class Replies:
             )
         )
 
+    def _stored_id(self, ref: str) -> None:
+        self._stored_ids[ref] = None
+        if len(self._stored_ids) > KNOWN_IDS:
+            self._stored_ids.popitem(last=False)
+
     async def _replay(self, chat: PendingChat) -> bool:
         """Answer a chat whose id is already stored: its stored reply, or `duplicate_id`."""
         assert chat.ref is not None
         stored = await self._services.store.find_turn(self._user_id, chat.ref)
         if stored is None:
             return False
+        self._stored_id(chat.ref)
         if stored.user_text != chat.text:
             self._emit_error(DuplicateId(details={"message_id": stored.message_id}), chat.ref)
             return True

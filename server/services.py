@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from server.admission import Admission
 from server.generators import ReplyGenerator
 from server.hub import Hub
+from server.limits import UserBudgets
 from server.metrics import Metrics
 from server.settings import Settings
 from server.store import Store
@@ -22,8 +24,8 @@ class Services:
     generator: ReplyGenerator
     secret: str
     version: str
-    draining: bool = False
-    preauth: int = 0  # connections that have not sent a valid hello yet
+    admission: Admission  # connections not yet authenticated, and the drain
+    history_budgets: UserBudgets  # bytes of history each user may still be served
     origin: str = ""  # this process's tag on the persona changes it notifies
     # False while the LISTEN connection is down: sessions then reload the avatar every time
     cache_trusted: bool = True

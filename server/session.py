@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 
@@ -39,21 +40,25 @@ from protocol.frames import (
     ServerFrame,
     SetPersona,
     Welcome,
+    close_reason,
     decode_client_frame,
     encode,
     error_frame,
     fit_history_page,
+    frame_type,
     salvage_ref,
 )
 from protocol.personas import CATALOGUE
 from server.auth import authenticate
 from server.avatar import AvatarState
-from server.limits import TokenBucket
+from server.limits import FrameLimit, Verdict
 from server.outbox import Outbox
-from server.replies import PendingChat, Replies
+from server.replies import KNOWN_IDS, PendingChat, Replies
 from server.services import Services
 
 log = logging.getLogger(__name__)
+
+HISTORY_REQUEST_BYTES = 1024  # what a history request costs its user's budget besides its page
 
 
 PERSONA_LIST = [PersonaInfo(id=c.id, name=c.name, description=c.description) for c in CATALOGUE]
@@ -62,17 +67,19 @@ PERSONA_LIST = [PersonaInfo(id=c.id, name=c.name, description=c.description) for
 class Session:
     """Owns one WebSocket connection from handshake to close."""
 
-    def __init__(self, services: Services, ws: ServerConnection) -> None:
+    def __init__(self, services: Services, ws: ServerConnection, address: str) -> None:
         self.services = services
         self.settings = services.settings
         self.ws = ws
+        self.address = address  # the client's, for the per-address limit before hello
         self.id = uuid.uuid4().hex
         self.user_id = ""
         self.avatar = AvatarState(services, self.id, self._emit, self._emit_error)
         self._replies = Replies(services, "", self.id, self._emit, self._emit_error)  # until hello
-        self._bucket = TokenBucket(self.settings.rate_per_s, self.settings.rate_burst, 0.0)
-        self._strikes = 0
-        self._last_strike = 0.0
+        settings = self.settings
+        self._rate = FrameLimit(
+            settings.rate_per_s, settings.rate_burst, settings.abuse_close_after, time.monotonic()
+        )
         self._outbox = Outbox(
             ws, self.settings.outbox_limit_bytes, self.settings.send_timeout_s, self._not_reading
         )
@@ -101,27 +108,35 @@ class Session:
     async def _authenticate(self) -> str | None:
         """Read and check `hello`, join the hub, load the avatar; return the hello's id."""
         services = self.services
-        services.preauth += 1
+        admission = services.admission
+        if not admission.admit(self.address):  # the handshake checked; others came meanwhile
+            raise ConnectionRefused(
+                CloseCode.TOO_MANY_CONNECTIONS,
+                "too many connections waiting to authenticate from your address",
+            )
         try:
             hello = await self._read_hello()
         finally:
-            services.preauth -= 1
+            admission.authenticated(self.address)
         self.user_id = authenticate(services.secret, hello.token)
         limit = self.settings.max_connections_per_user
         if services.hub.count(self.user_id) >= limit:
             raise ConnectionRefused(
                 CloseCode.TOO_MANY_CONNECTIONS, f"too many connections for this user (max {limit})"
             )
-        self._replies = Replies(services, self.user_id, self.id, self._emit, self._emit_error)
         # Join before loading, so that a switch committed meanwhile reaches this session.
         services.hub.join(self.user_id, self.avatar)
         try:
             await self.avatar.load(self.user_id)
+            stored_ids = await services.store.recent_chat_ids(self.user_id, KNOWN_IDS)
         except BaseException as exc:
             services.hub.leave(self.user_id, self.avatar)
             if isinstance(exc, Unavailable):
                 raise ConnectionRefused(CloseCode.INTERNAL_ERROR, "database unavailable") from None
             raise
+        self._replies = Replies(
+            services, self.user_id, self.id, self._emit, self._emit_error, stored_ids
+        )
         return hello.id
 
     async def _read_hello(self) -> Hello:
@@ -132,6 +147,11 @@ class Session:
             raise ConnectionRefused(CloseCode.AUTH_TIMEOUT, "no hello in time") from None
         try:
             frame = decode_client_frame(raw)
+        except InvalidFrame as exc:
+            if frame_type(raw) != "hello":
+                raise ConnectionRefused(CloseCode.NOT_AUTHENTICATED, "send hello first") from None
+            reason = close_reason(f"invalid hello: {exc.message}")
+            raise ConnectionRefused(CloseCode.NOT_AUTHENTICATED, reason) from None
         except ProtocolError:
             raise ConnectionRefused(CloseCode.NOT_AUTHENTICATED, "send hello first") from None
         if not isinstance(frame, Hello):
@@ -241,21 +261,16 @@ class Session:
             self._emit_error(exc, ref)
 
     def _check_rate(self) -> None:
-        now = time.monotonic()
-        if self._bucket.take(now):
+        verdict = self._rate.check(time.monotonic())
+        if verdict is Verdict.ALLOW:
             return
-        if now - self._last_strike > 1.0:
-            self._strikes = 0
-        self._strikes += 1
-        self._last_strike = now
-        if self._strikes >= self.settings.abuse_close_after:
+        if verdict is Verdict.CLOSE:
             self._close_soon(CloseCode.POLICY_VIOLATION, "rate limit exceeded repeatedly")
         raise RateLimited(details={"rate_per_s": self.settings.rate_per_s})
 
     async def _dispatch(
         self, frame: Hello | CreateAvatar | GetAvatar | SetPersona | Chat | Cancel | History | Ping
     ) -> None:
-        store = self.services.store
         match frame:
             case Chat():
                 await self._chat(frame)
@@ -268,12 +283,30 @@ class Session:
             case CreateAvatar():
                 await self.avatar.create(frame)
             case History():
-                messages = await store.history(self.user_id, frame.limit, frame.before)
-                self._emit(HistoryPage(ref=frame.id, messages=fit_history_page(messages)))
+                await self._history(frame)
             case Ping():
                 self._emit(Pong(ref=frame.id))
             case Hello():
                 raise InvalidFrame("already authenticated")
+
+    async def _history(self, frame: History) -> None:
+        """A page of history, paid for from the user's byte budget (shared by the user's
+        connections in this process): past it, `rate_limited` until it has refilled."""
+        budget = self.services.history_budgets.of(self.user_id, time.monotonic())
+        wait_s = budget.wait_s(time.monotonic())
+        if wait_s > 0:
+            raise RateLimited(
+                "too much history asked for; wait before asking again",
+                details={
+                    "retry_after_ms": math.ceil(wait_s * 1000),
+                    "history_bytes_per_s": self.settings.history_bytes_per_s,
+                },
+            )
+        budget.spend(HISTORY_REQUEST_BYTES, time.monotonic())  # the query, whatever it finds
+        messages = await self.services.store.history(self.user_id, frame.limit, frame.before)
+        page = encode(HistoryPage(ref=frame.id, messages=fit_history_page(messages)))
+        budget.spend(len(page), time.monotonic())
+        self._emit(page)
 
     # ------------------------------------------------------------------ chat
 

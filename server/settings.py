@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, IPvAnyNetwork, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol.frames import MAX_TEXT_CHARS
@@ -46,12 +46,19 @@ class Settings(BaseSettings):
     max_connections: int = Field(default=20_000, ge=1)
     max_connections_per_user: int = Field(default=16, ge=1)
     max_preauth: int = Field(default=512, ge=1)
+    # per client address (IPv6: per /64), so that one client cannot lock everyone out
+    max_preauth_per_ip: int = Field(default=32, ge=1)
+    # proxies whose X-Forwarded-For names the client (for the per-address limit)
+    trusted_proxies: list[IPvAnyNetwork] = Field(default_factory=list)
     max_frame_bytes: int = Field(default=64 * 1024, ge=1024)
     max_text_chars: int = MAX_TEXT_CHARS
     rate_per_s: float = Field(default=20.0, gt=0)
     rate_burst: int = Field(default=40, ge=1)
     abuse_close_after: int = Field(default=50, ge=1)
     chat_queue_depth: int = Field(default=8, ge=1)
+    # history pages served per user (all the user's connections in this process), in bytes
+    history_bytes_per_s: int = Field(default=256 * 1024, ge=1024)
+    history_burst_bytes: int = Field(default=2 * 1024 * 1024, ge=64 * 1024)
     ping_interval_s: float = Field(default=20.0, gt=0)
     ping_timeout_s: float = Field(default=20.0, gt=0)
     send_timeout_s: float = Field(default=10.0, gt=0)

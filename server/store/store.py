@@ -311,8 +311,19 @@ class Store:
             return await self._fetch(conn, COMMIT_TURNS, data)
         except asyncpg.UniqueViolationError as exc:
             # Nothing of the batch was written; again, keeping the chats already stored.
-            log.info("a batch of %d turns met a stored chat (%s); written again", len(turns), exc)
+            log.debug("a batch of %d turns met a stored chat (%s); written again", len(turns), exc)
             return await self._fetch(conn, COMMIT_TURNS_SKIPPING, data)
+
+    async def recent_chat_ids(self, user_id: str, limit: int) -> list[str]:
+        """The client ids of the user's `limit` newest chats that have one."""
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                "SELECT client_id FROM messages WHERE user_id = $1 AND role = 'user'"
+                " AND client_id IS NOT NULL ORDER BY id DESC LIMIT $2",
+                user_id,
+                limit,
+            )
+        return [row["client_id"] for row in reversed(rows)]
 
     async def find_turn(self, user_id: str, client_id: str) -> PastTurn | None:
         """The stored chat with this client id, with its reply."""

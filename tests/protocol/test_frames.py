@@ -20,6 +20,7 @@ from protocol.frames import (
     ReplyStatus,
     SetPersona,
     Usage,
+    close_reason,
     decode_client_frame,
     decode_server_frame,
     encode,
@@ -105,10 +106,26 @@ def test_unknown_personality_is_left_to_the_catalogue_check() -> None:
         ("[1]", None),
         ("{bad", None),
         (b"bytes", None),
+        ('{"type":"chat","id":"x3","text":"\\ud800"}', "x3"),  # a lone surrogate elsewhere
+        ('{"type":"history","id":"x4","limit":NaN}', "x4"),  # not JSON, but readable
+        ('{"type":"chat","id":"\\ud800"}', None),
     ],
 )
 def test_salvage_ref_keeps_only_a_valid_id(raw: str | bytes, ref: str | None) -> None:
     assert salvage_ref(raw) == ref
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ("short", "short"),
+        ("é" * 61, "é" * 61),  # 122 bytes: fits
+        ("é" * 62, "é" * 60 + "..."),  # cut on a character boundary, within 123 bytes
+    ],
+)
+def test_close_reason_fits_a_close_frame(text: str, reason: str) -> None:
+    assert close_reason(text) == reason
+    assert len(close_reason(text).encode()) <= 123
 
 
 def test_encode_leaves_out_unset_optional_fields_but_keeps_null_ref() -> None:

@@ -8,8 +8,9 @@ import jwt
 import pytest
 from websockets.exceptions import ConnectionClosed
 
+from protocol.errors import ConnectionRefused
 from server.app import App
-from server.auth import mint_token
+from server.auth import authenticate, mint_token
 from tests.client import Client
 from tests.conftest import SECRET, AppFactory
 
@@ -54,7 +55,7 @@ async def test_garbage_before_hello_closes_4401(app: App) -> None:
     [
         (mint_token("another-secret-entirely-" + "x" * 64, "bob"), "bad token signature"),
         ("not.a.jwt", "malformed token"),
-        (mint_token(SECRET, "bob", ttl_s=-10), "token expired"),
+        (mint_token(SECRET, "bob", ttl_s=-60), "token expired"),
         (jwt.encode({"iat": int(time.time())}, SECRET, algorithm="HS256"), "malformed token"),
         (jwt.encode({"sub": "x" * 129}, SECRET, algorithm="HS256"), "sub must be a string"),
         (jwt.encode({"sub": 42}, SECRET, algorithm="HS256"), "malformed token"),
@@ -80,3 +81,36 @@ async def test_second_hello_is_an_invalid_frame(app: App) -> None:
         await client.hello(mint_token(SECRET, "twice"))
         answer = await client.request({"type": "hello", "token": mint_token(SECRET, "other")})
         assert (answer["code"], answer["status"]) == ("invalid_frame", 422)
+
+
+# ---------------------------------------------------------------- clock skew, without a socket
+
+
+def _token(**claims: object) -> str:
+    return jwt.encode({"sub": "skewed", **claims}, SECRET, algorithm="HS256")
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"exp": int(time.time()) - 10},  # expired by our clock, not by the issuer's
+        {"iat": int(time.time()) + 20},  # issued "in the future": the issuer's clock is ahead
+        {"nbf": int(time.time()) + 20},
+    ],
+)
+def test_a_token_within_the_clock_skew_is_accepted(claims: dict[str, int]) -> None:
+    assert authenticate(SECRET, _token(**claims)) == "skewed"
+
+
+@pytest.mark.parametrize(
+    ("claims", "reason"),
+    [
+        ({"exp": int(time.time()) - 60}, "token expired"),
+        ({"nbf": int(time.time()) + 60}, "token not valid yet"),
+        ({"iat": int(time.time()) + 60}, "token not valid yet"),
+    ],
+)
+def test_a_token_beyond_the_clock_skew_is_refused(claims: dict[str, int], reason: str) -> None:
+    with pytest.raises(ConnectionRefused) as refused:
+        authenticate(SECRET, _token(**claims))
+    assert (refused.value.close_code, refused.value.reason) == (4401, reason)

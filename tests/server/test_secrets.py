@@ -21,7 +21,7 @@ async def test_logs_of_a_full_session_hold_no_token_and_no_key(
 ) -> None:
     log_path = tmp_path / "server.log"
     good = mint_token(SECRET, "secret-keeper", ttl_s=600)
-    expired = mint_token(SECRET, "secret-keeper", ttl_s=-5)
+    expired = mint_token(SECRET, "secret-keeper", ttl_s=-60)
     forged = jwt.encode({"sub": "secret-keeper", "iat": int(time.time())}, "x" * 64)
     async with FakeLLM() as fake:
         env = clean_env(
