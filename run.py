@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import sys
@@ -25,6 +26,7 @@ from server.supervisor import Supervisor, metrics_dir, remove_metrics_dir, reser
 log = logging.getLogger("run")
 
 DEFAULT_URL = "ws://127.0.0.1:8765/ws"
+CHAT_TOKEN_TTL_S = 24 * 3600  # the token `chat --user` signs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -237,13 +239,27 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from clients.terminal import main as chat_main
 
-    return chat_main(args)
+    settings = settings_from(args)
+
+    def token_for(user: str) -> str:  # for --user: signed with the local server's secret
+        return mint_token(load_or_create_secret(settings), user, CHAT_TOKEN_TTL_S)
+
+    return chat_main(args, token_for, settings.data_dir)
 
 
 def cmd_bots(args: argparse.Namespace) -> int:
     from clients.bots.cli import main as bots_main
 
-    return bots_main(args)
+    secret = args.secret or _existing_secret(settings_from(args))
+    return bots_main(args, functools.partial(mint_token, secret) if secret else None)
+
+
+def _existing_secret(settings: Settings) -> str | None:
+    """CHAT_JWT_SECRET, else the data directory's secret file; None (nothing created) if neither."""
+    if settings.jwt_secret is not None:
+        return settings.jwt_secret.get_secret_value()
+    path = settings.secret_path()
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else None
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -15,12 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.procs import Cores, Proc
-from server.app import run_async
-from tests.client import Client, login
+from bench.tokens import signer
+from clients.link import Frame, Link
+from clients.loop import run_async
 from tests.server.fake_llm import FakeLLM, Script
 
 TOKENS = tuple(f" word{i}" for i in range(16))
 SECRET = secrets.token_urlsafe(48)
+sign = signer(SECRET)
+RECV_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,23 +59,22 @@ def start_server(workdir: Path, fake_url: str, cores: Cores, flush_ms: float | N
     return Proc("chat", argv, workdir, cores.server, env, pgdata=data / "pgdata")
 
 
-async def one_chat(client: Client, fake: FakeLLM, number: int) -> Sample | None:
+async def one_chat(link: Link, fake: FakeLLM, number: int) -> Sample | None:
     """Chat once; None when the reply came without any `reply_delta`."""
     ref = f"b{number}"
     text = f"chat {number}: how was your day?"
-    sent_at = time.perf_counter()
-    await client.send({"type": "chat", "id": ref, "text": text})
     delta_at: float | None = None
-    while True:
-        frame = await client.recv()
-        if frame.get("ref") != ref:
-            continue
-        if frame["type"] == "reply_delta":
+
+    def on_other(frame: Frame) -> None:
+        nonlocal delta_at
+        if frame.get("ref") == ref and frame.get("type") == "reply_delta":
             delta_at = delta_at or time.perf_counter()
-            continue
-        if frame["type"] != "reply" or frame["status"] != "completed":
-            raise RuntimeError(f"chat {number} failed: {frame}")
-        break
+
+    sent_at = time.perf_counter()
+    chat = {"type": "chat", "id": ref, "text": text}
+    frame = await link.request(chat, timeout=RECV_TIMEOUT_S, on_other=on_other)
+    if frame["type"] != "reply" or frame["status"] != "completed":
+        raise RuntimeError(f"chat {number} failed: {frame}")
     request = fake.requests[-1]
     assert request.messages[-2]["content"] == text, "the fake answered another chat"
     if delta_at is None or request.first_token_at is None:
@@ -91,20 +93,19 @@ async def measure(args: argparse.Namespace, workdir: Path, cores: Cores) -> list
             start_server, workdir, fake.url, cores, args.delta_flush_ms
         )
         try:
-            client = await login(server.url, SECRET, "ttft-bench")
-            try:
-                answer = await client.request(
-                    {"type": "create_avatar", "name": "Bench", "personality": "friendly"}
-                )
+            async with await Link.open(server.url) as link:
+                hello = {"type": "hello", "token": sign("ttft-bench")}
+                welcome = await link.request(hello, timeout=RECV_TIMEOUT_S)
+                assert welcome["type"] == "welcome", welcome
+                create = {"type": "create_avatar", "name": "Bench", "personality": "friendly"}
+                answer = await link.request(create, timeout=RECV_TIMEOUT_S)
                 assert answer["type"] == "avatar", answer
                 samples = []
                 for number in range(args.warmup + args.chats):
-                    sample = await one_chat(client, fake, number)
+                    sample = await one_chat(link, fake, number)
                     if number >= args.warmup and sample is not None:
                         samples.append(sample)
                 return samples
-            finally:
-                await client.__aexit__(None, None, None)
         finally:
             await asyncio.to_thread(server.stop)
 

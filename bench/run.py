@@ -26,7 +26,7 @@ from bench.profile import Profiler, top_functions
 from bench.scenarios import Target, chat_load, database_facts, idle_memory, warm_up
 from clients.bots.load import raise_fd_limit
 from clients.bots.plan import Mode
-from server.app import run_async
+from clients.loop import run_async
 
 # Closed-loop bots would trip the default 20 frames/s per connection: the benchmark lifts it.
 SERVER_ENV = {"CHAT_RATE_PER_S": "1000000", "CHAT_RATE_BURST": "1000000"}

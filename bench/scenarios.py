@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 
 from bench.procs import Proc, postgres_dsn
+from bench.tokens import signer
 from clients.bots.load import MAX_CHATS_PER_S_PER_BOT, LoadConfig, run_load
 from clients.bots.plan import BotPlan, Mode
 from clients.bots.report import Stats
@@ -48,7 +49,7 @@ def load_config(
         clients=clients,
         duration_s=duration_s,
         ramp_s=clients / 1000.0,
-        secret=target.secret,
+        token_for=signer(target.secret) if target.secret else None,
         connect_concurrency=CONNECT_CONCURRENCY,
     )
 

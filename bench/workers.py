@@ -18,7 +18,7 @@ from bench.run import SERVER_ENV
 from bench.scenarios import Target, chat_load, warm_up
 from clients.bots.load import raise_fd_limit
 from clients.bots.plan import Mode
-from server.app import run_async
+from clients.loop import run_async
 
 
 def start_workers(workdir: Path, count: int, secret: str) -> Proc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import secrets
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -19,15 +20,13 @@ from prompt_toolkit.patch_stdout import patch_stdout
 from prompt_toolkit.styles import Style
 
 from clients.link import (
-    EXIT_AUTH_REFUSED,
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_USAGE,
-    ChatLink,
-    ClientError,
-    open_link,
+    CONNECT_ERRORS,
+    Link,
+    LinkClosed,
+    Router,
+    describe_connect_failure,
 )
+from protocol.errors import CloseCode
 from protocol.frames import (
     AnyServerFrame,
     Avatar,
@@ -39,22 +38,65 @@ from protocol.frames import (
     Personas,
     PersonaSet,
     Reply,
+    Welcome,
 )
-from server.auth import load_or_create_secret, mint_token
-from server.settings import Settings
 
-TOKEN_TTL_S = 24 * 3600
+EXIT_OK = 0
+EXIT_FAILED = 1  # a line was answered with an error, or the connection dropped
+EXIT_USAGE = 2  # neither --user nor --token
+EXIT_CANNOT_CONNECT = 3  # no server at --url, or it refused the handshake
+EXIT_AUTH_REFUSED = 4  # the server closed with 4401: the token is not valid there
+EXIT_INTERRUPTED = 130
+
 DEFAULT_AVATAR = ("Ava", "friendly")
 RATE_LIMIT_RETRIES = 5
 LOCAL_HELP = "/quit          leave (Ctrl-D works too; Ctrl-C stops a reply)"
 STYLE = Style.from_dict({"persona": "ansicyan bold"})
 
 
+# `python run.py chat --user NAME`: a token for NAME, which the command line mints (run.py).
+Minter = Callable[[str], str]
+
+
+class ClientError(Exception):
+    """Ends the client with a message on stderr and an exit code."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def closed_error(closed: LinkClosed) -> ClientError:
+    """What to say (and exit with) when the connection closed under the client."""
+    if closed.code == CloseCode.NOT_AUTHENTICATED:
+        refused = f"the server refused the sign-in: {closed.reason or 'not authenticated'}"
+        return ClientError(refused, EXIT_AUTH_REFUSED)
+    if closed.code == CloseCode.GOING_AWAY:
+        return ClientError("the server is shutting down; try again in a moment")
+    return ClientError(str(closed))
+
+
+async def open_link(url: str, token: str) -> tuple[Router, Welcome]:
+    """Connect and say hello; a ClientError that says why when that fails."""
+    # Chat ids are remembered by the server for retries: make them unique across runs.
+    try:
+        link = await Link.open(url, id_prefix=f"t{secrets.token_hex(4)}-")
+    except CONNECT_ERRORS as exc:
+        why = describe_connect_failure(exc)
+        raise ClientError(f"cannot connect to {url}: {why}", EXIT_CANNOT_CONNECT) from None
+    router = Router(link)
+    welcome = await router.request({"type": "hello", "token": token})
+    if not isinstance(welcome, Welcome):
+        await router.close()
+        raise ClientError(f"unexpected answer to hello: {welcome.type}", EXIT_CANNOT_CONNECT)
+    return router, welcome
+
+
 @dataclass(slots=True)
 class Conversation:
     """What the client knows: the avatar's name, its current persona, the catalogue."""
 
-    link: ChatLink
+    link: Router
     personas: list[PersonaInfo]
     avatar_name: str = ""
     persona: str = ""
@@ -245,7 +287,7 @@ class Terminal:
                 answer = await self.conversation.link.request(
                     {"type": "chat", "text": text}, on_delta=on_delta
                 )
-            except ClientError:
+            except LinkClosed:
                 if shown:
                     write("")  # end the half-printed reply before the error
                 raise
@@ -268,7 +310,7 @@ class Terminal:
         task.add_done_callback(self._tasks.discard)
 
     async def send_cancel(self) -> None:
-        with contextlib.suppress(ClientError):  # a lost connection ends the reply's wait anyway
+        with contextlib.suppress(LinkClosed):  # a lost connection ends the reply's wait anyway
             await self.conversation.link.send({"type": "cancel"})
 
     def on_push(self, frame: AnyServerFrame) -> None:
@@ -281,30 +323,26 @@ class Terminal:
             write(describe(frame))
 
 
-def resolve_token(args: argparse.Namespace) -> str:
-    """`--token` as given, or a token for `--user` signed with the local secret."""
+def resolve_token(args: argparse.Namespace, mint: Minter) -> str:
+    """`--token` as given, or a token for `--user` from `mint`."""
     if args.token:
         return str(args.token)
     if not args.user:
         raise ClientError("sign in with --user NAME (local server) or --token TOKEN", EXIT_USAGE)
     try:
-        return mint_token(load_or_create_secret(local_settings(args)), args.user, TOKEN_TTL_S)
+        return mint(args.user)
     except ValueError as exc:
         raise ClientError(str(exc), EXIT_USAGE) from None
 
 
-def local_settings(args: argparse.Namespace) -> Settings:
-    return Settings(data_dir=args.data_dir) if args.data_dir else Settings()
-
-
-async def run(args: argparse.Namespace, token: str, interactive: bool) -> int:
+async def run(args: argparse.Namespace, token: str, interactive: bool, data_dir: Path) -> int:
     link, welcome = await open_link(args.url, token)
     conversation = Conversation(link, welcome.personas)
     if welcome.avatar is not None:
         conversation.adopt(welcome.avatar)
     try:
         if interactive:
-            terminal = Terminal(conversation, local_settings(args).data_dir / "chat_history")
+            terminal = Terminal(conversation, data_dir / "chat_history")
             link.on_push = terminal.on_push
             return await terminal.run()
         link.on_push = lambda frame: batch_push(conversation, frame)
@@ -320,16 +358,19 @@ def batch_push(conversation: Conversation, frame: AnyServerFrame) -> None:
         warn(describe(frame))
 
 
-def main(args: argparse.Namespace) -> int:
-    """`python run.py chat`: returns the process exit code (see EXIT_* above)."""
+def main(args: argparse.Namespace, mint: Minter, data_dir: Path) -> int:
+    """`python run.py chat`: returns the process exit code (see EXIT_* above). `mint` makes the
+    token for `--user`; `data_dir` holds the prompt history (and the secret `mint` signs with)."""
     try:
-        token = resolve_token(args)
-        return asyncio.run(run(args, token, interactive=sys.stdin.isatty()))
+        token = resolve_token(args, mint)
+        try:
+            return asyncio.run(run(args, token, sys.stdin.isatty(), data_dir))
+        except LinkClosed as closed:
+            raise closed_error(closed) from None
     except ClientError as exc:
         warn(f"chat: {exc}")
         if exc.exit_code == EXIT_AUTH_REFUSED and args.user:
-            where = local_settings(args).data_dir
-            warn(f"(--user signs with the secret in {where}: use the server's --data-dir)")
+            warn(f"(--user signs with the secret in {data_dir}: use the server's --data-dir)")
         return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

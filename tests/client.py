@@ -1,15 +1,13 @@
-"""A small real WebSocket client for the tests: send frames, read answers, match refs."""
+"""The tests' WebSocket client: clients.link.Link with the tests' defaults and a login helper."""
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 from types import TracebackType
 from typing import Any
 
-import orjson
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import ClientConnection
 
+from clients.link import Link
 from server.auth import mint_token
 
 RECV_TIMEOUT_S = 10.0
@@ -20,39 +18,43 @@ class Client:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.ws: ClientConnection | None = None
-        self._ids = itertools.count(1)
+        self.link: Link | None = None
         self.welcome: dict[str, Any] = {}
 
     async def __aenter__(self) -> Client:
-        self.ws = await connect(self.url, max_size=None, compression=None)
+        self.link = await Link.open(self.url)
         return self
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self.ws is not None:
-            await self.ws.close()
+        if self.link is not None:
+            await self.link.close()
+
+    @property
+    def ws(self) -> ClientConnection | None:
+        return self.link.ws if self.link is not None else None
 
     @property
     def conn(self) -> ClientConnection:
-        assert self.ws is not None
-        return self.ws
+        return self._link.ws
+
+    @property
+    def _link(self) -> Link:
+        assert self.link is not None, "connect first (async with Client(url))"
+        return self.link
 
     def next_id(self) -> str:
-        return f"c{next(self._ids)}"
+        return self._link.next_id()
 
     async def send(self, frame: dict[str, Any]) -> None:
-        await self.conn.send(orjson.dumps(frame).decode())
+        await self._link.send(frame)
 
     async def send_raw(self, raw: str | bytes) -> None:
-        await self.conn.send(raw)
+        await self._link.send_raw(raw)
 
     async def recv(self, timeout: float = RECV_TIMEOUT_S) -> dict[str, Any]:
-        raw = await asyncio.wait_for(self.conn.recv(), timeout)
-        value = orjson.loads(raw)
-        assert isinstance(value, dict)
-        return value
+        return await self._link.recv(timeout)
 
     async def recv_type(self, kind: str, timeout: float = RECV_TIMEOUT_S) -> dict[str, Any]:
         """The next frame of type `kind`, skipping others (pushes, deltas)."""
@@ -65,12 +67,7 @@ class Client:
         self, frame: dict[str, Any], timeout: float = RECV_TIMEOUT_S
     ) -> dict[str, Any]:
         """Send `frame` with a fresh id and return its final answer (skipping deltas and pushes)."""
-        frame = {"id": self.next_id(), **frame}
-        await self.send(frame)
-        while True:
-            answer = await self.recv(timeout)
-            if answer.get("ref") == frame["id"] and answer["type"] != "reply_delta":
-                return answer
+        return await self._link.request(frame, timeout)
 
     async def hello(self, token: str) -> dict[str, Any]:
         self.welcome = await self.request({"type": "hello", "token": token})

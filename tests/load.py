@@ -65,8 +65,7 @@ async def chatter(
     except (OSError, TimeoutError) as exc:
         ledger.errors[type(exc).__name__] += 1
     finally:
-        if client.ws is not None:
-            await client.ws.close()
+        await client.__aexit__(None, None, None)
 
 
 async def _switch(client: Client, user: str, persona: str, ledger: Ledger) -> None:
@@ -81,24 +80,19 @@ async def _switch(client: Client, user: str, persona: str, ledger: Ledger) -> No
 
 
 async def _chat(client: Client, user: str, ref: str, text: str, ledger: Ledger) -> None:
-    await client.send({"type": "chat", "id": ref, "text": text})
-    while True:
-        answer = await client.recv(timeout=30)
-        if answer.get("ref") != ref or answer["type"] == "reply_delta":
-            continue
-        if answer["type"] == "reply":
-            ledger.replies.append(
-                AckedReply(
-                    user,
-                    ref,
-                    text,
-                    answer["message_id"],
-                    answer["reply_id"],
-                    answer["text"],
-                    answer["status"],
-                )
+    answer = await client.request({"type": "chat", "id": ref, "text": text}, timeout=30)
+    if answer["type"] == "reply":
+        ledger.replies.append(
+            AckedReply(
+                user,
+                ref,
+                text,
+                answer["message_id"],
+                answer["reply_id"],
+                answer["text"],
+                answer["status"],
             )
-        else:
-            ledger.errors[answer["code"]] += 1
-            await asyncio.sleep(0.01)  # as a real client would, rather than spin on errors
-        return
+        )
+    else:
+        ledger.errors[answer["code"]] += 1
+        await asyncio.sleep(0.01)  # as a real client would, rather than spin on errors

@@ -7,14 +7,12 @@ import math
 import time
 from typing import Any
 
-import orjson
-from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from clients.bots.plan import BotPlan, Mode, Pacer, Pending, Phase
 from clients.bots.report import Stats
+from clients.link import BadFrame, Frame, Link
 from protocol.personas import PERSONA_IDS
-from server.outbox import send_text_now
 
 INVALID_PERSONA = "no-such-persona"
 MAX_FRAMES_PER_ANSWER = 10_000
@@ -47,7 +45,7 @@ class Bot:
         self._plan = plan
         self._stats = stats
         self._phase = phase
-        self._ws: ClientConnection | None = None
+        self._link: Link | None = None
         self._pending: dict[str, Pending] = {}
         self._current: set[str] = set()  # personas that may be the avatar's right now
         self._seq = 0
@@ -61,14 +59,12 @@ class Bot:
     async def connect(self) -> bool:
         """Open the connection; False (counted) when it fails."""
         try:
-            self._ws = await connect(
+            self._link = await Link.open(
                 self._plan.url,
-                compression=None,
                 proxy=None,
                 open_timeout=self._plan.open_timeout_s,
                 ping_interval=None,
                 close_timeout=5,
-                max_size=None,
                 user_agent_header=None,
             )
         except InvalidStatus as exc:
@@ -104,16 +100,16 @@ class Bot:
             self._settle_suspects(math.inf)
 
     async def close(self) -> None:
-        ws = self._ws
-        if ws is None:
+        link = self._link
+        if link is None:
             return
         self._closing = True
         try:
-            await ws.close()
+            await link.close()
         except (OSError, ConnectionClosed):
             pass
         finally:
-            self._ws = None
+            self._link = None
             self._stats.closed()
 
     def _count_failure(self, exc: BaseException) -> None:
@@ -186,8 +182,8 @@ class Bot:
         return f"{kind[0]}{self.index}-{self._seq}"
 
     async def _send(self, frame: dict[str, Any], pending: Pending) -> str:
-        ws = self._ws
-        assert ws is not None, "connect() first"
+        link = self._link
+        assert link is not None, "connect() first"
         if self._pacer is not None:
             await self._pause(self._pacer.take())
         if pending.kind == "chat":  # what is current now, after any pause
@@ -195,9 +191,7 @@ class Bot:
         ref = self._next_ref(pending.kind)
         self._pending[ref] = pending
         pending.sent_at = time.perf_counter()
-        data = orjson.dumps({"id": ref, **frame})
-        if not send_text_now(ws, data):
-            await ws.send(data, text=True)
+        await link.send({"id": ref, **frame})
         return ref
 
     async def _request(self, frame: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -237,43 +231,35 @@ class Bot:
 
     # ------------------------------------------------------------------ receiving
 
-    async def _recv(self, deadline: float) -> dict[str, Any]:
-        ws = self._ws
-        assert ws is not None, "connect() first"
+    async def _recv(self, deadline: float) -> Frame:
+        link = self._link
+        assert link is not None, "connect() first"
         remaining = deadline - time.perf_counter()
         if remaining <= 0:
             raise self._fail("timeout")
         try:
-            async with asyncio.timeout(remaining):
-                raw = await ws.recv()
+            return await link.recv(remaining)
         except TimeoutError:
             raise self._fail("timeout") from None
-        return self._parse(raw)
+        except BadFrame as exc:
+            raise self._fail(exc.kind) from None
 
     async def _pause(self, seconds: float) -> None:
         """Wait, handling frames as they come, so that answers are timed when they arrive."""
-        ws = self._ws
-        assert ws is not None, "connect() first"
+        link = self._link
+        assert link is not None, "connect() first"
         until = time.perf_counter() + seconds
         for _ in range(MAX_FRAMES_PER_ANSWER):
             remaining = until - time.perf_counter()
             if remaining <= 0:
                 return
             try:
-                async with asyncio.timeout(remaining):
-                    raw = await ws.recv()  # cancelling recv() loses nothing
+                frame = await link.recv(remaining)
             except TimeoutError:
                 return
-            self._on_frame(self._parse(raw))
-
-    def _parse(self, raw: str | bytes) -> dict[str, Any]:
-        try:
-            frame = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise self._fail("not_json") from None
-        if not isinstance(frame, dict):
-            raise self._fail("not_an_object")
-        return frame
+            except BadFrame as exc:
+                raise self._fail(exc.kind) from None
+            self._on_frame(frame)
 
     async def _await_answer(self, ref: str) -> dict[str, Any]:
         """Read (bounded in frames and time) until `ref` is answered; handle all else on the way."""

@@ -13,33 +13,19 @@ from typing import Any
 from rich.console import Console
 from rich.live import Live
 
-from clients.bots.load import MAX_CHATS_PER_S_PER_BOT, LoadConfig, run_load
+from clients.bots.load import MAX_CHATS_PER_S_PER_BOT, LoadConfig, TokenSource, run_load
 from clients.bots.plan import BotPlan, Mode
 from clients.bots.report import LiveView, Stats, render_report, write_json
-from server.app import run_async
-from server.settings import Settings
+from clients.loop import run_async
 
 MAX_CLIENTS = 50_000
 LIVE_PERIOD_S = 1.0
 
-__all__ = ["LoadConfig", "Mode", "load_secret", "main", "plan_from", "run_load"]
+__all__ = ["LoadConfig", "Mode", "main", "plan_from", "run_load"]
 
 
 class UsageError(Exception):
     """Bad options: reported on stderr with exit status 2."""
-
-
-def load_secret(secret: str | None, data_dir: str | None) -> str:
-    """--secret, else CHAT_JWT_SECRET, else the data directory's secret file (never created)."""
-    if secret:
-        return secret
-    settings = Settings(data_dir=data_dir) if data_dir else Settings()
-    if settings.jwt_secret is not None:
-        return settings.jwt_secret.get_secret_value()
-    path = settings.secret_path()
-    if not path.is_file():
-        raise UsageError(f"no JWT secret: pass --secret, or --data-dir where {path.name} lives")
-    return path.read_text(encoding="utf-8").strip()
 
 
 def plan_from(url: str, duration_s: float, switch_every: int, think_ms: float) -> BotPlan:
@@ -52,20 +38,22 @@ def plan_from(url: str, duration_s: float, switch_every: int, think_ms: float) -
     )
 
 
-def config_from(args: argparse.Namespace) -> LoadConfig:
+def config_from(args: argparse.Namespace, token_for: TokenSource | None) -> LoadConfig:
     if not 1 <= args.clients <= MAX_CLIENTS:
         raise UsageError(f"--clients must be 1 to {MAX_CLIENTS}")
     if not 0 < args.duration <= 24 * 3600 or args.ramp < 0 or args.think < 0:
         raise UsageError("--duration must be positive; --ramp and --think not negative")
     if args.switch_every < 0 or (args.users is not None and args.users < 1):
         raise UsageError("--switch-every must be >= 0 and --users >= 1")
+    if token_for is None:
+        raise UsageError("no JWT secret: pass --secret, or --data-dir where jwt_secret lives")
     return LoadConfig(
         plan=plan_from(args.url, args.duration, args.switch_every, args.think),
         clients=args.clients,
         duration_s=args.duration,
         ramp_s=args.ramp,
         users=args.users,
-        secret=load_secret(args.secret, args.data_dir),
+        token_for=token_for,
     )
 
 
@@ -98,10 +86,14 @@ async def run_with_progress(config: LoadConfig, quiet: bool) -> dict[str, Any]:
         return await run_load(config, stats)
 
 
-def main(args: argparse.Namespace) -> int:
-    """Run the bots, print the report; exit 1 on a stale render or unexpected error, 2 on misuse."""
+def main(args: argparse.Namespace, token_for: TokenSource | None) -> int:
+    """Run the bots, print the report; exit 1 on a stale render or unexpected error, 2 on misuse.
+
+    `token_for` signs a token for each bot's user; the command line (run.py) makes it from the
+    server's secret, or passes None when it has none.
+    """
     try:
-        config = config_from(args)
+        config = config_from(args, token_for)
     except UsageError as exc:
         print(f"bots: {exc}", file=sys.stderr)
         return 2

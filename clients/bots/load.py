@@ -13,9 +13,12 @@ from typing import Any
 from clients.bots.bot import Bot
 from clients.bots.plan import BotPlan, Mode, Phase
 from clients.bots.report import Stats, build_report
-from server.auth import mint_token
 
 log = logging.getLogger(__name__)
+
+# A signed token for a user. The bots do not sign tokens themselves: whoever holds the secret
+# does (run.py, the tests, the benchmark that configured the server), and passes this in.
+TokenSource = Callable[[str], str]
 
 FD_HEADROOM = 64
 MAX_CHATS_PER_S_PER_BOT = 10_000  # bounds each bot's loop in count as well as in time
@@ -30,7 +33,7 @@ class LoadConfig:
     duration_s: float
     ramp_s: float = 0.0
     users: int | None = None  # distinct users; None: one per client
-    secret: str = ""
+    token_for: TokenSource | None = None  # needed in PROTOCOL mode
     connect_concurrency: int = 200
     run_id: str = field(default_factory=lambda: secrets.token_hex(4))
 
@@ -68,14 +71,11 @@ def raise_fd_limit(needed: int) -> int:
 def make_bots(config: LoadConfig, stats: Stats, phase: Phase) -> list[Bot]:
     """One bot per client, spread round-robin over the users of this run."""
     plan = config.plan
-    if plan.mode is Mode.PROTOCOL and not config.secret:
-        raise ValueError("the bots need the server's JWT secret to mint tokens")
+    token_for = config.token_for if plan.mode is Mode.PROTOCOL else None
+    if plan.mode is Mode.PROTOCOL and token_for is None:
+        raise ValueError("the bots need a token for each user: pass token_for")
     users = [f"bot-{config.run_id}-{n}" for n in range(config.user_count())]
-    tokens = (
-        [mint_token(config.secret, user) for user in users]
-        if plan.mode is Mode.PROTOCOL
-        else ["" for _ in users]
-    )
+    tokens = [token_for(user) if token_for is not None else "" for user in users]
     count = len(users)
     return [
         Bot(i, users[i % count], tokens[i % count], plan, stats, phase, _is_shared(i, config))

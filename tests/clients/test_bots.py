@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -11,12 +12,14 @@ import orjson
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from clients.bots.cli import main as bots_main
 from clients.bots.load import LoadConfig, run_load
 from clients.bots.plan import BotPlan
 from protocol.personas import PERSONA_IDS
-from run import build_parser
+from run import build_parser, cmd_bots
+from server.auth import mint_token
 from tests.conftest import SECRET, AppFactory
+
+TOKEN_FOR = functools.partial(mint_token, SECRET)
 
 
 def bots_args(url: str, json_path: Path, *extra: str) -> Any:
@@ -33,7 +36,7 @@ async def test_bots_run_against_the_server_finds_no_stale_render(make_app: AppFa
         users=2,
         duration_s=2.0,
         ramp_s=0.3,
-        secret=SECRET,
+        token_for=TOKEN_FOR,
     )
     report = await run_load(config)
     totals = report["totals"]
@@ -55,7 +58,7 @@ async def test_bots_command_writes_a_json_report(make_app: AppFactory, tmp_path:
     app = await make_app()
     path = tmp_path / "report.json"
     args = bots_args(app.url, path, "--clients", "3", "--users", "2", "--duration", "1")
-    status = await asyncio.to_thread(bots_main, args)
+    status = await asyncio.to_thread(cmd_bots, args)
     report = orjson.loads(path.read_bytes())
     assert status == 0
     assert report["totals"]["replies"] > 0
@@ -141,7 +144,7 @@ async def test_bots_take_a_failed_switch_as_perhaps_applied(
     async with serve(server_.handle, "127.0.0.1", 0) as server:
         url = f"ws://127.0.0.1:{next(iter(server.sockets)).getsockname()[1]}/ws"
         config = LoadConfig(
-            plan=BotPlan(url=url, switch_every=2), clients=2, duration_s=0.5, secret=SECRET
+            plan=BotPlan(url=url, switch_every=2), clients=2, duration_s=0.5, token_for=TOKEN_FOR
         )
         report = await run_load(config)
     assert report["totals"]["replies"] > 0 and report["totals"]["switches"] > 0
@@ -188,7 +191,7 @@ async def test_bots_judge_the_chat_behind_a_failed_switch_by_what_was_pushed_mea
     async with serve(PushThenFailServer(stale).handle, "127.0.0.1", 0) as server:
         url = f"ws://127.0.0.1:{next(iter(server.sockets)).getsockname()[1]}/ws"
         config = LoadConfig(
-            plan=BotPlan(url=url, switch_every=2), clients=2, duration_s=0.5, secret=SECRET
+            plan=BotPlan(url=url, switch_every=2), clients=2, duration_s=0.5, token_for=TOKEN_FOR
         )
         report = await run_load(config)
     assert report["totals"]["switches"] > 0
@@ -204,7 +207,7 @@ async def stale_url() -> AsyncIterator[str]:
 
 async def test_bots_catch_a_reply_rendered_with_the_old_persona(stale_url: str) -> None:
     config = LoadConfig(
-        plan=BotPlan(url=stale_url, switch_every=2), clients=2, duration_s=0.5, secret=SECRET
+        plan=BotPlan(url=stale_url, switch_every=2), clients=2, duration_s=0.5, token_for=TOKEN_FOR
     )
     report = await run_load(config)
     assert report["totals"]["stale_renders"] > 0
@@ -219,6 +222,6 @@ async def test_bots_command_exits_non_zero_on_a_stale_render(
 ) -> None:
     path = tmp_path / "report.json"
     args = bots_args(stale_url, path, "--clients", "2", "--duration", "0.5", "--switch-every", "1")
-    status = await asyncio.to_thread(bots_main, args)
+    status = await asyncio.to_thread(cmd_bots, args)
     assert status == 1
     assert orjson.loads(path.read_bytes())["totals"]["stale_renders"] > 0

@@ -20,6 +20,7 @@ from websockets.exceptions import InvalidStatus
 
 from clients.bots.load import LoadConfig, run_load
 from clients.bots.plan import BotPlan
+from server.auth import mint_token
 from server.embedded import EmbeddedPostgres
 from tests.client import login
 from tests.conftest import SECRET
@@ -289,7 +290,7 @@ async def test_bots_sharing_users_see_no_stale_render_while_the_database_is_kill
         users=10,
         duration_s=12.0,
         ramp_s=0.5,
-        secret=SECRET,
+        token_for=functools.partial(mint_token, SECRET),
     )
     try:
         load = asyncio.ensure_future(run_load(config))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import psutil
 
 from clients.bots.load import LoadConfig, run_load
 from clients.bots.plan import BotPlan
+from server.auth import mint_token
 from tests.client import Client, login
 from tests.conftest import with_avatar
 from tests.processes import Served, run_py, serve
@@ -67,8 +69,9 @@ async def test_two_workers_serve_restart_and_drain(tmp_path: Path) -> None:
 
         # bots sharing users across both workers: every switch must reach the other worker
         plan = BotPlan(url=served.url, switch_every=3)
+        token_for = functools.partial(mint_token, secret)
         report = await run_load(LoadConfig(plan=plan, clients=12, users=4, duration_s=3.0,
-                                           ramp_s=0.5, secret=secret))  # fmt: skip
+                                           ramp_s=0.5, token_for=token_for))  # fmt: skip
         print(f"\nbots on 2 workers: {report['totals']}")
         assert report["totals"]["replies"] > 0 and report["totals"]["switch_acks"] > 0
         assert (report["totals"]["stale_renders"], report["ok"]) == (0, True)
