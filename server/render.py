@@ -2,18 +2,56 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
+from unicodedata import category
 
 from protocol.personas import PersonaCard
 
-TOPIC_WORDS = 8
-TOPIC_CHARS = 60
-EARLIER_CHARS = 40
-_WORDS = re.compile(r"[^\W_]+(?:['’-][^\W_]+)*")  # noqa: RUF001
+TOPIC_WORDS = 8  # at most this many words of the message are quoted back
+TOPIC_CHARS = 60  # ... and at most this many characters
+_TOKENS_LOOKED_AT = TOPIC_WORDS + 4  # per clause: room for a greeting and bare punctuation
+_CLAUSES_LOOKED_AT = 4
+_CHARS_LOOKED_AT = 400
+
+# Marks that may end a clause: a Latin one only when no letter or digit follows it ("3.5" and
+# "e.g" go on; "Hi. I" and "Hi!!" end), a CJK or Arabic one or a newline always.
+_FULL_STOPS = "\N{IDEOGRAPHIC FULL STOP}\N{FULLWIDTH EXCLAMATION MARK}\N{FULLWIDTH QUESTION MARK}"
+_STOPS = re.compile(f"[.!?;…{_FULL_STOPS}؟\n]+")
+_STOPS_ANYWHERE = frozenset(f"{_FULL_STOPS}؟\n")
+_QUESTION_MARKS = frozenset("?\N{FULLWIDTH QUESTION MARK}؟")
+
+
+def _is_edge(char: str) -> bool:
+    """Whether `char` is stripped from the edges of a word: punctuation, control and format
+    characters, maths and modifier symbols. Letters, digits, marks, emoji and currency stay."""
+    kind = category(char)
+    return kind[0] in "PC" or kind in ("Sm", "Sk")
+
+
+_ASCII_EDGES = "".join(filter(_is_edge, map(chr, range(128))))
+_GREETINGS = frozenset(
+    """hi hey hello hiya heya howdy yo greetings hola bonjour salut hallo ciao hej olá привет
+    здравствуйте مرحبا שלום merhaba नमस्ते 你好 こんにちは 안녕하세요""".split()  # noqa: SIM905
+)
+_ADDRESSEES = frozenset(("there", "friend", "buddy", "everyone", "all", "guys", "you"))
+# Words that leave a phrase hanging when it is cut after them: articles, conjunctions,
+# prepositions, determiners, auxiliaries. A topic that was cut never ends on one.
+_DANGLING = frozenset(
+    """a an the and or but nor so yet because since if unless until that than then when where
+    while though although as whether which who whose of to in on at by for with about from into
+    onto upon over under above below after before between through during without within
+    against among around along across toward towards like via per my your his her our their
+    its this these those some any every each no very really just also even is are was were be
+    been being am will would can could should shall may might must do does did have has had
+    not i'm it's that's there's i've you're we're they're don't doesn't didn't can't won't
+    isn't aren't wasn't weren't let's""".split()  # noqa: SIM905
+)
+_APOSTROPHES = str.maketrans("’ʼ", "''")  # noqa: RUF001
 
 
 Role = Literal["user", "assistant"]
@@ -27,50 +65,162 @@ class PastMessage:
     text: str
 
 
-def topic_of(text: str) -> str:
-    """The first few words of a message, for the reply to reflect back."""
-    words = _WORDS.findall(text)[:TOPIC_WORDS]
-    if not words:
-        return "that"
-    return _cut(" ".join(words), TOPIC_CHARS)  # words hold no whitespace: nothing to squeeze
+class Topic(NamedTuple):
+    """What a reply quotes back: whole words of the message's first clause that says something."""
+
+    text: str  # the words joined by single spaces, as typed; "" when the message has none
+    question: bool  # the clause ended with a question mark
+    cut: bool  # words of the clause were left out at its end
 
 
-def _fit_case(topic: str, at_start: bool) -> str:
-    """Capitalise a topic that opens a sentence; lower-case one that does not (but not "I" or
-    an acronym), so that "It rained" reads "so it rained" mid-sentence."""
-    first, _, rest = topic.partition(" ")
-    if at_start:
-        return topic[:1].upper() + topic[1:]
-    if first == "I" or (len(first) > 1 and first.isupper()):
-        return topic
-    return " ".join(filter(None, (first[:1].lower() + first[1:], rest)))
+NO_TOPIC = Topic("", question=False, cut=False)
 
 
-def _clip(text: str, limit: int) -> str:
-    """`text` with its whitespace squeezed, cut to `limit` characters."""
-    return _cut(" ".join(text.split()), limit)
+def topic_of(text: str) -> Topic:
+    """The first clause of a message that is more than a greeting, as whole words (see
+    `_topic_of`). A short text's topic is remembered: each reply recalls the one before."""
+    return _remembered_topic(text) if len(text) <= _REMEMBERED_CHARS else _topic_of(text)
 
 
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+def _topic_of(text: str) -> Topic:
+    """The first clause of a message that is more than a greeting, as whole words.
+
+    A greeting and the name after it are left out ("Hi Ava, I baked bread" gives "I baked
+    bread"), unless the clause is nothing else. A long clause is cut after whole words, and
+    never on a word that leaves it hanging ("Tell me a story about dragons and" gives "Tell
+    me a story about dragons"). Words are separated by whitespace and lose the punctuation at
+    their edges, so other scripts, emoji and contractions pass through unchanged. Only the
+    first few hundred characters are read, up to the last whole word among them.
+    """
+    truncated = len(text) > _CHARS_LOOKED_AT
+    if truncated:  # up to the last whitespace: the word before it is whole
+        text = text[: _CHARS_LOOKED_AT + 1]
+        if not text[-1].isspace():
+            head = text.rsplit(None, 1)
+            text = head[0] if len(head) == 2 else ""
+    fallback = NO_TOPIC
+    start = 0
+    for _ in range(_CLAUSES_LOOKED_AT):
+        stop, after = _clause_end(text, start)
+        clause = text[start:stop]
+        tokens = clause.split(None, _TOKENS_LOOKED_AT)
+        longer = len(tokens) > _TOKENS_LOOKED_AT or (truncated and stop == len(text))
+        if len(tokens) > _TOKENS_LOOKED_AT:
+            del tokens[-1]
+        if clause.isascii():  # the common case, and no edge is left after an ASCII strip
+            words = [word for token in tokens if (word := token.strip(_ASCII_EDGES))]
+        else:
+            words = [word for word in map(_bare, tokens) if word]
+        said = _without_greeting(words, tokens)
+        if said or (words and fallback is NO_TOPIC):
+            question = not _QUESTION_MARKS.isdisjoint(text[stop:after])
+            topic = _topic(said or words, question, longer)
+            if said:
+                return topic
+            fallback = topic
+        if after == len(text):
+            break
+        start = after
+    return fallback
+
+
+_REMEMBERED_CHARS = 256
+_remembered_topic = functools.lru_cache(maxsize=1024)(_topic_of)
+
+
+def _clause_end(text: str, start: int) -> tuple[int, int]:
+    """Where the clause that begins at `start` ends, and where the next one begins."""
+    while (stops := _STOPS.search(text, start)) is not None:
+        after = stops.end()
+        if after == len(text) or not text[after].isalnum():
+            return stops.start(), after
+        if not _STOPS_ANYWHERE.isdisjoint(stops.group()):
+            return stops.start(), after
+        start = after
+    return len(text), len(text)
+
+
+def _bare(token: str) -> str:
+    """A whitespace-separated token without the punctuation at its edges: "(well," → "well"."""
+    word = token.strip(_ASCII_EDGES)
+    if not word or (word[0].isalnum() and word[-1].isalnum()):
+        return word
+    first, last = 0, len(word)
+    while first < last and _is_edge(word[first]):
+        first += 1
+    while last > first and _is_edge(word[last - 1]):
+        last -= 1
+    return word[first:last]
+
+
+def _without_greeting(words: list[str], tokens: list[str]) -> list[str]:
+    """`words` without a leading greeting and the name or "there" after it: "Hi Ava, I baked"
+    and "Hi Ava I baked" give "I baked"; "Hey Paris is lovely" keeps "Paris"."""
+    if not words or words[0].lower() not in _GREETINGS:
+        return words
+    if len(words) > 1:
+        name = words[1]
+        after = words[2] if len(words) > 2 else ""
+        addressed = name.lower() in _ADDRESSEES or f"{name}," in tokens
+        pronoun = name.translate(_APOSTROPHES).partition("'")[0] == "I"  # I, I'm, I've
+        if addressed or (name[0].isupper() and not pronoun and not after[:1].islower()):
+            return words[2:]
+    return words[1:]
+
+
+def _topic(words: list[str], question: bool, longer: bool) -> Topic:
+    """The first words that fit, cut so that the topic does not end on a hanging word."""
+    kept = words[:TOPIC_WORDS]
+    size = len(kept) - 1 + sum(map(len, kept))
+    while size > TOPIC_CHARS:
+        size -= len(kept.pop()) + 1
+    if longer or len(kept) < len(words):
+        while kept and kept[-1].lower().translate(_APOSTROPHES) in _DANGLING:
+            kept.pop()
+        return Topic(" ".join(kept), question, cut=True) if kept else NO_TOPIC
+    return Topic(" ".join(kept), question, cut=False)
+
+
+def _fill(line: str, slot: str, words: str) -> str:
+    """`line` with `words` in place of `slot`, capitalised when they open a sentence."""
+    head, opens, tail = _SLOTS.get(line) or _slot_of(line, slot)
+    if opens:
+        words = words[0].title() + words[1:]
+    return head + words + tail
+
+
+# A card's line split at its slot: what comes before, whether the slot opens a sentence, what
+# comes after. Filled once per line of the catalogue.
+_SLOTS: dict[str, tuple[str, bool, str]] = {}
+
+
+def _slot_of(line: str, slot: str) -> tuple[str, bool, str]:
+    head, _, tail = line.partition(slot)
+    before = head.rstrip(' "“')
+    _SLOTS[line] = found = (head, not before or before[-1] in ".!?", tail)
+    return found
 
 
 def template_reply(card: PersonaCard, text: str, recent: Sequence[PastMessage]) -> list[str]:
     """A deterministic reply in the persona's voice, as pieces that join into the whole text.
 
     The same card, text and recent turns always give the same reply; two cards never give the
-    same reply to the same text, since every piece comes from the card.
+    same reply to the same text, since every piece comes from the card. Every piece is whole
+    sentences; the user's words appear only as quotations of whole words (see `topic_of`).
     """
-    seed = zlib.crc32(text.encode("utf-8"))
-    reflection = card.reflections[(seed // 7) % len(card.reflections)]
-    topic = _fit_case(topic_of(text), at_start=reflection.startswith("{topic}"))
-    pieces = [
-        card.openers[seed % len(card.openers)] + " ",
-        reflection.replace("{topic}", topic) + " ",
-    ]
+    seed = zlib.crc32(text.encode("utf-8", "surrogatepass"))
+    topic = topic_of(text)
+    if not topic.text:
+        reflection = card.wordless[(seed // 7) % len(card.wordless)]
+    elif topic.question:
+        reflection = _fill(card.questions[(seed // 7) % len(card.questions)], "{topic}", topic.text)
+    else:
+        line = card.reflections[(seed // 7) % len(card.reflections)]
+        reflection = _fill(line, "{topic}", topic.text)
+    pieces = [card.openers[seed % len(card.openers)] + " ", reflection + " "]
     earlier = _last_user_text(recent)
-    if earlier is not None:
-        pieces.append(card.callback.replace("{earlier}", _clip(earlier, EARLIER_CHARS)) + " ")
+    if earlier is not None and (recalled := topic_of(earlier).text):
+        pieces.append(_fill(card.callback, "{earlier}", recalled) + " ")
     pieces.append(card.follow_ups[(seed // 49) % len(card.follow_ups)] + " ")
     pieces.append(card.sign_off)
     return pieces
