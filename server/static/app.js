@@ -6,12 +6,12 @@ const MAX_RETRY_DELAY_MS = 5000;
 const HISTORY_PAGE = 50;
 const STORAGE_KEY = "persona-chat.signin";
 
+// Plainer words for errors whose server message says less than these; any other error shows
+// the server's own message, which names the cause ("cannot connect to the LLM endpoint …").
 const ERROR_TEXT = {
   invalid_persona: (frame) =>
     `${sentence(frame.message)} Choose one of: ${(frame.details?.allowed ?? []).join(", ")}.`,
   rate_limited: () => "You are sending too fast. Wait a moment, then try again.",
-  unavailable: () =>
-    "The server cannot reach its database or reply generator right now. Try again shortly.",
   busy: () => "Too many messages are waiting for a reply. Wait for one first.",
 };
 
@@ -107,7 +107,7 @@ const HANDLERS = {
   reply_delta: onReplyDelta,
   reply: onReply,
   personas: onPersonas,
-  notice: (frame) => addNote(frame.text, "notice"),
+  notice: (frame) => addPreformatted(frame.text, "notice"),
   error: onError,
   pong: () => {},
 };
@@ -282,6 +282,13 @@ function labelReply(item, persona, status) {
 
 function addNote(text, kind) {
   appendToLog(element("li", `note ${kind}`, text));
+}
+
+// Text the server laid out in columns for a terminal, such as the /help answer.
+function addPreformatted(text, kind) {
+  const item = element("li", `note ${kind} preformatted`);
+  item.append(element("pre", "", text));
+  appendToLog(item);
 }
 
 function appendToLog(item) {

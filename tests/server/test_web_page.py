@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Browser, Locator, Page, async_playwright, expect
+from playwright.async_api import Browser, Locator, Page, ViewportSize, async_playwright, expect
 
 from server.app import App
 from server.auth import mint_token
@@ -25,6 +26,8 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+DESKTOP = ViewportSize(width=900, height=680)
+PHONE = ViewportSize(width=375, height=740)
 
 
 @pytest.fixture
@@ -45,9 +48,11 @@ async def browser() -> AsyncIterator[Browser]:
             await launched.close()
 
 
-async def open_page(browser: Browser, app: App, errors: list[str] | None = None) -> Page:
+async def open_page(
+    browser: Browser, app: App, errors: list[str] | None = None, viewport: ViewportSize = DESKTOP
+) -> Page:
     """A fresh tab in its own context (its own sessionStorage) on the server's page."""
-    context = await browser.new_context(viewport={"width": 900, "height": 680})
+    context = await browser.new_context(viewport=viewport)
     page = await context.new_page()
     if errors is not None:
         page.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -249,4 +254,65 @@ async def test_refused_token_returns_to_sign_in_with_the_reason(
     await page.click("#signin-form button[type=submit]")
     await expect(page.locator("#signin-hint")).to_have_text(
         "The server refused the sign-in: bad token signature."
+    )
+
+
+async def assert_fits_the_screen(page: Page, size: ViewportSize) -> None:
+    """Nothing is wider than the screen, and every control of the header is on it."""
+    assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    controls = page.locator("header button, header select")
+    assert await controls.count() >= 2
+    for control in await controls.all():
+        box = await control.bounding_box()
+        assert box is not None, await control.get_attribute("id")
+        assert box["x"] >= 0 and box["x"] + box["width"] <= size["width"], box
+        assert box["y"] >= 0 and box["y"] + box["height"] <= size["height"], box
+
+
+async def test_page_fits_a_phone_screen(browser: Browser, make_app: AppFactory) -> None:
+    app = await make_app(database_url=None)
+    page = await open_page(browser, app, viewport=PHONE)
+    assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    await sign_in(page, new_user())
+    await create_avatar(page, "Ava", "friendly")
+    await send(page, "/help")
+    await expect(page.locator(".note.notice pre")).to_be_visible()
+    reply = await chat(
+        page, "Hi Ava, I baked sourdough bread today: https://example.com/" + "a" * 80
+    )
+    assert await reply.get_attribute("data-persona") == "friendly"
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "web_page_phone.png"))
+    await assert_fits_the_screen(page, PHONE)
+    await page.click("#sign-out")
+    await expect(page.locator("#signin")).to_be_visible()
+
+
+async def test_help_is_shown_in_a_monospace_block(browser: Browser, make_app: AppFactory) -> None:
+    app = await make_app(database_url=None)
+    page = await signed_in_with_avatar(browser, app, new_user())
+    await send(page, "/help")
+    block = page.locator(".note.notice pre")
+    await expect(block).to_contain_text("/persona NAME  switch the avatar's personality")
+    font = await block.evaluate("element => getComputedStyle(element).fontFamily")
+    assert font.endswith("monospace"), font
+    assert "\n/personas      list the personalities\n" in await block.inner_text()
+
+
+@pytest.fixture
+def refused_url() -> Iterator[str]:
+    """A port that is bound but never listens, so every connection to it is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+
+
+async def test_unavailable_shows_the_servers_own_message(
+    browser: Browser, make_app: AppFactory, refused_url: str
+) -> None:
+    app = await make_app(database_url=None, generator="openai", llm_base_url=refused_url)
+    page = await signed_in_with_avatar(browser, app, new_user())
+    await send(page, "hello?")
+    await expect(page.locator(".note.error")).to_have_text(
+        f"Cannot connect to the LLM endpoint {refused_url}: connection refused."
     )
