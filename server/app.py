@@ -21,16 +21,15 @@ from websockets.datastructures import Headers, MultipleValuesError
 from websockets.http11 import Request, Response
 
 from protocol.errors import CloseCode
-from server.admission import Admission, client_address
+from server.admission import client_address
 from server.auth import MAX_SUBJECT_CHARS, mint_token
 from server.generators import ReplyGenerator, TemplateGenerator
 from server.hub import Hub
-from server.limits import UserBudgets
 from server.logs import Throttled
 from server.metrics import CONTENT_TYPE, Metrics
 from server.notify import ChangeListener, PersonaChange, process_tag
 from server.outbox import WRITE_LIMIT
-from server.services import Services
+from server.services import ProcessState, Services
 from server.session import Session
 from server.settings import Settings
 from server.store import Store
@@ -172,9 +171,8 @@ class App:
             generator=make_generator(settings),
             secret=self._secret,
             version=server_version(),
-            admission=Admission(settings.max_preauth, settings.max_preauth_per_ip),
-            history_budgets=UserBudgets(settings.history_bytes_per_s, settings.history_burst_bytes),
             origin=process_tag(),
+            state=ProcessState(settings),
         )
         self._listener = ChangeListener(
             self._dsn,
@@ -219,7 +217,9 @@ class App:
         if self._ticker is not None:
             self._ticker.cancel()
         services = self.services
-        services.admission.begin_drain()  # new chats get `unavailable`; queued ones finish
+        services.state.begin_drain()  # new connections are refused
+        for session in tuple(self.sessions):
+            session.begin_drain()  # new chats get `unavailable`; queued ones are answered
         deadline = asyncio.get_running_loop().time() + self.settings.drain_timeout_s
         while any(not s.idle for s in self.sessions):
             if asyncio.get_running_loop().time() > deadline:
@@ -253,9 +253,8 @@ class App:
 
     def _on_listener_state(self, up: bool) -> None:
         services = self.services
-        if up and not services.cache_trusted:
-            services.hub.clear_all_caches()  # changes made while it was down were missed
-        services.cache_trusted = up
+        if services.state.listener_changed(up):
+            services.hub.listener_changed(up)  # down: read every time; up: some were missed
         self.metrics.listener_up.set(1 if up else 0)
 
     # ------------------------------------------------------------------ HTTP
@@ -312,7 +311,7 @@ class App:
         settings = self.settings
         if len(self.sessions) >= settings.max_connections:
             return 503, f"at the connection limit ({settings.max_connections})"
-        return self.services.admission.refusal(address)
+        return self.services.state.admission.refusal(address)
 
     async def _healthz(self, connection: ServerConnection, request: Request) -> Response:
         return connection.respond(200, "ok\n")

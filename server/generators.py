@@ -7,9 +7,10 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from protocol.conversation.records import PastMessage
 from protocol.frames import Usage
 from protocol.personas import PersonaCard
-from server.render import PastMessage, template_reply
+from server.render import template_reply
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +32,12 @@ class ReplyGenerator(Protocol):
     @property
     def reads_history(self) -> bool:
         """Whether `recent` must come from the database (else the session's own turns do)."""
+        ...
+
+    @property
+    def streams(self) -> bool:
+        """Whether replies stream (`render` gives None): a retried chat is then looked up in
+        storage before anything is generated."""
         ...
 
     def render(self, turn: TurnContext) -> str | None:
@@ -57,6 +64,10 @@ class TemplateGenerator:
     @property
     def reads_history(self) -> bool:
         return False
+
+    @property
+    def streams(self) -> bool:
+        return self._delay_s > 0
 
     def render(self, turn: TurnContext) -> str | None:
         if self._delay_s:

@@ -7,11 +7,12 @@ from typing import Protocol
 
 
 class Listener(Protocol):
-    """What the hub needs of a session: its view of the avatar (server/avatar.py)."""
+    """What the hub needs of a session (server/session.py): it passes both on to its
+    conversation."""
 
     def on_persona_changed(self, personality: str, previous: str, version: int) -> None: ...
 
-    def clear_avatar_cache(self) -> None: ...
+    def on_listener_changed(self, up: bool) -> None: ...
 
 
 class Hub:
@@ -53,8 +54,9 @@ class Hub:
                 told += 1
         return told
 
-    def clear_all_caches(self) -> None:
-        """Notifications may have been missed: every session reloads its avatar."""
-        for sessions in self._by_user.values():
-            for session in sessions:
-                session.clear_avatar_cache()
+    def listener_changed(self, up: bool) -> None:
+        """Notifications stopped (sessions then read the avatar every time), or came back (some
+        may have been missed: every session reads its avatar again)."""
+        for sessions in tuple(self._by_user.values()):
+            for session in tuple(sessions):
+                session.on_listener_changed(up)

@@ -233,6 +233,10 @@ class OpenAIGenerator:
     def reads_history(self) -> bool:
         return True
 
+    @property
+    def streams(self) -> bool:
+        return True
+
     def render(self, turn: TurnContext) -> None:
         return None  # a model's reply always streams
 

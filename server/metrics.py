@@ -91,9 +91,36 @@ class Metrics:
             multiprocess_mode="livesum",
         )
 
+    def meter(self) -> ConversationMeter:
+        """What conversations count with (protocol/conversation/core.py: `Meter`)."""
+        return ConversationMeter(self)
+
     def render(self) -> bytes:
         if not self.multiprocess_mode:
             return generate_latest(self.registry)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         return generate_latest(registry)
+
+
+class ConversationMeter:
+    """The `Meter` a conversation counts with, onto this process's metrics."""
+
+    __slots__ = ("_metrics",)
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def frame(self, kind: str) -> None:
+        self._metrics.frames[kind].inc()
+
+    def error(self, code: str) -> None:
+        self._metrics.errors[code].inc()
+
+    def reply(self, status: str, latency_s: float | None) -> None:
+        self._metrics.replies[status].inc()
+        if latency_s is not None:
+            self._metrics.reply_latency.observe(latency_s)
+
+    def switch(self) -> None:
+        self._metrics.persona_switches.inc()

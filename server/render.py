@@ -6,10 +6,10 @@ import functools
 import re
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 from unicodedata import category
 
+from protocol.conversation.records import PastMessage
 from protocol.personas import PersonaCard
 
 TOPIC_WORDS = 8  # at most this many words of the message are quoted back
@@ -52,17 +52,6 @@ _DANGLING = frozenset(
     isn't aren't wasn't weren't let's""".split()  # noqa: SIM905
 )
 _APOSTROPHES = str.maketrans("’ʼ", "''")  # noqa: RUF001
-
-
-Role = Literal["user", "assistant"]
-
-
-@dataclass(frozen=True, slots=True)
-class PastMessage:
-    """One earlier message of the conversation, as a generator sees it."""
-
-    role: Role
-    text: str
 
 
 class Topic(NamedTuple):

@@ -1,21 +1,57 @@
-"""What every session of one process shares: settings, store, hub, metrics, generator."""
+"""What every session of one process shares: its dependencies (settings, store, hub, metrics,
+generator), fixed at start, and the process's mutable state behind verbs."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from protocol.conversation.chats import Claims
+from protocol.conversation.limits import UserBudgets
 from server.admission import Admission
 from server.generators import ReplyGenerator
 from server.hub import Hub
-from server.limits import UserBudgets
 from server.metrics import Metrics
 from server.settings import Settings
 from server.store import Store
 
 
-@dataclass(slots=True)
+class ProcessState:
+    """What the process's sessions change together: who may connect (and the drain), the chat
+    ids being answered, the users' history budgets, and whether notifications are coming."""
+
+    __slots__ = ("_listening", "admission", "claims", "history_budgets")
+
+    def __init__(self, settings: Settings) -> None:
+        self.admission = Admission(settings.max_preauth, settings.max_preauth_per_ip)
+        self.claims = Claims()
+        self.history_budgets = UserBudgets(
+            settings.history_bytes_per_s, settings.history_burst_bytes
+        )
+        self._listening = True
+
+    @property
+    def listening(self) -> bool:
+        """Whether persona changes of other processes are being notified (else caches are not
+        trusted: every read reloads)."""
+        return self._listening
+
+    def listener_changed(self, up: bool) -> bool:
+        """Record the listener's state; True when it changed."""
+        changed = up != self._listening
+        self._listening = up
+        return changed
+
+    @property
+    def draining(self) -> bool:
+        return self.admission.draining
+
+    def begin_drain(self) -> None:
+        self.admission.begin_drain()
+
+
+@dataclass(frozen=True, slots=True)
 class Services:
-    """The process-wide pieces a session works with."""
+    """The process-wide pieces a session works with; `state` is the part that changes."""
 
     settings: Settings
     store: Store
@@ -24,10 +60,5 @@ class Services:
     generator: ReplyGenerator
     secret: str
     version: str
-    admission: Admission  # connections not yet authenticated, and the drain
-    history_budgets: UserBudgets  # bytes of history each user may still be served
-    origin: str = ""  # this process's tag on the persona changes it notifies
-    # False while the LISTEN connection is down: sessions then reload the avatar every time
-    cache_trusted: bool = True
-    # (user id, chat id) of every chat queued or being answered in this process
-    chats_in_flight: set[tuple[str, str]] = field(default_factory=set)
+    origin: str  # this process's tag on the persona changes it notifies
+    state: ProcessState

@@ -12,9 +12,9 @@ from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 
+from protocol.conversation.records import Avatar
 from protocol.errors import Unavailable
 from server.logs import Throttled
-from server.records import Avatar
 
 log = logging.getLogger("server.store")
 _outage = Throttled(log)  # every request fails during an outage: a line per 5 s says so

@@ -7,16 +7,22 @@ import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import TypeAlias
 
 import asyncpg
 import orjson
 
+from protocol.conversation.records import (
+    Avatar,
+    PastMessage,
+    PastTurn,
+    StoredTurn,
+    SwitchRequest,
+    SwitchResult,
+    Turn,
+)
 from protocol.errors import AvatarExists, Unavailable
 from protocol.frames import HistoryEntry
-from server.batching import Batcher, Done, settle
-from server.records import Avatar, PastTurn, StoredTurn, Switch, SwitchResult, Turn
-from server.render import PastMessage
+from server.batching import Batcher, Done
 from server.store.connections import (
     Conn,
     PoolConnection,
@@ -35,13 +41,6 @@ log = logging.getLogger("server.store")
 
 MIGRATION_LOCK_KEY = 0x70657273  # "pers": one advisory lock for every process that migrates
 
-# An item of the turn batcher: a turn, and the switch it was rendered after (if not committed
-# when the chat was accepted).
-_TurnAfter: TypeAlias = "tuple[Turn, Switch | None]"
-
-
-SWITCH_WAIT_S = 0.1  # how long a batch of turns may wait for switches that turns wait for
-
 
 class Store:
     """The one place that speaks SQL. Every query is scoped by the authenticated user."""
@@ -54,15 +53,10 @@ class Store:
     ) -> None:
         self._pool = pool
         self._timeout = timeout_s
-        self._turns: Batcher[Conn, _TurnAfter, StoredTurn] = Batcher(
-            self._commit_turns,
-            self._connection,
-            name="turns",
-            observe=on_batch,
-            before_batch=self._switches_answered,
+        self._turns: Batcher[Conn, Turn, StoredTurn] = Batcher(
+            self._write_turns, self._connection, name="turns", observe=on_batch
         )
-        self._awaited: set[asyncio.Future[None]] = set()  # switches that turns wait for
-        self._switches: Batcher[Conn, Switch, SwitchResult | None] = Batcher(
+        self._switches: Batcher[Conn, SwitchRequest, SwitchResult | None] = Batcher(
             self._commit_switches, self._connection, name="switches"
         )
         self._loads: Batcher[Conn, str, Avatar | None] = Batcher(
@@ -96,21 +90,11 @@ class Store:
     async def drain(self) -> None:
         """Wait until every switch and turn handed to the group commits has been flushed."""
         await self._switches.drain()
-        await asyncio.sleep(0)  # turns that waited for a switch join their batcher now
         await self._turns.drain()
 
     @property
     def pool_in_use(self) -> int:
         return self._pool.get_size() - self._pool.get_idle_size()
-
-    @property
-    def batches(self) -> Batcher[Conn, _TurnAfter, StoredTurn]:
-        return self._turns
-
-    @property
-    def avatar_loads(self) -> int:
-        """Avatars read so far by `get_avatar`."""
-        return self._loads.items
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Conn]:
@@ -205,38 +189,14 @@ class Store:
             raise AvatarExists()
         return avatar
 
-    async def set_persona(
-        self, user_id: str, personality: str, origin: str = ""
-    ) -> SwitchResult | None:
-        """Commit a new personality; return the avatar and the previous one, or None (no avatar).
-
-        Switches of concurrent sessions share one statement (group commit), which also
-        notifies `persona_changed` on commit.
-        """
-        # None (no avatar) is a result, which settle() passes on as it is
-        future: asyncio.Future[SwitchResult] = asyncio.get_running_loop().create_future()
-        self.add_switch(Switch(user_id, personality, origin), settle(future))
-        return await future
-
-    def add_switch(self, switch: Switch, done: Done[SwitchResult | None]) -> None:
-        """`set_persona` without a wait: `done` gets the result, or the error, once committed.
-
-        Turns added after it with `after=switch` are written once it has committed, and only if
-        it did.
-        """
-        settled = switch.settled = asyncio.get_running_loop().create_future()
-
-        def answered(result: SwitchResult | None, error: BaseException | None) -> None:
-            switch.committed = result is not None
-            switch.found = result is not None or error is not None
-            if not settled.done():
-                settled.set_result(None)
-            done(result, error)
-
-        self._switches.add(switch, answered)
+    def add_switch(self, switch: SwitchRequest, done: Done[SwitchResult | None]) -> None:
+        """Commit a new personality, batched with other sessions' switches (group commit);
+        `done` gets the avatar as committed and the personality it replaced, None when the
+        user has no avatar, or the error. The statement notifies `persona_changed` on commit."""
+        self._switches.add(switch, done)
 
     async def _commit_switches(
-        self, conn: Conn, switches: Sequence[Switch]
+        self, conn: Conn, switches: Sequence[SwitchRequest]
     ) -> list[SwitchResult | None]:
         rows = await self._fetch(
             conn,
@@ -253,66 +213,20 @@ class Store:
 
     # ------------------------------------------------------------------ messages
 
-    async def commit_turn(self, turn: Turn, after: Switch | None = None) -> StoredTurn:
-        """Write a chat and its reply durably, batched with other sessions' turns."""
-        future: asyncio.Future[StoredTurn] = asyncio.get_running_loop().create_future()
-        self.add_turn(turn, settle(future), after)
-        return await future
+    def add_turn(self, turn: Turn, done: Done[StoredTurn]) -> None:
+        """Write a chat and its reply durably, batched with other sessions' turns; `done` gets
+        where they were stored (or that the chat was stored already), or the error."""
+        self._turns.add(turn, done)
 
-    def add_turn(self, turn: Turn, done: Done[StoredTurn], after: Switch | None = None) -> None:
-        """`commit_turn` without a wait: `done` gets the result, or the error, once committed.
-
-        `after`: the switch whose personality the reply was rendered with, added before this
-        turn and perhaps not answered yet. The turn joins the queue once the switch has its
-        answer, and is written only if the switch committed.
-        """
-        settled = after.settled if after is not None else None
-        if settled is None or settled.done():
-            self._turns.add((turn, after), done)
-            return
-
-        def join(_: object) -> None:
-            self._awaited.discard(settled)
-            self._turns.add((turn, after), done)
-
-        self._awaited.add(settled)
-        settled.add_done_callback(join)
-
-    async def _switches_answered(self) -> None:
-        """Before a batch of turns is taken: give the switches that turns wait for a moment
-        (they are short statements), so that those turns join this batch, not the next one.
-        A switch that takes longer (a row lock held by another process) holds up one batch
-        for that long at most: its turns join a later one."""
-        if not self._awaited:
-            return
-        waiting, self._awaited = self._awaited, set()
-        await asyncio.wait(waiting, timeout=SWITCH_WAIT_S)
-
-    async def _commit_turns(
-        self, conn: Conn, writes: Sequence[_TurnAfter]
-    ) -> list[StoredTurn | BaseException]:
-        failed: dict[int, BaseException] = {}
-        turns: list[Turn] = []
-        for index, (turn, after) in enumerate(writes):
-            failure = after.failure() if after is not None else None
-            if failure is not None:
-                failed[index] = failure
-            else:
-                turns.append(turn)
-        rows = iter(await self._write_turns(conn, turns) if turns else ())
-        return [
-            failed[index] if index in failed else record(StoredTurn, next(rows))
-            for index in range(len(writes))
-        ]
-
-    async def _write_turns(self, conn: Conn, turns: Sequence[Turn]) -> list[asyncpg.Record]:
+    async def _write_turns(self, conn: Conn, turns: Sequence[Turn]) -> list[StoredTurn]:
         data = orjson.dumps(turns).decode()
         try:
-            return await self._fetch(conn, COMMIT_TURNS, data)
+            rows = await self._fetch(conn, COMMIT_TURNS, data)
         except asyncpg.UniqueViolationError as exc:
             # Nothing of the batch was written; again, keeping the chats already stored.
             log.debug("a batch of %d turns met a stored chat (%s); written again", len(turns), exc)
-            return await self._fetch(conn, COMMIT_TURNS_SKIPPING, data)
+            rows = await self._fetch(conn, COMMIT_TURNS_SKIPPING, data)
+        return [record(StoredTurn, row) for row in rows]
 
     async def recent_chat_ids(self, user_id: str, limit: int) -> list[str]:
         """The client ids of the user's `limit` newest chats that have one."""

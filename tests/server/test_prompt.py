@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from protocol.conversation.records import PastMessage
 from protocol.personas import CATALOGUE, get_card
-from server.render import PastMessage, build_prompt, persona_system_prompt
+from server.render import build_prompt, persona_system_prompt
 
 FRIENDLY = get_card("friendly")
 WITTY = get_card("witty")

@@ -8,12 +8,12 @@ import unicodedata
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from protocol.conversation.records import PastMessage
 from protocol.personas import CATALOGUE, PersonaCard, get_card
 from server.render import (
     NO_TOPIC,
     TOPIC_CHARS,
     TOPIC_WORDS,
-    PastMessage,
     Topic,
     template_reply,
     topic_of,

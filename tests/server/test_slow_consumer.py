@@ -40,7 +40,11 @@ async def test_client_that_never_reads_is_closed_1008_and_others_keep_their_late
     make_app: AppFactory, connect: ClientFactory
 ) -> None:
     app = await make_app(
-        send_timeout_s=1.0, outbox_limit_bytes=256 * 1024, rate_per_s=200, rate_burst=200
+        send_timeout_s=1.0,
+        outbox_limit_bytes=256 * 1024,
+        rate_per_s=200,
+        rate_burst=200,
+        history_bytes_per_s=10**9,  # the slow client's history is not what is limited here
     )
     others = [await connect(target=app) for _ in range(OTHERS)]
     slow = await connect(target=app)

@@ -12,20 +12,37 @@ import asyncpg
 import pytest
 from pydantic import ValidationError
 
-from protocol.errors import NoAvatar, Unavailable
+from protocol.conversation.records import StoredTurn, SwitchRequest, SwitchResult, Turn
+from protocol.errors import Unavailable
 from protocol.personas import PERSONA_IDS
-from server.batching import Batcher
-from server.records import StoredTurn, Switch, SwitchResult, Turn
+from server.batching import Batcher, settle
 from server.settings import Settings
 from server.store import Store
+
+BATCHES: list[int] = []  # the size of every batch of turns the `store` fixture wrote
 
 
 @pytest.fixture
 async def store(database_url: str) -> AsyncIterator[Store]:
-    store = await Store.connect(database_url, min_size=1, max_size=4)
+    store = await Store.connect(database_url, min_size=1, max_size=4, on_batch=BATCHES.append)
     await store.migrate()
     yield store
     await store.close()
+
+
+async def set_persona(store: Store, user: str, personality: str) -> SwitchResult | None:
+    """One switch through the group commit, awaited."""
+    # None (no avatar) is a result, which settle() passes on as it is
+    future: asyncio.Future[SwitchResult] = asyncio.get_running_loop().create_future()
+    store.add_switch(SwitchRequest(user, personality, ""), settle(future))
+    return await future
+
+
+async def commit_turn(store: Store, turn: Turn) -> StoredTurn:
+    """One turn through the group commit, awaited."""
+    future: asyncio.Future[StoredTurn] = asyncio.get_running_loop().create_future()
+    store.add_turn(turn, settle(future))
+    return await future
 
 
 def _user() -> str:
@@ -76,7 +93,7 @@ async def test_set_persona_returns_previous_and_bumps_version(store: Store) -> N
     user = _user()
     await store.open_user(user)
     created = await store.create_avatar(user, "Ava", "friendly")
-    result = await store.set_persona(user, "witty")
+    result = await set_persona(store, user, "witty")
     assert result is not None
     avatar, previous = result.avatar, result.previous
     assert (avatar.personality, previous, avatar.version) == (
@@ -89,23 +106,23 @@ async def test_set_persona_returns_previous_and_bumps_version(store: Store) -> N
 async def test_set_persona_without_avatar_returns_none(store: Store) -> None:
     user = _user()
     await store.open_user(user)
-    assert await store.set_persona(user, "witty") is None
+    assert await set_persona(store, user, "witty") is None
 
 
 async def test_concurrent_turns_share_group_commits(store: Store) -> None:
     user = _user()
     await store.open_user(user)
-    flushes_before = store.batches.flushes
+    batches_before = len(BATCHES)
     turns = [
         Turn(
             user_id=user, persona="witty", user_text=f"q{i}", reply_text=f"a{i}", status="completed"
         )
         for i in range(50)
     ]
-    stored = await asyncio.gather(*(store.commit_turn(t) for t in turns))
+    stored = await asyncio.gather(*(commit_turn(store, t) for t in turns))
     assert all(s.inserted for s in stored)
     assert len({s.message_id for s in stored} | {s.reply_id for s in stored}) == 100
-    assert store.batches.flushes - flushes_before < 50
+    assert len(BATCHES) - batches_before < 50
     history = await store.history(user, 100, None)
     pairs = {h.id: h.text for h in history}
     assert all(
@@ -125,7 +142,7 @@ async def test_turn_with_a_used_client_id_is_not_stored_twice(store: Store) -> N
         status="completed",
         client_id="same",
     )
-    first, second = await asyncio.gather(store.commit_turn(turn), store.commit_turn(turn))
+    first, second = await asyncio.gather(commit_turn(store, turn), commit_turn(store, turn))
     assert sorted([first.inserted, second.inserted]) == [False, True]
     assert len(await store.history(user, 100, None)) == 2
 
@@ -148,11 +165,11 @@ async def test_a_batch_meeting_a_stored_chat_writes_the_others_once(
             client_id=client_id,
         )
 
-    stored = await store.commit_turn(turn("c1", "first answer"))
-    caplog.set_level(logging.INFO, logger="server.store")
+    stored = await commit_turn(store, turn("c1", "first answer"))
+    caplog.set_level(logging.DEBUG, logger="server.store")
     again, *others = await asyncio.gather(
-        store.commit_turn(turn("c1", "second answer")),
-        *(store.commit_turn(turn(f"n{i}", f"a{i}")) for i in range(5)),
+        commit_turn(store, turn("c1", "second answer")),
+        *(commit_turn(store, turn(f"n{i}", f"a{i}")) for i in range(5)),
     )
     assert stored.inserted and not again.inserted
     assert "a batch of 6 turns met a stored chat" in caplog.text
@@ -167,14 +184,15 @@ async def test_recent_messages_respect_count_and_characters(store: Store) -> Non
     user = _user()
     await store.open_user(user)
     for i in range(4):
-        await store.commit_turn(
+        await commit_turn(
+            store,
             Turn(
                 user_id=user,
                 persona="witty",
                 user_text=f"q{i}",
                 reply_text="a" * 10,
                 status="completed",
-            )
+            ),
         )
     recent = await store.recent_messages(user, 4, 1000)
     assert [(m.role, m.text) for m in recent] == [
@@ -215,7 +233,7 @@ async def test_concurrent_switches_share_statements_and_chain_previous(store: St
         await store.create_avatar(user, "Ava", "friendly")
     first = users[0]
     wanted = [(u, "witty") for u in users] + [(first, "caring"), (first, "playful")]
-    results = await asyncio.gather(*(store.set_persona(u, p) for u, p in wanted))
+    results = await asyncio.gather(*(set_persona(store, u, p) for u, p in wanted))
     assert all(r is not None for r in results)
     mine = [r for (u, _), r in zip(wanted, results, strict=True) if u == first and r is not None]
     chain = [(r.avatar.personality, r.previous, r.newest) for r in mine]
@@ -238,60 +256,6 @@ async def _messages(store: Store, user: str) -> list[tuple[str, str]]:
 
 def _turn(user: str, persona: str, text: str = "hi") -> Turn:
     return Turn(user, persona, text, f"{persona} says hello", "completed", client_id=text)
-
-
-async def test_a_turn_behind_a_switch_joins_a_batch_once_the_switch_is_answered(
-    store: Store,
-) -> None:
-    user = _user()
-    await store.open_user(user)
-    await store.create_avatar(user, "Ava", "friendly")
-    switch = Switch(user, "witty", "")
-    answers, answered = _answers()
-    store.add_switch(switch, answered)
-    store.add_turn(_turn(user, "witty"), answered, after=switch)
-    await store.drain()
-    assert [type(answer) for answer in answers] == [SwitchResult, StoredTurn]  # in this order
-    switched, stored = answers
-    assert isinstance(switched, SwitchResult) and switched.previous == "friendly"
-    assert isinstance(stored, StoredTurn) and stored.inserted
-    assert switch.committed
-    assert await _messages(store, user) == [("user", "witty"), ("assistant", "witty")]
-
-
-async def test_a_turn_behind_a_switch_that_found_no_avatar_is_not_written(store: Store) -> None:
-    user = _user()
-    await store.open_user(user)
-    switch = Switch(user, "witty", "")
-    switched, on_switch = _answers()
-    stored, on_turn = _answers()
-    store.add_switch(switch, on_switch)
-    store.add_turn(_turn(user, "witty", "right behind"), on_turn, after=switch)
-    await store.drain()
-    store.add_turn(_turn(user, "witty", "later"), on_turn, after=switch)
-    await store.drain()
-    assert switched == [None] and not switch.committed
-    assert [type(answer) for answer in stored] == [NoAvatar, NoAvatar]
-    assert await _messages(store, user) == []
-
-
-async def test_a_turn_behind_a_switch_whose_statement_failed_is_not_written(
-    store: Store,
-) -> None:
-    user = _user()
-    await store.open_user(user)
-    await store.create_avatar(user, "Ava", "friendly")
-    switch = Switch(user, "not-a-persona", "")  # the catalogue constraint fails the statement
-    switched, on_switch = _answers()
-    behind, on_behind = _answers()
-    unrelated, on_unrelated = _answers()
-    store.add_switch(switch, on_switch)
-    store.add_turn(_turn(user, "not-a-persona"), on_behind, after=switch)
-    store.add_turn(_turn(user, "friendly", "unrelated"), on_unrelated)
-    await store.drain()
-    assert isinstance(switched[0], asyncpg.CheckViolationError)
-    assert isinstance(behind[0], Unavailable) and isinstance(unrelated[0], StoredTurn)
-    assert await _messages(store, user) == [("user", "friendly"), ("assistant", "friendly")]
 
 
 async def test_concurrent_avatar_loads_each_get_their_own(store: Store) -> None:
@@ -392,25 +356,7 @@ def test_a_pool_too_small_for_the_three_group_commits_is_refused() -> None:
     assert Settings(db_pool_max=4).db_pool_max == 4
 
 
-async def test_turns_behind_a_switch_join_the_batch_that_waited_for_it(store: Store) -> None:
-    user, other = _user(), _user()
-    for name in (user, other):
-        await store.open_user(name)
-        await store.create_avatar(name, "Ava", "friendly")
-    flushes = store.batches.flushes
-    switch = Switch(user, "witty", "")
-    switched, on_switch = _answers()
-    stored, on_turn = _answers()
-    store.add_switch(switch, on_switch)
-    store.add_turn(_turn(user, "witty", "behind the switch"), on_turn, after=switch)
-    store.add_turn(_turn(other, "friendly", "unrelated"), on_turn)
-    await store.drain()
-    assert isinstance(switched[0], SwitchResult)
-    assert [type(answer) for answer in stored] == [StoredTurn, StoredTurn]
-    assert store.batches.flushes == flushes + 1  # one batch of turns, after the switch
-
-
-async def test_a_switch_held_up_by_a_row_lock_holds_up_one_batch_briefly(
+async def test_a_switch_held_up_by_a_row_lock_holds_up_no_other_users_turns(
     store: Store, database_url: str
 ) -> None:
     user, other = _user(), _user()
@@ -422,22 +368,19 @@ async def test_a_switch_held_up_by_a_row_lock_holds_up_one_batch_briefly(
         locking = locker.transaction()
         await locking.start()
         await locker.execute("SELECT 1 FROM avatars WHERE user_id = $1 FOR UPDATE", user)
-        switch = Switch(user, "witty", "")
         switched, on_switch = _answers()
-        behind, on_behind = _answers()
         unrelated: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        store.add_switch(switch, on_switch)
-        store.add_turn(_turn(user, "witty", "behind the switch"), on_behind, after=switch)
+        store.add_switch(SwitchRequest(user, "witty", ""), on_switch)
         store.add_turn(
             _turn(other, "friendly", "unrelated"),
             lambda result, error: unrelated.set_result(error or result),
         )
         assert isinstance(await asyncio.wait_for(unrelated, 3), StoredTurn)
-        assert switched == [] and behind == []  # the switch still waits for the lock
+        assert switched == []  # the switch still waits for the lock
         await locking.rollback()
     finally:
         await locker.close()
     await store.drain()
     assert isinstance(switched[0], SwitchResult)
-    assert isinstance(behind[0], StoredTurn)
-    assert await _messages(store, user) == [("user", "witty"), ("assistant", "witty")]
+    avatar = await store.get_avatar(user)
+    assert avatar is not None and avatar.personality == "witty"

@@ -1,17 +1,21 @@
-"""The rows the store reads and writes, as plain frozen dataclasses (no SQL here)."""
+"""What the conversation and its shell hand each other: rows as the store reads and writes them,
+as plain frozen dataclasses (no SQL, no I/O)."""
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Literal
 
-from protocol.errors import NoAvatar, ProtocolError, Unavailable
 from protocol.frames import AvatarInfo, ReplyStatus
+
+Role = Literal["user", "assistant"]
 
 
 @dataclass(frozen=True, slots=True)
 class Avatar:
+    """The user's avatar row; `version` goes up by one with every persona change."""
+
     id: int
     user_id: str
     name: str
@@ -31,6 +35,14 @@ class Avatar:
 
 
 @dataclass(frozen=True, slots=True)
+class PastMessage:
+    """One earlier message of the conversation, as a generator sees it."""
+
+    role: Role
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class Turn:
     """One chat and its reply, written together in one statement or not at all."""
 
@@ -45,6 +57,13 @@ class Turn:
 
 
 @dataclass(frozen=True, slots=True)
+class StoredTurn:
+    message_id: int
+    reply_id: int
+    inserted: bool  # False: a chat with the same client id was already stored
+
+
+@dataclass(frozen=True, slots=True)
 class PastTurn:
     """A stored chat and its reply, found by the chat's client id."""
 
@@ -56,25 +75,13 @@ class PastTurn:
     status: ReplyStatus
 
 
-@dataclass(slots=True, eq=False)
-class Switch:
-    """One persona switch to commit. Chats rendered with its personality before it was
-    answered are written after it, and only if it committed."""
+@dataclass(frozen=True, slots=True)
+class SwitchRequest:
+    """One persona switch for the store to commit (`origin`: the process that made it)."""
 
     user_id: str
     personality: str
     origin: str
-    committed: bool = False  # set by the store once it has
-    found: bool = True  # set False by the store when the user had no avatar to switch
-    settled: asyncio.Future[None] | None = None  # done once the store has its answer
-
-    def failure(self) -> ProtocolError | None:
-        """Why a chat rendered after this answered switch is not written; None if it committed."""
-        if self.committed:
-            return None
-        if not self.found:
-            return NoAvatar()
-        return Unavailable("the persona switch before this chat did not commit")
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,10 +91,3 @@ class SwitchResult:
     avatar: Avatar
     previous: str
     newest: bool  # no later switch of the same user was committed in the same batch
-
-
-@dataclass(frozen=True, slots=True)
-class StoredTurn:
-    message_id: int
-    reply_id: int
-    inserted: bool  # False: a chat with the same client id was already stored
