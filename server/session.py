@@ -99,6 +99,7 @@ class Session:
         self._idle.set()
         self._user_id = ""  # once the token is checked: the hub knows this session by it
         self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     @property
     def user_id(self) -> str:
@@ -348,10 +349,15 @@ class Session:
     # ------------------------------------------------------------------ closing
 
     def _not_reading(self) -> None:
-        log.warning("session %s: closing 1008: client does not read its answers", self.id)
-        self._spawn(self._close(CloseCode.POLICY_VIOLATION, "client does not read its answers"))
+        if not self._closing:
+            log.warning("session %s: closing 1008: client does not read its answers", self.id)
+            self._spawn(self._close(CloseCode.POLICY_VIOLATION, "client does not read its answers"))
 
     async def _close(self, code: CloseCode, reason: str) -> None:
+        """Close once, with the first code asked for."""
+        if self._closing:
+            return
+        self._closing = True
         if code not in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
             log.info("session %s: closing %d: %s", self.id, code, reason)
         self.services.metrics.closes.labels(str(int(code))).inc()

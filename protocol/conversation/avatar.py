@@ -115,6 +115,12 @@ class AvatarView:
         if not self.in_flight:
             self._contested = False
 
+    def missed(self) -> None:
+        """Changes may have been missed (the listener was down): the cache is emptied, and a
+        switch in flight no longer decides (a missed change may be newer)."""
+        self.clear()
+        self._contested = self.in_flight > 0
+
     def notified(self, version: int) -> bool:
         """A change made elsewhere; True when it is newer than anything seen (the cache is then
         emptied, and a switch in flight no longer decides)."""

@@ -181,7 +181,7 @@ class Conversation(ChatRules):
         """Notifications stopped (they may be missed), or came back (some were missed)."""
         view = self._avatar
         if up and not view.trusted:
-            view.clear()
+            view.missed()
         view.trusted = up
         return self._take()
 

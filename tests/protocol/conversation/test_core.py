@@ -375,3 +375,17 @@ def test_a_switch_is_validated_before_anything_is_committed() -> None:
     assert kinds(talk.frame(type="chat", text="/persona")) == ["Send:error"]
     assert isinstance(talk.frame(type="chat", text="hi")[-1], StartReply)
     assert not [a for a in talk.frame(type="get_avatar") if isinstance(a, LoadAvatar)]
+
+
+def test_after_a_listener_reconnect_a_switch_in_flight_no_longer_decides() -> None:
+    """A change missed while the listener was down may be newer than this session's switch in
+    flight (found by the stateful test): a chat read meanwhile waits for the switch, then reads."""
+    talk = Talk()
+    talk.open(avatar("friendly", 1))
+    switch = one(talk.frame(type="set_persona", id="s", personality="romantic"), CommitSwitch)
+    talk.conv.listener_changed(False)
+    talk.conv.listener_changed(True)
+    assert talk.frame(type="chat", id="c", text="which now?") == []
+    out = talk.conv.switch_committed(switch.key, switched("romantic", "friendly", 2))
+    assert kinds(out)[-1] == "LoadAvatar"
+    assert one(talk.conv.avatar_loaded(avatar("witty", 3)), StartReply).persona == "witty"
