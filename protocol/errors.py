@@ -1,4 +1,8 @@
-"""The protocol's error tree: every error code and close code, with the status it implies."""
+"""The protocol's error tree: every error code and close code, with the status it implies.
+
+Grouped by origin, as asyncpg groups its errors: `ClientError` for what the client got wrong
+(4xx: answered, the connection goes on), `ServiceError` for what failed on this side (5xx), and
+`ConnectionRefused` for what ends the connection, carrying its close code."""
 
 from __future__ import annotations
 
@@ -32,73 +36,85 @@ class ProtocolError(Exception):
         super().__init__(self.message)
 
 
-class BadJson(ProtocolError):
+class ClientError(ProtocolError):
+    """The client's mistake (a 4xx status): answered with an `error` frame, nothing logged."""
+
+    status: ClassVar[int] = 400
+
+
+class ServiceError(ProtocolError):
+    """A failure on this side (a 5xx status): the database, the reply generator, or a bug."""
+
+    status: ClassVar[int] = 500
+
+
+class BadJson(ClientError):
     code = "bad_json"
     status = 400
     default_message = "a frame must be one UTF-8 text frame holding one JSON object"
 
 
-class InvalidFrame(ProtocolError):
+class InvalidFrame(ClientError):
     code = "invalid_frame"
     status = 422
     default_message = "the frame does not match the protocol"
 
 
-class InvalidPersona(ProtocolError):
+class InvalidPersona(ClientError):
     code = "invalid_persona"
     status = 422
     default_message = "unknown personality"
 
 
-class UnknownCommand(ProtocolError):
+class UnknownCommand(ClientError):
     code = "unknown_command"
     status = 422
     default_message = "unknown command; send /help for the list"
 
 
-class NoAvatar(ProtocolError):
+class NoAvatar(ClientError):
     code = "no_avatar"
     status = 404
     default_message = "this user has no avatar yet; send create_avatar first"
 
 
-class AvatarExists(ProtocolError):
+class AvatarExists(ClientError):
     code = "avatar_exists"
     status = 409
     default_message = "this user already has an avatar"
 
 
-class Busy(ProtocolError):
+class Busy(ClientError):
     code = "busy"
     status = 409
     default_message = "too many chats waiting; wait for a reply first"
 
 
-class NothingToCancel(ProtocolError):
+class NothingToCancel(ClientError):
     code = "nothing_to_cancel"
     status = 409
     default_message = "no reply is in flight"
 
 
-class DuplicateId(ProtocolError):
+class DuplicateId(ClientError):
     code = "duplicate_id"
     status = 409
     default_message = "this id was already used for a different message"
 
 
-class RateLimited(ProtocolError):
+class RateLimited(ClientError):
     code = "rate_limited"
     status = 429
     default_message = "too many frames; slow down"
 
 
-class Unavailable(ProtocolError):
+class Unavailable(ServiceError):
     code = "unavailable"
     status = 503
     default_message = "a backing service is unreachable; try again shortly"
 
 
-class Internal(ProtocolError):
+class Internal(ServiceError):
     code = "internal"
     status = 500
     default_message = "internal error"

@@ -244,3 +244,13 @@ def test_history_page_keeps_the_newest_entries_that_fit() -> None:
 def test_history_page_that_fits_is_unchanged() -> None:
     entries = [_entry(i, "hello") for i in range(100)]
     assert fit_history_page(entries) == entries
+
+
+def test_errors_are_grouped_by_origin_with_their_status() -> None:
+    from protocol.errors import ERROR_CLASSES, ClientError, ServiceError
+
+    for error in ERROR_CLASSES:
+        if issubclass(error, ClientError):
+            assert 400 <= error.status < 500, error
+        else:
+            assert issubclass(error, ServiceError) and 500 <= error.status < 600, error
