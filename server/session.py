@@ -32,12 +32,11 @@ from protocol.conversation.actions import (
 )
 from protocol.conversation.base import Phase, Terms
 from protocol.conversation.core import Conversation
-from protocol.conversation.records import StoredTurn, SwitchRequest, SwitchResult
-from protocol.errors import CloseCode, ConnectionRefused, ProtocolError, Unavailable
+from protocol.conversation.records import SwitchRequest
+from protocol.errors import CloseCode
 from protocol.frames import Limits, PersonaInfo, encode
 from protocol.personas import CATALOGUE
-from server.auth import authenticate
-from server.failures import as_protocol_error
+from server.effects import Effects
 from server.outbox import Outbox
 from server.replies import Replies
 from server.services import Services
@@ -47,7 +46,6 @@ log = logging.getLogger(__name__)
 PERSONA_LIST = tuple(
     PersonaInfo(id=c.id, name=c.name, description=c.description) for c in CATALOGUE
 )
-KNOWN_IDS = 256  # ids of the user's newest chats a session starts with (retries are looked up)
 
 
 def terms_for(services: Services, session_id: str) -> Terms:
@@ -97,13 +95,13 @@ class Session:
         self._reading.set()
         self._idle = asyncio.Event()  # set while no chat is being answered
         self._idle.set()
-        self._user_id = ""  # once the token is checked: the hub knows this session by it
+        self._effects = Effects(services, self.conversation, self.id, self, self._feed)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closing = False
 
     @property
     def user_id(self) -> str:
-        return self._user_id
+        return self._effects.user_id
 
     @property
     def idle(self) -> bool:
@@ -182,8 +180,8 @@ class Session:
                 log.warning("session %s: the reply in flight did not stop in time", self.id)
         if self._tasks:  # a close with its own code, or I/O whose answer nobody awaits now
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._user_id:
-            self.services.hub.leave(self._user_id, self)
+        if self.user_id:
+            self.services.hub.leave(self.user_id, self)
 
     async def close(self, code: CloseCode, reason: str) -> None:
         """Close from outside (the process is stopping)."""
@@ -224,18 +222,18 @@ class Session:
             self._idle.clear()
 
     def _carry_out(self, action: Action) -> None:
-        store = self.services.store
+        store, effects = self.services.store, self._effects
         match action:
             case Send(frame=frame):
                 if self.ws.close_code is None:
                     self._outbox.put(frame if isinstance(frame, bytes) else encode(frame))
             case CommitTurn(key=key, turn=turn):
-                store.add_turn(turn, functools.partial(self._turn_done, key))
+                store.add_turn(turn, functools.partial(effects.turn_done, key))
             case StartReply():
                 self._replies.start(action)
             case CommitSwitch(key=key, personality=personality):
                 request = SwitchRequest(self.user_id, personality, self.services.origin)
-                store.add_switch(request, functools.partial(self._switch_done, key))
+                store.add_switch(request, functools.partial(effects.switch_done, key))
             case Publish(personality=personality, previous=previous, version=version):
                 self.services.hub.persona_changed(
                     self.user_id, personality, previous, version, self
@@ -243,15 +241,15 @@ class Session:
             case CancelReply(key=key):
                 self._replies.cancel(key)
             case Replay(key=key, client_id=client_id):
-                self._spawn(self._replay(key, client_id))
+                self._spawn(effects.replay(key, client_id))
             case LoadAvatar():
-                self._spawn(self._load_avatar())
+                self._spawn(effects.load_avatar())
             case CreateAvatar(name=name, personality=personality):
-                self._spawn(self._create_avatar(name, personality))
+                self._spawn(effects.create_avatar(name, personality))
             case ReadHistory(limit=limit, before=before):
-                self._spawn(self._read_history(limit, before))
+                self._spawn(effects.read_history(limit, before))
             case Authenticate(token=token):
-                self._spawn(self._authenticate(token))
+                self._spawn(effects.authenticate(token))
             case Close(code=code, reason=reason):
                 self._spawn(self._close(code, reason))
 
@@ -259,92 +257,6 @@ class Session:
         task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    # ------------------------------------------------------------------ the store's answers
-
-    def _turn_done(self, key: int, stored: StoredTurn | None, error: BaseException | None) -> None:
-        conversation = self.conversation
-        if stored is not None:
-            self._feed(conversation.turn_committed(key, stored, time.monotonic()))
-        else:
-            self._feed(conversation.chat_failed(key, self._failure(error)))
-
-    def _switch_done(
-        self, key: int, result: SwitchResult | None, error: BaseException | None
-    ) -> None:
-        if error is None:
-            self._feed(self.conversation.switch_committed(key, result))
-        else:
-            self._feed(self.conversation.switch_failed(key, self._failure(error)))
-
-    def _failure(self, error: BaseException | None) -> ProtocolError:
-        return as_protocol_error(error or Unavailable(), self.id)
-
-    async def _authenticate(self, token: str) -> None:
-        """Check the token, admit the user, read its avatar and its newest chat ids."""
-        services = self.services
-        conversation = self.conversation
-        try:
-            user_id = authenticate(services.secret, token)
-            limit = services.settings.max_connections_per_user
-            if services.hub.count(user_id) >= limit:
-                raise ConnectionRefused(
-                    CloseCode.TOO_MANY_CONNECTIONS,
-                    f"too many connections for this user (max {limit})",
-                )
-            # Join before reading, so that a switch committed meanwhile reaches this session.
-            self._user_id = user_id
-            services.hub.join(user_id, self)
-            try:
-                avatar = await services.store.open_user(user_id)
-                stored_ids = await services.store.recent_chat_ids(user_id, KNOWN_IDS)
-            except Unavailable:
-                raise ConnectionRefused(CloseCode.INTERNAL_ERROR, "database unavailable") from None
-        except ConnectionRefused as exc:
-            log.info("session %s refused: %d %s", self.id, exc.close_code, exc.reason)
-            self._feed(conversation.refused(exc.close_code, exc.reason))
-            return
-        except Exception as exc:
-            as_protocol_error(exc, self.id)
-            self._feed(conversation.refused(CloseCode.INTERNAL_ERROR, "internal error"))
-            return
-        self._feed(conversation.authenticated(user_id, avatar, stored_ids))
-
-    async def _load_avatar(self) -> None:
-        try:
-            avatar = await self.services.store.get_avatar(self.user_id)
-        except Exception as exc:
-            self._feed(self.conversation.avatar_failed(as_protocol_error(exc, self.id)))
-            return
-        self._feed(self.conversation.avatar_loaded(avatar))
-
-    async def _create_avatar(self, name: str, personality: str) -> None:
-        try:
-            avatar = await self.services.store.create_avatar(self.user_id, name, personality)
-        except Exception as exc:
-            self._feed(self.conversation.avatar_failed(as_protocol_error(exc, self.id)))
-            return
-        self._feed(self.conversation.avatar_created(avatar))
-
-    async def _read_history(self, limit: int, before: int | None) -> None:
-        try:
-            messages = await self.services.store.history(self.user_id, limit, before)
-        except Exception as exc:
-            self._feed(self.conversation.history_failed(as_protocol_error(exc, self.id)))
-            return
-        self._feed(self.conversation.history_read(messages, time.monotonic()))
-
-    async def _replay(self, key: int, client_id: str) -> None:
-        try:
-            past = await self.services.store.find_turn(self.user_id, client_id)
-        except Exception as exc:
-            self._feed(self.conversation.chat_failed(key, as_protocol_error(exc, self.id)))
-            return
-        if past is None:
-            self._feed(self.conversation.replay_missing(key))
-        else:
-            log.debug("session %s: chat %r is a retry of a stored one", self.id, client_id)
-            self._feed(self.conversation.replay_found(key, past))
 
     # ------------------------------------------------------------------ closing
 
