@@ -78,6 +78,7 @@ class Proc:
         cpus: frozenset[int] | None,
         env: dict[str, str] | None = None,
         pgdata: Path | None = None,
+        cwd: Path = ROOT,
     ) -> None:
         self.name = name
         self.pgdata = pgdata
@@ -87,7 +88,7 @@ class Proc:
         with self._out.open("wb") as out, self._err.open("wb") as err:
             self.popen = subprocess.Popen(
                 list(argv),
-                cwd=ROOT,
+                cwd=cwd,
                 env={**os.environ, **(env or {})},
                 stdin=subprocess.DEVNULL,
                 stdout=out,
@@ -190,14 +191,31 @@ def start_echo(workdir: Path, cpus: frozenset[int] | None) -> Proc:
 
 
 def start_chat(
-    workdir: Path, cpus: frozenset[int] | None, secret: str, env: dict[str, str]
+    workdir: Path,
+    cpus: frozenset[int] | None,
+    secret: str,
+    env: dict[str, str],
+    root: Path = ROOT,
+    name: str = "chat",
 ) -> Proc:
-    """`python run.py serve` on the embedded PostgreSQL in `workdir`, template generator."""
+    """`python run.py serve` of the tree at `root` (this one, or a checkout of another commit)
+    on the embedded PostgreSQL in `workdir`, template generator."""
     data = workdir / "data"
-    argv = [sys.executable, "run.py", "serve", "--port", "0", "--data-dir", str(data)]
+    argv = [sys.executable, str(root / "run.py"), "serve", "--port", "0", "--data-dir", str(data)]
     argv += ["--log-level", "WARNING", "--generator", "template"]
-    full_env = {"CHAT_JWT_SECRET": secret, **env}
-    return Proc("chat", argv, workdir, cpus, full_env, pgdata=data / "pgdata")
+    full_env = {"CHAT_JWT_SECRET": secret, "CHAT_API_PORT": "0", **env}
+    return Proc(name, argv, workdir, cpus, full_env, pgdata=data / "pgdata", cwd=root)
+
+
+def checkout(rev: str, into: Path) -> Path:
+    """The tree of commit `rev` in `into` (git archive: no work tree of this repository is
+    touched); its `run.py` imports its own packages, which come first on its path."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "archive", "--format=tar", rev], cwd=ROOT, check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
 
 
 def postgres_dsn(pgdata: Path) -> str:

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import table
-from bench.procs import Cores, Proc, start_chat, start_echo
+from bench.procs import Cores, Proc, checkout, start_chat, start_echo
 from bench.profile import Profiler, top_functions
 from bench.scenarios import Target, chat_load, database_facts, idle_memory, warm_up
 from clients.bots.load import raise_fd_limit
@@ -56,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("server", "client", "any"),
         default="client",
         help="the core this server's PostgreSQL shares: the server's, the load client's, or any",
+    )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="also run the server of commit REV, alternating with this one, for a side-by-side"
+        " comparison of CPU per chat (e.g. HEAD~3)",
     )
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-idle", action="store_true")
@@ -95,22 +101,32 @@ def run_throughput(
     chosen: dict[str, float],
     switch_every: int,
     py_spy: Path | None,
+    baseline: str | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any], list[tuple[str, float, float]]]:
-    """Both servers up at once; for each repetition and load, echo then this server."""
+    """The servers up at once; for each repetition and load, echo, this server, and the
+    baseline commit's server when there is one."""
     echo = start_echo(workdir / "echo", cores.server)
     chat = start_chat(workdir / "chat", cores.server, secret, SERVER_ENV)
     chat.pin_postgres(cores.postgres)
+    procs = [echo, chat]
+    targets = {
+        "echo": Target("echo", echo, Mode.ECHO),
+        "server": Target("server", chat, Mode.PROTOCOL, secret),
+    }
     say(f"echo server at {echo.url}, this server at {chat.url}")
     try:
-        targets = {
-            "echo": Target("echo", echo, Mode.ECHO),
-            "server": Target("server", chat, Mode.PROTOCOL, secret),
-        }
+        if baseline is not None:
+            root = checkout(baseline, workdir / "baseline-tree")
+            old = start_chat(workdir / "baseline", cores.server, secret, SERVER_ENV, root, "old")
+            old.pin_postgres(cores.postgres)
+            procs.append(old)
+            targets["baseline"] = Target("baseline", old, Mode.PROTOCOL, secret)
+            say(f"baseline {baseline} at {old.url}")
         runs = run_async(_throughput(targets, loads, chosen, switch_every, py_spy))
         facts = run_async(database_facts(chat))
     finally:
-        echo.stop()
-        chat.stop()
+        for proc in procs:
+            proc.stop()
     profile = top_functions(py_spy) if py_spy is not None and py_spy.exists() else []
     return runs, facts, profile
 
@@ -128,7 +144,7 @@ async def _throughput(
     duration = float(chosen["duration"])
     for rep in range(int(chosen["repeats"])):
         for clients in loads:
-            for name in ("echo", "server"):
+            for name in targets:
                 gc.collect()
                 profiler = None
                 if py_spy is not None and name == "server" and rep == 0 and clients == max(loads):
@@ -181,6 +197,11 @@ def show(rows: list[dict[str, Any]], idle: list[dict[str, Any]], found: list[Any
     for title, data, columns in (
         ("chat throughput and latency (medians over repetitions)", rows, table.THROUGHPUT_COLUMNS),
         ("RSS per idle connection", idle, table.IDLE_COLUMNS),
+        (
+            "this server against the baseline commit (medians over repetitions)",
+            [row for row in rows if "baseline_cpu_us" in row],
+            table.BASELINE_COLUMNS,
+        ),
     ):
         if not data:
             continue
@@ -218,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if not args.skip_throughput:
             runs, facts, profile = run_throughput(
-                workdir, cores, secret, loads, chosen, args.switch_every, args.py_spy
+                workdir, cores, secret, loads, chosen, args.switch_every, args.py_spy, args.baseline
             )
         if not args.skip_idle:
             idle = run_idle(workdir, cores, secret, counts, chosen)
@@ -238,7 +259,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         args.json.write_bytes(orjson.dumps({**summary, "runs": runs}, option=orjson.OPT_INDENT_2))
     if args.markdown:
+        against = [row for row in rows if "baseline_cpu_us" in row]
         parts = [table.markdown(rows, table.THROUGHPUT_COLUMNS) if rows else "",
+                 table.markdown(against, table.BASELINE_COLUMNS) if against else "",
                  table.markdown(idle, table.IDLE_COLUMNS) if idle else "",
                  table.markdown_targets(found)]  # fmt: skip
         args.markdown.write_text("\n\n".join(p for p in parts if p) + "\n")

@@ -52,11 +52,44 @@ def throughput_rows(runs: Sequence[Row]) -> list[Row]:
                 "postgres_cpu_us": _med(c["cpu_us_per_reply"]["postgres"] for c in chat),
                 "echo_client_cpu_us": _med(_client_cpu(e) for e in echo),
                 "server_client_cpu_us": _med(_client_cpu(c) for c in chat),
+                **_baseline(runs, clients, chat),
                 "stale_renders": sum(c["totals"]["stale_renders"] for c in chat),
                 "errors": sum(r["totals"]["unexpected_errors"] for r in (*echo, *chat)),
             }
         )
     return rows
+
+
+def _baseline(runs: Sequence[Row], clients: int, chat: Sequence[Row]) -> Row:
+    """The baseline commit's server at this load, when the run had one (`--baseline`)."""
+    old = _runs(runs, "baseline", clients)
+    if not old:
+        return {}
+    pairs = list(zip(old, chat, strict=False))
+    return {
+        "baseline_chats_per_s": _med(o["totals"]["chats_per_s"] for o in old),
+        "baseline_cpu_us": _med(o["cpu_us_per_reply"]["server"] for o in old),
+        "baseline_postgres_cpu_us": _med(o["cpu_us_per_reply"]["postgres"] for o in old),
+        "cpu_vs_baseline": _med(
+            c["cpu_us_per_reply"]["server"] / max(o["cpu_us_per_reply"]["server"], 1e-9)
+            for o, c in pairs
+        ),
+        "baseline_stale": sum(o["totals"]["stale_renders"] for o in old),
+    }
+
+
+BASELINE_COLUMNS = (
+    ("clients", "clients"),
+    ("baseline chats/s", "baseline_chats_per_s"),
+    ("server chats/s", "server_chats_per_s"),
+    ("baseline CPU µs/chat", "baseline_cpu_us"),
+    ("server CPU µs/chat", "server_cpu_us"),
+    ("server / baseline CPU", "cpu_vs_baseline"),
+    ("baseline PostgreSQL µs/chat", "baseline_postgres_cpu_us"),
+    ("server PostgreSQL µs/chat", "postgres_cpu_us"),
+    ("baseline stale", "baseline_stale"),
+    ("stale", "stale_renders"),
+)
 
 
 def _client_cpu(report: Row) -> float:
@@ -160,7 +193,7 @@ def cells(row: Row, columns: Sequence[tuple[str, str]]) -> list[str]:
     out = []
     for _, key in columns:
         value = row[key]
-        if key in ("throughput_ratio", "p99_ratio"):
+        if key in ("throughput_ratio", "p99_ratio", "cpu_vs_baseline"):
             out.append(f"{value:.2f}x")
         elif isinstance(value, float):
             out.append(f"{value:,.1f}")
