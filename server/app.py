@@ -32,7 +32,7 @@ from server.outbox import WRITE_LIMIT
 from server.services import ProcessState, Services
 from server.session import Session
 from server.settings import Settings
-from server.store import Store
+from server.startup import connect_store, page_url
 
 if TYPE_CHECKING:
     from server.embedded import Keeper
@@ -154,13 +154,8 @@ class App:
 
     async def start(self) -> None:
         settings = self.settings
-        store = await Store.connect(
-            self._dsn,
-            min_size=settings.db_pool_min,
-            max_size=max(settings.db_pool_min, settings.db_pool_max),
-            timeout_s=settings.db_timeout_s,
-            on_batch=self.metrics.commit_batch.observe,
-        )
+        # an external database that is not up yet is waited for (CHAT_DB_WAIT_S)
+        store = await connect_store(self._dsn, settings, self.metrics.commit_batch.observe)
         if settings.run_migrations:
             await store.migrate()
         self._services = Services(
@@ -197,7 +192,7 @@ class App:
             reuse_port=settings.reuse_port,
         )
         self._ticker = asyncio.create_task(self._tick(), name="metrics-ticker")
-        log.info("listening on %s", self.url)
+        log.info("listening on %s; the web page: %s", self.url, page_url(settings.host, self.port))
 
     async def _handle(self, ws: ServerConnection) -> None:
         headers = ws.request.headers if ws.request is not None else Headers()

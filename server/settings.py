@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_args, get_origin
 
-from pydantic import AliasChoices, Field, IPvAnyNetwork, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import annotated_types
+from pydantic import AliasChoices, Field, IPvAnyNetwork, SecretStr, ValidationError
+from pydantic_core import ErrorDetails
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from protocol.frames import MAX_TEXT_CHARS
 
@@ -32,6 +36,8 @@ class Settings(BaseSettings):
     # their batches keep coming: at least one more is left for everything else
     db_pool_max: int = Field(default=10, ge=4)
     db_timeout_s: float = Field(default=5.0, gt=0)
+    # an external database that is not up yet is waited for this long at start-up
+    db_wait_s: float = Field(default=30.0, ge=0)
     run_migrations: bool = True  # workers under a supervisor leave this to it
     # prometheus-client's multiprocess mode (set by `serve --workers N`)
     prometheus_multiproc_dir: Path | None = Field(
@@ -91,3 +97,102 @@ class Settings(BaseSettings):
 
     def pgdata_path(self) -> Path:
         return self.data_dir / "pgdata"
+
+
+class ConfigError(Exception):
+    """A configuration mistake, said in one line that names the setting and how to fix it;
+    run.py prints it and exits with status 2."""
+
+
+# What a valid value looks like, where the field's type does not say it well enough.
+EXAMPLES = {
+    "port": "a number from 0 to 65535",
+    "trusted_proxies": 'a JSON list of addresses or networks, e.g. ["10.0.0.0/8"]',
+    "allowed_origins": 'a JSON list of origins, e.g. ["https://chat.example.com"]',
+}
+NOUNS = {"port": "port", "log_level": "log level", "generator": "generator", "host": "host"}
+MAX_SHOWN_CHARS = 60
+
+
+def env_name(field: str) -> str:
+    """The environment variable a setting is read from."""
+    alias = Settings.model_fields[field].validation_alias
+    if isinstance(alias, AliasChoices) and isinstance(alias.choices[0], str):
+        return alias.choices[0]
+    return f"CHAT_{field.upper()}"
+
+
+def load_settings(flags: Mapping[str, Any] | None = None) -> Settings:
+    """The environment's settings overridden by `flags` (setting name to value, as given on
+    the command line); ConfigError that names the first invalid one and how to fix it."""
+    flags = dict(flags or {})
+    try:
+        return Settings(**flags)
+    except ValidationError as exc:
+        errors = exc.errors()
+        line = describe_invalid(errors[0], flags)
+        others = sorted({str(e["loc"][0]) for e in errors[1:]} - {str(errors[0]["loc"][0])})
+        if others:
+            line += f" (also not valid: {', '.join(_source(name, flags) for name in others)})"
+        raise ConfigError(line) from None
+    except SettingsError as exc:  # a list-valued variable that is not JSON
+        found = re.search(r'field "(\w+)"', str(exc))
+        name = found.group(1) if found else ""
+        if name not in Settings.model_fields:
+            raise ConfigError(f"a setting cannot be read: {exc}") from None
+        env = env_name(name)
+        raise ConfigError(f"{env} is not valid: set {env} to {expectation(name)}") from None
+
+
+def describe_invalid(error: ErrorDetails, flags: Mapping[str, Any]) -> str:
+    """`CHAT_PORT=abc is not a valid port: set CHAT_PORT to a number from 0 to 65535`."""
+    name = str(error["loc"][0])
+    source = _source(name, flags)
+    value = flags.get(name, error.get("input"))
+    if isinstance(value, list):
+        value = " ".join(map(str, value))
+    shown = str(value)
+    if len(shown) > MAX_SHOWN_CHARS:
+        shown = shown[: MAX_SHOWN_CHARS - 3] + "..."
+    given = f"{source} {shown}" if source.startswith("--") else f"{source}={shown}"
+    noun = NOUNS.get(name)
+    what = f"a valid {noun}" if noun else "valid"
+    return f"{given} is not {what}: set {source} to {expectation(name)}"
+
+
+def _source(name: str, flags: Mapping[str, Any]) -> str:
+    """Where a setting came from: its flag, if one was given, else its variable."""
+    return "--" + name.replace("_", "-") if name in flags else env_name(name)
+
+
+def expectation(name: str) -> str:
+    """What a valid value of the setting `name` looks like, in words."""
+    if name in EXAMPLES:
+        return EXAMPLES[name]
+    field = Settings.model_fields[name]
+    kind = field.annotation
+    if get_origin(kind) is Literal:
+        return "one of " + ", ".join(str(choice) for choice in get_args(kind))
+    if kind is bool:
+        return "true or false"
+    if kind in (int, float):
+        return ("a whole number" if kind is int else "a number") + _bounds(field.metadata)
+    return "a valid value"
+
+
+def _bounds(metadata: list[Any]) -> str:
+    low: Any = None
+    high: Any = None
+    low_open = False
+    for item in metadata:
+        if isinstance(item, annotated_types.Ge):
+            low = item.ge
+        elif isinstance(item, annotated_types.Gt):
+            low, low_open = item.gt, True
+        elif isinstance(item, annotated_types.Le):
+            high = item.le
+    if low is not None and high is not None:
+        return f" from {low} to {high}"
+    if low is not None:
+        return f" greater than {low}" if low_open else f" of at least {low}"
+    return ""
