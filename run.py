@@ -16,7 +16,7 @@ import orjson
 
 from protocol.schema import json_schema
 from server.app import App, run_async, serve_until_signalled
-from server.auth import load_or_create_secret, mint_token
+from server.auth import accepts_hs256, load_or_create_secret, mint_token
 from server.embedded import Database, Keeper
 from server.logs import OneLineError
 from server.settings import Settings
@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--log-level", default=None)
 
     commands.add_parser("schema", help="print the JSON Schema of every frame")
+    commands.add_parser("openapi", help="print the OpenAPI document of the HTTP API")
 
     chat = commands.add_parser("chat", help="chat with your avatar in the terminal")
     chat.add_argument("--url", default=DEFAULT_URL)
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_server_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None, help="port (default 8765)")
+    parser.add_argument("--api-port", default=None, help="the HTTP API's port (8766; 0: off)")
     parser.add_argument("--data-dir", default=None, help="data directory (default .data)")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument(
@@ -174,6 +176,7 @@ def _serve_workers(
         "CHAT_PORT": str(port),
         "CHAT_REUSE_PORT": "true",
         "CHAT_RUN_MIGRATIONS": "false",
+        "CHAT_JWT_HS256": "true" if accepts_hs256(settings) else "false",  # always given a secret
         "PROMETHEUS_MULTIPROC_DIR": metrics_path,
     }
     supervisor = Supervisor(
@@ -236,6 +239,15 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_openapi(args: argparse.Namespace) -> int:
+    from server.app import server_version
+    from server.http_api import openapi_schema
+
+    document = openapi_schema(server_version())
+    sys.stdout.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return 0
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from clients.terminal import main as chat_main
 
@@ -267,6 +279,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "token": cmd_token,
     "migrate": cmd_migrate,
     "schema": cmd_schema,
+    "openapi": cmd_openapi,
     "chat": cmd_chat,
     "bots": cmd_bots,
 }

@@ -22,8 +22,10 @@ from websockets.http11 import Request, Response
 
 from protocol.errors import CloseCode
 from server.admission import client_address
-from server.auth import MAX_SUBJECT_CHARS, mint_token
+from server.auth import CANNOT_VERIFY, MAX_SUBJECT_CHARS, Verifier, accepts_hs256, mint_token
 from server.generators import ReplyGenerator, TemplateGenerator
+from server.http_api import attach, create_api
+from server.http_server import HttpServer, bind, page_origins
 from server.hub import Hub
 from server.logs import Throttled
 from server.metrics import CONTENT_TYPE, Metrics
@@ -64,8 +66,9 @@ def make_generator(settings: Settings) -> ReplyGenerator:
 
 
 def dev_token_enabled(settings: Settings) -> bool:
-    """`GET /dev/token` exists only in development: embedded database, bound to loopback."""
-    return settings.database_url is None and is_loopback(settings.host)
+    """`GET /dev/token` exists only in development: embedded database, bound to loopback, and
+    HS256 tokens taken."""
+    return settings.database_url is None and is_loopback(settings.host) and accepts_hs256(settings)
 
 
 def is_loopback(host: str) -> bool:
@@ -127,6 +130,8 @@ class App:
         self._server: Server | None = None
         self._listener: ChangeListener | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._verifier = Verifier(settings, secret)
+        self._api: HttpServer | None = None
         self._refusals = Throttled(log)  # a client reopening refused ones: a line per 5 s a kind
         self._routes: dict[str, Callable[[ServerConnection, Request], Awaitable[Response]]] = {
             "/healthz": self._healthz,
@@ -152,12 +157,22 @@ class App:
     def url(self) -> str:
         return f"ws://{self.settings.host}:{self.port}{WS_PATH}"
 
+    @property
+    def api_port(self) -> int | None:
+        """The HTTP API's port; None when it is off (`--api-port 0`)."""
+        return None if self._api is None else self._api.port
+
+    @property
+    def api_url(self) -> str | None:
+        return None if self._api is None else f"http://{self.settings.host}:{self._api.port}"
+
     async def start(self) -> None:
         settings = self.settings
         # an external database that is not up yet is waited for (CHAT_DB_WAIT_S)
         store = await connect_store(self._dsn, settings, self.metrics.commit_batch.observe)
         if settings.run_migrations:
             await store.migrate()
+        await self._verifier.start()  # a JWKS that cannot be fetched is tried again later
         self._services = Services(
             settings=settings,
             store=store,
@@ -165,6 +180,7 @@ class App:
             metrics=self.metrics,
             generator=make_generator(settings),
             secret=self._secret,
+            verifier=self._verifier,
             version=server_version(),
             origin=process_tag(),
             state=ProcessState(settings),
@@ -191,8 +207,23 @@ class App:
             server_header=f"persona-chat/{self.services.version}",
             reuse_port=settings.reuse_port,
         )
+        await self._start_api()
         self._ticker = asyncio.create_task(self._tick(), name="metrics-ticker")
         log.info("listening on %s; the web page: %s", self.url, page_url(settings.host, self.port))
+
+    async def _start_api(self) -> None:
+        """The HTTP API on its own port, in this loop, sharing the store, hub and settings."""
+        settings = self.settings
+        if not settings.api_port:
+            return
+        origins = page_origins(
+            settings.host, self.port, settings.allowed_origins, self._loopback_only
+        )
+        api = attach(create_api(self.services.version, origins), self.services)
+        sock = bind(settings.host, settings.api_port, settings.reuse_port)
+        self._api = HttpServer(api, sock, settings.drain_timeout_s)
+        await self._api.start()
+        log.info("HTTP API on %s (OpenAPI at /docs)", self.api_url)
 
     async def _handle(self, ws: ServerConnection) -> None:
         headers = ws.request.headers if ws.request is not None else Headers()
@@ -211,6 +242,8 @@ class App:
         server.close(close_connections=False)
         if self._ticker is not None:
             self._ticker.cancel()
+        api, self._api = self._api, None  # requests in flight finish, as replies do
+        api_stopped = asyncio.create_task(api.stop()) if api is not None else None
         services = self.services
         services.state.begin_drain()  # new connections are refused
         for session in tuple(self.sessions):
@@ -227,7 +260,10 @@ class App:
         )
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(server.wait_closed(), self.settings.drain_timeout_s)
+        if api_stopped is not None:
+            await api_stopped
         await services.generator.aclose()
+        await services.verifier.aclose()
         if self._listener is not None:
             await self._listener.stop()
         await services.store.close()
@@ -312,6 +348,8 @@ class App:
         return connection.respond(200, "ok\n")
 
     async def _readyz(self, connection: ServerConnection, request: Request) -> Response:
+        if not self.services.verifier.ready:
+            return connection.respond(503, CANNOT_VERIFY + ": the JWKS cannot be fetched\n")
         if await self.services.store.ping():
             return connection.respond(200, "ready\n")
         return connection.respond(503, "database unreachable\n")

@@ -11,7 +11,6 @@ from protocol.conversation.actions import Action
 from protocol.conversation.core import Conversation
 from protocol.conversation.records import StoredTurn, SwitchResult
 from protocol.errors import CloseCode, ConnectionRefused, ProtocolError, Unavailable
-from server.auth import authenticate
 from server.failures import as_protocol_error
 from server.hub import Listener
 from server.services import Services
@@ -64,7 +63,7 @@ class Effects:
         services = self._services
         conversation = self._conversation
         try:
-            user_id = authenticate(services.secret, token)
+            user_id = await services.verifier.verify(token)
             limit = services.settings.max_connections_per_user
             if services.hub.count(user_id) >= limit:
                 raise ConnectionRefused(

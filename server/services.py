@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from protocol.conversation.chats import Claims
 from protocol.conversation.limits import UserBudgets
 from server.admission import Admission
+from server.auth import Verifier
 from server.generators import ReplyGenerator
 from server.hub import Hub
 from server.metrics import Metrics
@@ -59,6 +60,7 @@ class Services:
     metrics: Metrics
     generator: ReplyGenerator
     secret: str
+    verifier: Verifier  # checks tokens: `hello`, and the HTTP API's bearer tokens
     version: str
     origin: str  # this process's tag on the persona changes it notifies
     state: ProcessState

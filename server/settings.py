@@ -71,6 +71,18 @@ class Settings(BaseSettings):
     outbox_limit_bytes: int = Field(default=1024 * 1024, ge=64 * 1024)
     drain_timeout_s: float = Field(default=10.0, gt=0)
 
+    # the HTTP API (server/http_api.py), on uvicorn in the same loop; 0 turns it off
+    api_port: int = Field(default=8766, ge=0, le=65535)
+    # tokens checked against a JWKS (ES256, RS256, EdDSA, chosen by `kid`); HS256 is then
+    # refused unless jwt_secret is set too. `aud` and `iss` are checked when set.
+    jwt_jwks_url: str | None = None
+    jwt_jwks_max_age_s: float = Field(default=600.0, gt=0)  # how often the set is fetched
+    jwt_audience: str | None = None
+    jwt_issuer: str | None = None
+    # whether HS256 tokens are taken; unset: decided as above (set for the workers of
+    # `serve --workers N`, whose jwt_secret the supervisor always sets)
+    jwt_hs256: bool | None = None
+
     # browsers: origins allowed besides the server's own (same-origin is always allowed)
     allowed_origins: list[str] = Field(default_factory=list)
 

@@ -36,6 +36,7 @@ def settings_for_tests(**overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "host": "127.0.0.1",
         "port": 0,
+        "api_port": 0,  # off unless a test asks for it (0 turns it off)
         "jwt_secret": SECRET,
         "db_pool_min": 1,
         "db_pool_max": 4,

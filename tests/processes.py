@@ -17,6 +17,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     """This environment without the server's own settings, plus `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CHAT_") and k != "DATABASE_URL"}
     env["PYTHONUNBUFFERED"] = "1"
+    env["CHAT_API_PORT"] = "0"  # the HTTP API is off unless a test turns it on
     env.update(extra)
     return env
 
