@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import secrets
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -13,20 +12,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prompt_toolkit import PromptSession
-from prompt_toolkit.completion import WordCompleter
+from prompt_toolkit.completion import CompleteEvent, Completer, WordCompleter
 from prompt_toolkit.formatted_text import FormattedText
 from prompt_toolkit.history import FileHistory
+from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 from prompt_toolkit.patch_stdout import patch_stdout
 from prompt_toolkit.styles import Style
 
-from clients.link import (
-    CONNECT_ERRORS,
-    Link,
-    LinkClosed,
-    Router,
-    describe_connect_failure,
+from clients.connection import (
+    EXIT_AUTH_REFUSED,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    FINAL_CLOSES,
+    ClientError,
+    Reconnecting,
+    closed_error,
+    open_link,
 )
-from protocol.errors import CloseCode
+from clients.link import LinkClosed, Router
 from protocol.frames import (
     AnyServerFrame,
     Avatar,
@@ -41,55 +46,16 @@ from protocol.frames import (
     Welcome,
 )
 
-EXIT_OK = 0
-EXIT_FAILED = 1  # a line was answered with an error, or the connection dropped
-EXIT_USAGE = 2  # neither --user nor --token
-EXIT_CANNOT_CONNECT = 3  # no server at --url, or it refused the handshake
-EXIT_AUTH_REFUSED = 4  # the server closed with 4401: the token is not valid there
-EXIT_INTERRUPTED = 130
-
 DEFAULT_AVATAR = ("Ava", "friendly")
 RATE_LIMIT_RETRIES = 5
 LOCAL_HELP = "/quit          leave (Ctrl-D works too; Ctrl-C stops a reply)"
-STYLE = Style.from_dict({"persona": "ansicyan bold"})
+STYLE = Style.from_dict(
+    {"persona": "ansicyan bold", "offline": "ansiyellow", "bottom-toolbar": "noreverse ansiyellow"}
+)
 
 
 # `python run.py chat --user NAME`: a token for NAME, which the command line mints (run.py).
 Minter = Callable[[str], str]
-
-
-class ClientError(Exception):
-    """Ends the client with a message on stderr and an exit code."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_FAILED) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-def closed_error(closed: LinkClosed) -> ClientError:
-    """What to say (and exit with) when the connection closed under the client."""
-    if closed.code == CloseCode.NOT_AUTHENTICATED:
-        refused = f"the server refused the sign-in: {closed.reason or 'not authenticated'}"
-        return ClientError(refused, EXIT_AUTH_REFUSED)
-    if closed.code == CloseCode.GOING_AWAY:
-        return ClientError("the server is shutting down; try again in a moment")
-    return ClientError(str(closed))
-
-
-async def open_link(url: str, token: str) -> tuple[Router, Welcome]:
-    """Connect and say hello; a ClientError that says why when that fails."""
-    # Chat ids are remembered by the server for retries: make them unique across runs.
-    try:
-        link = await Link.open(url, id_prefix=f"t{secrets.token_hex(4)}-")
-    except CONNECT_ERRORS as exc:
-        why = describe_connect_failure(exc)
-        raise ClientError(f"cannot connect to {url}: {why}", EXIT_CANNOT_CONNECT) from None
-    router = Router(link)
-    welcome = await router.request({"type": "hello", "token": token})
-    if not isinstance(welcome, Welcome):
-        await router.close()
-        raise ClientError(f"unexpected answer to hello: {welcome.type}", EXIT_CANNOT_CONNECT)
-    return router, welcome
 
 
 @dataclass(slots=True)
@@ -156,7 +122,7 @@ async def create_default_avatar(conversation: Conversation) -> None:
     )
     if isinstance(answer, Avatar):
         conversation.adopt(answer.avatar)
-        warn(f"created the avatar {name} ({personality}); rename it on the web page")
+        warn(f"created the avatar {name} ({personality})")
         return
     raise ClientError(f"cannot create an avatar: {describe(answer)}")
 
@@ -193,32 +159,47 @@ def print_batch_answer(conversation: Conversation, answer: AnyServerFrame) -> No
 class Terminal:
     """The interactive client: a prompt with the persona, streamed replies, Ctrl-C to stop."""
 
-    def __init__(self, conversation: Conversation, history: Path) -> None:
+    def __init__(
+        self, conversation: Conversation, history: Path, url: str = "", token: str = ""
+    ) -> None:
         self.conversation = conversation
         self.cancel_sent = False
         self._tasks: set[asyncio.Task[None]] = set()
+        self.final: ClientError | None = None  # a close that ends the client
+        self.connection = Reconnecting(url, token, self.on_status, self.on_back, self.on_final)
         history.parent.mkdir(parents=True, exist_ok=True)
         commands = [f"/persona {p.id}" for p in conversation.personas]
         commands += ["/personas", "/help", "/quit"]
+        completer = WordCompleter(commands, sentence=True)
         self.session: PromptSession[str] = PromptSession(
             history=FileHistory(str(history)),
-            completer=WordCompleter(commands, sentence=True),
+            completer=completer,
+            key_bindings=tab_completes(completer),
             style=STYLE,
         )
 
     def prompt_text(self) -> FormattedText:
-        return FormattedText([("class:persona", f"[{self.conversation.persona}]"), ("", " > ")])
+        """`[persona] > `, and `(offline)` in it while the connection is being opened again (the
+        line below the prompt says how that goes, on a terminal that can tell its size)."""
+        persona = ("class:persona", f"[{self.conversation.persona}]")
+        if self.connection.online.is_set():
+            return FormattedText([persona, ("", " > ")])
+        return FormattedText([persona, ("", " "), ("class:offline", "(offline)"), ("", " > ")])
 
     async def run(self) -> int:
         if not self.conversation.avatar_name:
             await self.create_avatar()
         c = self.conversation
         write(f"Talking to {c.avatar_name} ({c.persona}). /help lists the commands.")
-        while (line := await self.read_line()) is not None:
-            if line == "/quit":
-                break
-            if line:
-                await self.handle(line)
+        self.connection.watch(c.link)
+        try:
+            while (line := await self.read_line()) is not None:
+                if line == "/quit":
+                    break
+                if line:
+                    await self.handle(line)
+        finally:
+            await self.connection.stop()
         return EXIT_OK
 
     async def read_line(self) -> str | None:
@@ -237,14 +218,81 @@ class Terminal:
             return await self.session.prompt_async(message)
 
     @contextlib.contextmanager
-    def ctrl_c_cancels(self) -> Iterator[None]:
-        """While a reply streams, Ctrl-C is a SIGINT (prompt_toolkit owns it while prompting)."""
+    def ctrl_c_calls(self, callback: Callable[[], None]) -> Iterator[None]:
+        """Outside the prompt, Ctrl-C is a SIGINT (prompt_toolkit owns it while prompting)."""
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGINT, self.interrupt)
+        loop.add_signal_handler(signal.SIGINT, callback)
         try:
             yield
         finally:
             loop.remove_signal_handler(signal.SIGINT)
+
+    # ------------------------------------------------------------------ the connection
+
+    def on_status(self, status: str | None) -> None:
+        """The connection dropped (a line, and the status below the prompt), is being opened
+        again (the status), or is back (None)."""
+        if status is None:
+            self.session.bottom_toolbar = None
+        else:
+            if self.session.bottom_toolbar is None:
+                write(status)
+            self.session.bottom_toolbar = status
+        self.session.app.invalidate()
+
+    def on_back(self, router: Router, welcome: Welcome) -> None:
+        c = self.conversation
+        c.link = router
+        router.on_push = self.on_push
+        was = c.persona
+        if welcome.avatar is not None:
+            c.adopt(welcome.avatar)
+        changed = f"; the persona is now {c.persona}" if c.persona != was else ""
+        write(f"reconnected{changed}")
+        self.session.app.invalidate()
+
+    def on_final(self, error: ClientError) -> None:
+        """A close that ends the client: at the prompt at once, else at the next request."""
+        self.final = error
+        self.connection.online.set()  # wakes a line waiting to be sent, which sees `final`
+        if self.session.app.is_running:
+            self.session.app.exit(exception=error)
+
+    async def connected(self) -> bool:
+        """Whether a line can be sent: at once when connected; else once the connection is
+        back, unless Ctrl-C says not to send it."""
+        if self.final is not None:
+            raise self.final
+        online = self.connection.online
+        if online.is_set():
+            return True
+        write("not connected: it will be sent once the connection is back (Ctrl-C: do not send)")
+        waiting = asyncio.ensure_future(online.wait())
+        gave_up = False
+
+        def give_up() -> None:
+            nonlocal gave_up
+            gave_up = True
+            waiting.cancel()
+
+        with self.ctrl_c_calls(give_up):
+            try:
+                await waiting
+            except asyncio.CancelledError:
+                if not gave_up:
+                    raise
+                write("not sent")
+                return False
+        if self.final is not None:
+            raise self.final
+        return True
+
+    def lost(self, closed: LinkClosed, shown: bool) -> None:
+        """The connection dropped before the answer came: the line was said (unless the close
+        ends the client), and the answer is lost."""
+        if closed.code in FINAL_CLOSES:
+            raise closed_error(closed)
+        write(("\n" if shown else "") + "[interrupted: the connection was lost]")
 
     async def create_avatar(self) -> None:
         write("You have no avatar yet. Let's create one.")
@@ -262,10 +310,16 @@ class Terminal:
 
     async def handle(self, line: str) -> None:
         """Send the line as a chat (the server runs the commands) and show the answer."""
+        if not await self.connected():
+            return
         if not line.startswith("/") or line.startswith("//"):
             await self.chat(line)
             return
-        answer = await self.conversation.link.request({"type": "chat", "text": line})
+        try:
+            answer = await self.conversation.link.request({"type": "chat", "text": line})
+        except LinkClosed as closed:
+            self.lost(closed, shown=False)
+            return
         if isinstance(answer, PersonaSet):
             self.conversation.persona = answer.personality
         write(describe(answer))
@@ -282,15 +336,14 @@ class Terminal:
             shown.append(delta)
 
         self.cancel_sent = False
-        with self.ctrl_c_cancels():
+        with self.ctrl_c_calls(self.interrupt):
             try:
                 answer = await self.conversation.link.request(
                     {"type": "chat", "text": text}, on_delta=on_delta
                 )
-            except LinkClosed:
-                if shown:
-                    write("")  # end the half-printed reply before the error
-                raise
+            except LinkClosed as closed:
+                self.lost(closed, bool(shown))
+                return
         if not isinstance(answer, Reply):
             write(("\n" if shown else "") + describe(answer))
             return
@@ -323,6 +376,27 @@ class Terminal:
             write(describe(frame))
 
 
+def tab_completes(completer: Completer) -> KeyBindings:
+    """Tab completes the line at once when one command matches (`/persona w`: `/persona
+    witty`), whether or not the menu of matches has been drawn yet; else it shows the menu."""
+    bindings = KeyBindings()
+
+    @bindings.add("tab")
+    def _complete(event: KeyPressEvent) -> None:
+        buffer = event.current_buffer
+        matches = list(
+            completer.get_completions(buffer.document, CompleteEvent(completion_requested=True))
+        )
+        if len(matches) == 1:
+            buffer.apply_completion(matches[0])
+        elif buffer.complete_state is not None:
+            buffer.complete_next()
+        else:
+            buffer.start_completion(insert_common_part=True)
+
+    return bindings
+
+
 def resolve_token(args: argparse.Namespace, mint: Minter) -> str:
     """`--token` as given, or a token for `--user` from `mint`."""
     if args.token:
@@ -342,13 +416,13 @@ async def run(args: argparse.Namespace, token: str, interactive: bool, data_dir:
         conversation.adopt(welcome.avatar)
     try:
         if interactive:
-            terminal = Terminal(conversation, data_dir / "chat_history")
+            terminal = Terminal(conversation, data_dir / "chat_history", args.url, token)
             link.on_push = terminal.on_push
             return await terminal.run()
         link.on_push = lambda frame: batch_push(conversation, frame)
         return await run_batch(conversation)
     finally:
-        await link.close()
+        await conversation.link.close()  # the last one opened
 
 
 def batch_push(conversation: Conversation, frame: AnyServerFrame) -> None:

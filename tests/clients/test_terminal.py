@@ -101,6 +101,7 @@ async def test_piped_chat_creates_a_default_avatar_for_a_new_user(
     )
     assert result.code == 0, result.stderr
     assert "created the avatar Ava (friendly)" in result.stderr
+    assert "rename" not in result.stderr  # nothing can rename an avatar
     avatar = (await connect(user)).welcome["avatar"]
     assert (avatar["name"], avatar["personality"]) == ("Ava", "friendly")
 
@@ -143,6 +144,16 @@ async def test_wrong_path_exits_3_with_the_http_status(app: App, tmp_path: Path)
     assert "the server answered HTTP 404" in result.stderr
 
 
+async def test_url_without_ws_path_says_to_add_it(app: App, tmp_path: Path) -> None:
+    url = app.url.removesuffix("/ws")
+    result = await run_piped(tmp_path, ["--url", url, "--token", "t"])
+    assert result.code == 3
+    assert result.stderr.splitlines() == [
+        f"chat: cannot connect to {url}: the server answered HTTP 200: add /ws to the URL"
+        f" (--url {url}/ws)"
+    ]
+
+
 async def test_refused_token_exits_4_with_the_close_reason(app: App, tmp_path: Path) -> None:
     token = mint_token("some-other-secret-0123456789-0123456789", "mallory")
     result = await run_piped(tmp_path, ["--url", app.url, "--token", token], "hi\n")
@@ -167,6 +178,9 @@ class Terminal:
 
     async def expect(self, pattern: str) -> None:
         await asyncio.to_thread(self.child.expect, pattern)
+
+    def send(self, text: str) -> None:
+        self.child.send(text)
 
     def sendline(self, text: str) -> None:
         self.child.sendline(text)
@@ -313,3 +327,74 @@ async def test_ctrl_d_exits_0(
     await tty.expect("\\[friendly\\]")
     tty.child.sendeof()
     assert await tty.exit_code() == 0
+
+
+async def test_tab_completes_persona_prefix_to_the_single_match(
+    app: App, connect: ClientFactory, user: str, terminal: TerminalFactory
+) -> None:
+    await with_avatar(await connect(user), "friendly")
+    tty = await terminal(app, user)
+    await tty.expect("\\[friendly\\]")
+    tty.send("/persona w\t\r")  # Tab and Enter at once: no menu needs to be drawn first
+    await tty.expect("persona: witty \\(was friendly\\)")
+    await tty.expect("\\[witty\\]")
+
+
+async def test_reconnects_after_a_server_restart_keeping_the_typed_text(
+    make_app: AppFactory, connect: ClientFactory, user: str, terminal: TerminalFactory
+) -> None:
+    app = await make_app()
+    await with_avatar(await connect(user, target=app))
+    tty = await terminal(app, user)
+    await tty.expect("\\[friendly\\]")
+    tty.send("I baked")
+    await tty.expect("I baked")
+    port = app.port
+    await app.stop()
+    await tty.expect("connection lost \\(the server is shutting down\\): reconnecting")
+    await tty.expect("\\(offline\\)")  # in the prompt, until the connection is back
+    again = await make_app(port=port)
+    await tty.expect("reconnected")
+    tty.sendline(" bread today")
+    await tty.expect("Ava \\(friendly\\): ")
+    await tty.expect("\\[friendly\\]")
+    history = await history_of(await connect(user, target=again))
+    assert history[-2] == ("user", "friendly", "I baked bread today")
+
+
+async def test_chat_typed_while_disconnected_is_sent_once_reconnected(
+    make_app: AppFactory, connect: ClientFactory, user: str, terminal: TerminalFactory
+) -> None:
+    app = await make_app()
+    await with_avatar(await connect(user, target=app), "caring")
+    tty = await terminal(app, user)
+    await tty.expect("\\[caring\\]")
+    port = app.port
+    await app.stop()
+    await tty.expect("reconnecting")
+    tty.sendline("sent while away")
+    await tty.expect("not connected: it will be sent once the connection is back")
+    again = await make_app(port=port)
+    await tty.expect("reconnected")
+    await tty.expect("Ava \\(caring\\): ")
+    await tty.expect("\\[caring\\]")
+    history = await history_of(await connect(user, target=again))
+    assert history[-2:][0] == ("user", "caring", "sent while away")
+    assert history[-1][:2] == ("assistant", "caring")
+
+
+async def test_persona_changed_while_disconnected_is_shown_on_reconnect(
+    make_app: AppFactory, connect: ClientFactory, user: str, terminal: TerminalFactory
+) -> None:
+    app = await make_app()
+    await with_avatar(await connect(user, target=app), "friendly")
+    tty = await terminal(app, user)
+    await tty.expect("\\[friendly\\]")
+    port = app.port
+    await app.stop()
+    await tty.expect("reconnecting")
+    again = await make_app(port=port)
+    client = await connect(user, target=again)
+    await client.request({"type": "set_persona", "personality": "playful"})
+    await tty.expect("reconnected; the persona is now playful")
+    await tty.expect("\\[playful\\]")
