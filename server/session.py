@@ -201,25 +201,28 @@ class Session:
     # ------------------------------------------------------------------ carrying out
 
     def _feed(self, actions: list[Action]) -> None:
-        """Carry out `actions` in order (and those that carrying them out brings back)."""
+        """Carry out `actions` in order; those that carrying them out brings back come after
+        them. Then note whether the conversation takes frames and whether it is idle."""
         if actions:
-            self._actions.extend(actions)
-            if not self._carrying:
-                self._carrying = True
-                try:
-                    while self._actions:
-                        self._carry_out(self._actions.popleft())
-                finally:
-                    self._carrying = False
+            if self._carrying:
+                self._actions.extend(actions)
+                return
+            self._carrying = True
+            try:
+                for action in actions:
+                    self._carry_out(action)
+                pending = self._actions
+                while pending:
+                    self._carry_out(pending.popleft())
+            finally:
+                self._carrying = False
         conversation = self.conversation
-        if conversation.wants_frames or conversation.phase is Phase.CLOSED:
-            self._reading.set()
-        else:
-            self._reading.clear()
-        if conversation.idle:
-            self._idle.set()
-        else:
-            self._idle.clear()
+        reading = conversation.wants_frames or conversation.phase is Phase.CLOSED
+        if reading is not self._reading.is_set():
+            self._reading.set() if reading else self._reading.clear()
+        idle = conversation.idle
+        if idle is not self._idle.is_set():
+            self._idle.set() if idle else self._idle.clear()
 
     def _carry_out(self, action: Action) -> None:
         store, effects = self.services.store, self._effects
