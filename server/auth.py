@@ -165,7 +165,9 @@ class Verifier:
         except jwt.InvalidTokenError:
             raise refused("malformed token") from None
         algorithm = header.get("alg")
-        if not isinstance(algorithm, str) or algorithm.lower() == "none":
+        if not isinstance(algorithm, str):
+            raise refused("malformed token")
+        if algorithm.lower() == "none":
             raise refused("unsigned token (alg none)")
         if algorithm == "HS256" and self._secret is not None:
             return decode_subject(token, self._secret, "HS256", self._audience, self._issuer)

@@ -256,8 +256,8 @@ def switch_persona(
 
 
 @router.get("/personas", response_model=list[PersonaInfo])
-async def personas() -> list[PersonaInfo]:
-    """The persona catalogue (no token needed)."""
+async def personas(user: User) -> list[PersonaInfo]:
+    """The persona catalogue."""
     return PERSONAS
 
 

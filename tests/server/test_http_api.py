@@ -135,8 +135,8 @@ async def test_patch_persona_without_avatar_is_404(http: httpx.AsyncClient, user
     )
 
 
-async def test_personas_is_the_catalogue(http: httpx.AsyncClient) -> None:
-    response = await http.get("/personas")
+async def test_personas_is_the_catalogue(http: httpx.AsyncClient, user: str) -> None:
+    response = await http.get("/personas", headers=auth(user))
     assert response.status_code == 200
     assert tuple(p["id"] for p in response.json()) == PERSONA_IDS
     assert all(p["name"] and p["description"] for p in response.json())
@@ -180,6 +180,7 @@ async def test_messages_with_a_bad_query_is_422(
         ("POST", "/avatars"),
         ("PATCH", "/avatars/me/persona"),
         ("GET", "/avatars/me/messages"),
+        ("GET", "/personas"),
     ],
 )
 async def test_no_token_is_401_with_www_authenticate(

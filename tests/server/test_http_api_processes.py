@@ -152,7 +152,7 @@ async def test_patch_under_two_workers_reaches_the_sockets_of_both(
                 timeout=10,
                 limits=httpx.Limits(max_connections=1),
             )
-            response = await http.get("/personas")
+            response = await http.get("/personas", headers=auth(user))
             local = response.extensions["network_stream"].get_extra_info("client_addr")
             pid = _worker_of(local[1], workers)
             if pid in clients:
