@@ -12,9 +12,14 @@ import pytest
 from server.app import App
 from server.embedded import EmbeddedPostgres
 from server.settings import Settings
+from tests.chromium import install_for_page_test
 from tests.client import Client, login
 
 SECRET = "test-secret-for-the-suite-only-" + "0123456789abcdef" * 3
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    install_for_page_test(config, items)  # Debian's Chromium, when the page test will need it
 
 
 @pytest.fixture(scope="session")

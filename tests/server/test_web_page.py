@@ -12,9 +12,9 @@ from playwright.async_api import Browser, Locator, Page, ViewportSize, async_pla
 
 from server.app import App
 from server.auth import mint_token
+from tests.chromium import CHROMIUM, MANUAL, PROBLEM, ensure_chromium
 from tests.conftest import SECRET, AppFactory
 
-CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -31,13 +31,12 @@ PHONE = ViewportSize(width=375, height=740)
 
 
 @pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    """Debian's Chromium; the test fails (it does not skip) when it is not installed."""
+async def browser(pytestconfig: pytest.Config) -> AsyncIterator[Browser]:
+    """Debian's Chromium (installed at collection when missing, see tests/chromium.py); the
+    test fails (it does not skip) when it is not there."""
     if not CHROMIUM.exists():
-        pytest.fail(
-            f"Chromium is missing: {CHROMIUM} does not exist. Install Debian's package "
-            "(apt-get install chromium); these tests never download a browser."
-        )
+        problem = pytestconfig.stash.get(PROBLEM, None) or f"{CHROMIUM} is missing: {MANUAL}"
+        pytest.fail(f"Chromium is missing: {problem}; these tests never download a browser.")
     async with async_playwright() as playwright:
         launched = await playwright.chromium.launch(
             executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
@@ -316,3 +315,59 @@ async def test_unavailable_shows_the_servers_own_message(
     await expect(page.locator(".note.error")).to_have_text(
         f"Cannot connect to the LLM endpoint {refused_url}: connection refused."
     )
+
+
+# ---------------------------------------------------------------------------- a fresh machine
+
+
+def fake_apt_get(directory: Path, target: Path, fail: bool = False) -> dict[str, str]:
+    """A PATH whose apt-get logs its arguments and, for `install`, creates `target` (the real
+    one would download from Debian's mirrors); an environment that uses it."""
+    directory.mkdir()
+    script = directory / "apt-get"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> {directory}/calls\n'
+        + ("echo 'E: Unable to locate package chromium' >&2; exit 100\n" if fail else "")
+        + f'[ "$1" = install ] && touch {target}\n'
+        "exit 0\n"
+    )
+    script.chmod(0o755)
+    return {"PATH": f"{directory}:/usr/bin:/bin"}
+
+
+def test_missing_chromium_is_installed_with_apt_get_when_root(tmp_path: Path) -> None:
+    target = tmp_path / "chromium"
+    env = fake_apt_get(tmp_path / "bin", target)
+    said: list[str] = []
+    assert ensure_chromium(said.append, target, is_root=True, env=env) is None
+    assert target.exists()
+    calls = (tmp_path / "bin" / "calls").read_text().splitlines()
+    assert calls == ["update -qq", "install -y -qq chromium"]
+    assert said == [
+        f"{target} is missing: installing Debian's chromium for the web page test",
+        "+ apt-get update -qq",
+        "+ apt-get install -y -qq chromium",
+        f"installed {target}",
+    ]
+
+
+def test_missing_chromium_that_cannot_be_installed_says_why(tmp_path: Path) -> None:
+    target = tmp_path / "chromium"
+    env = fake_apt_get(tmp_path / "bin", target, fail=True)
+    problem = ensure_chromium(lambda line: None, target, is_root=True, env=env)
+    assert problem is not None
+    assert problem.startswith("apt-get update -qq failed with 100 (E: Unable to locate package")
+    not_root = ensure_chromium(lambda line: None, target, is_root=False, env=env)
+    assert (
+        not_root == f"{target} is missing and this is not root, so it was not installed: {MANUAL}"
+    )
+    assert not target.exists()
+
+
+def test_chromium_already_there_runs_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "chromium"
+    target.touch()
+    env = fake_apt_get(tmp_path / "bin", target)
+    assert ensure_chromium(lambda line: None, target, is_root=True, env=env) is None
+    assert not (tmp_path / "bin" / "calls").exists()
