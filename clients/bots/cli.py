@@ -16,6 +16,8 @@ from rich.live import Live
 from clients.bots.load import MAX_CHATS_PER_S_PER_BOT, LoadConfig, TokenSource, run_load
 from clients.bots.plan import BotPlan, Mode
 from clients.bots.report import LiveView, Stats, render_report, write_json
+from clients.connection import connect_failure
+from clients.link import CONNECT_ERRORS, Link
 from clients.loop import run_async
 
 MAX_CLIENTS = 50_000
@@ -45,8 +47,6 @@ def config_from(args: argparse.Namespace, token_for: TokenSource | None) -> Load
         raise UsageError("--duration must be positive; --ramp and --think not negative")
     if args.switch_every < 0 or (args.users is not None and args.users < 1):
         raise UsageError("--switch-every must be >= 0 and --users >= 1")
-    if token_for is None:
-        raise UsageError("no JWT secret: pass --secret, or --data-dir where jwt_secret lives")
     return LoadConfig(
         plan=plan_from(args.url, args.duration, args.switch_every, args.think),
         clients=args.clients,
@@ -80,6 +80,17 @@ async def live_progress(stats: Stats, clients: int, quiet: bool) -> AsyncIterato
                 await ticker
 
 
+async def unreachable(url: str) -> str | None:
+    """Why nothing can connect to `url` (None when one connection opens): a run with no server
+    is a mistake to say in one line, not a report of zeros."""
+    try:
+        link = await Link.open(url)
+    except CONNECT_ERRORS as exc:
+        return f"cannot connect to {url}: {connect_failure(url, exc)}"
+    await link.close()
+    return None
+
+
 async def run_with_progress(config: LoadConfig, quiet: bool) -> dict[str, Any]:
     stats = Stats()
     async with live_progress(stats, config.clients, quiet):
@@ -87,13 +98,19 @@ async def run_with_progress(config: LoadConfig, quiet: bool) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace, token_for: TokenSource | None) -> int:
-    """Run the bots, print the report; exit 1 on a stale render or unexpected error, 2 on misuse.
+    """Run the bots, print the report; exit 1 on a stale render or unexpected error, 2 on misuse
+    or when no connection can be opened.
 
-    `token_for` signs a token for each bot's user; the command line (run.py) makes it from the
-    server's secret, or passes None when it has none.
+        `token_for` signs a token for each bot's user; the command line (run.py) makes it from the
+        server's secret, or passes None when it has none.
     """
     try:
         config = config_from(args, token_for)
+        why = run_async(unreachable(config.plan.url))
+        if why is not None:
+            raise UsageError(why)
+        if token_for is None:
+            raise UsageError("no JWT secret: pass --secret, or --data-dir where jwt_secret lives")
     except UsageError as exc:
         print(f"bots: {exc}", file=sys.stderr)
         return 2
