@@ -4,24 +4,38 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import functools
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 
 from protocol.schema import json_schema
 from server.app import App, run_async, serve_until_signalled
-from server.auth import accepts_hs256, load_or_create_secret, mint_token
+from server.auth import MAX_SUBJECT_CHARS, accepts_hs256, load_or_create_secret, mint_token
 from server.embedded import Database, Keeper
 from server.logs import OneLineError
-from server.settings import Settings
-from server.store import migrate_database
-from server.supervisor import Supervisor, metrics_dir, remove_metrics_dir, reserve_port
+from server.settings import ConfigError, Settings, load_settings
+from server.startup import (
+    check_data_dir,
+    check_database_url,
+    check_listen,
+    listen_error,
+    migrate_when_up,
+    page_url,
+)
+from server.supervisor import (
+    Supervisor,
+    WorkerFailed,
+    metrics_dir,
+    remove_metrics_dir,
+    reserve_port,
+)
 
 log = logging.getLogger("run")
 
@@ -29,38 +43,53 @@ DEFAULT_URL = "ws://127.0.0.1:8765/ws"
 CHAT_TOKEN_TTL_S = 24 * 3600  # the token `chat --user` signs
 
 
+class Parser(argparse.ArgumentParser):
+    """Says a usage mistake in one line (and exits 2), as a configuration mistake is said."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message}: see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="run.py", description="Persona chat server: JSON over WebSocket, backed by PostgreSQL."
+    parser = Parser(
+        prog="run.py",
+        description="Persona chat server: JSON over WebSocket, backed by PostgreSQL.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the server (the default)")
     _add_server_options(serve)
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    serve.add_argument(
+        "--workers", type=int, default=1, help="worker processes on one port (default 1)"
+    )
     serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
 
     token = commands.add_parser("token", help="print a token for USER")
-    token.add_argument("user")
+    token.add_argument("user", help="the user id the token is for (its `sub`)")
     token.add_argument("--ttl", type=float, default=None, help="seconds until it expires")
-    token.add_argument("--data-dir", default=None)
+    token.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
 
     migrate = commands.add_parser("migrate", help="apply the database migrations and exit")
-    migrate.add_argument("--data-dir", default=None)
-    migrate.add_argument("--log-level", default=None)
+    migrate.add_argument(
+        "--data-dir", default=None, help="where the embedded PostgreSQL lives (default .data)"
+    )
+    migrate.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
 
     commands.add_parser("schema", help="print the JSON Schema of every frame")
     commands.add_parser("openapi", help="print the OpenAPI document of the HTTP API")
 
     chat = commands.add_parser("chat", help="chat with your avatar in the terminal")
-    chat.add_argument("--url", default=DEFAULT_URL)
+    chat.add_argument("--url", default=DEFAULT_URL, help=f"the server (default {DEFAULT_URL})")
     who = chat.add_mutually_exclusive_group()
     who.add_argument("--user", help="sign in as USER with a token minted from the local secret")
     who.add_argument("--token", help="sign in with this token")
-    chat.add_argument("--data-dir", default=None, help="where the local secret lives")
+    chat.add_argument(
+        "--data-dir", default=None, help="where the local secret and the prompt history live"
+    )
 
     bots = commands.add_parser("bots", help="load-test bots that check persona correctness")
-    bots.add_argument("--url", default=DEFAULT_URL)
+    bots.add_argument("--url", default=DEFAULT_URL, help=f"the server (default {DEFAULT_URL})")
     bots.add_argument("--clients", type=int, default=10, help="connections (default 10)")
     bots.add_argument("--duration", type=float, default=10.0, help="seconds of chatting")
     bots.add_argument("--ramp", type=float, default=1.0, help="seconds to open every connection")
@@ -71,33 +100,53 @@ def build_parser() -> argparse.ArgumentParser:
     bots.add_argument("--data-dir", default=None, help="or: the data directory that holds it")
     bots.add_argument("--json", default=None, help="also write the report as JSON to this path")
     bots.add_argument("--quiet", action="store_true", help="no live progress")
+
+    parser.epilog = "With no COMMAND, run.py serves: " + serve.format_help().replace(
+        "usage: ", "", 1
+    )
     return parser
 
 
+DATA_DIR_HELP = "the data directory whose secret signs it (default .data): the server's"
+
+
 def _add_server_options(parser: argparse.ArgumentParser) -> None:
+    # No `type=` on settings: the settings object checks them, and says what is wrong in a line.
     parser.add_argument("--host", default=None, help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=None, help="port (default 8765)")
+    parser.add_argument("--port", default=None, help="port (default 8765; 0: any free one)")
     parser.add_argument("--api-port", default=None, help="the HTTP API's port (8766; 0: off)")
     parser.add_argument("--data-dir", default=None, help="data directory (default .data)")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
     parser.add_argument(
         "--template-delay-ms",
-        type=float,
         default=None,
         help="pause between the template generator's pieces, to see streaming without a model",
     )
-    parser.add_argument("--allowed-origins", nargs="*", default=None, help="extra browser origins")
+    parser.add_argument(
+        "--allowed-origins",
+        nargs="*",
+        default=None,
+        help="browser origins allowed besides the server's own",
+    )
     llm = parser.add_argument_group("reply generator")
-    llm.add_argument("--generator", choices=["template", "openai"], default=None)
+    llm.add_argument(
+        "--generator",
+        default=None,
+        help="template (built in, the default) or openai (an OpenAI-compatible endpoint)",
+    )
     llm.add_argument("--llm-base-url", default=None, help="e.g. http://127.0.0.1:11434/v1")
-    llm.add_argument("--llm-model", default=None)
-    llm.add_argument("--llm-max-tokens", type=int, default=None)
-    llm.add_argument("--llm-temperature", type=float, default=None)
-    llm.add_argument("--llm-connect-timeout-s", type=float, default=None)
-    llm.add_argument("--llm-first-token-timeout-s", type=float, default=None)
-    llm.add_argument("--llm-idle-timeout-s", type=float, default=None)
-    llm.add_argument("--history-turns", type=int, default=None, help="turns the model sees")
-    llm.add_argument("--history-chars", type=int, default=None, help="characters it sees")
+    llm.add_argument("--llm-model", default=None, help="the model to ask (default llama3.2)")
+    llm.add_argument("--llm-max-tokens", default=None, help="most tokens a reply has (512)")
+    llm.add_argument("--llm-temperature", default=None, help="sampling, 0 to 2 (default 0.8)")
+    llm.add_argument("--llm-connect-timeout-s", default=None, help="seconds to connect (default 5)")
+    llm.add_argument(
+        "--llm-first-token-timeout-s", default=None, help="seconds to the first token (60)"
+    )
+    llm.add_argument(
+        "--llm-idle-timeout-s", default=None, help="seconds between two tokens (default 30)"
+    )
+    llm.add_argument("--history-turns", default=None, help="turns the model sees (default 6)")
+    llm.add_argument("--history-chars", default=None, help="characters it sees (default 8000)")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -113,8 +162,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    """Environment settings, overridden by the flags that were given."""
-    return Settings(**_overrides(args))
+    """Environment settings, overridden by the flags that were given; ConfigError if one is not
+    valid."""
+    return load_settings(_overrides(args))
 
 
 def configure_logging(level: str) -> None:
@@ -132,24 +182,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level)
     if args.worker:
         return _serve_worker(settings)
+    if args.workers < 1:
+        raise ConfigError(f"--workers {args.workers} is not valid: set --workers to 1 or more")
+    if settings.database_url is not None:
+        check_database_url(settings.database_url)
+    if settings.database_url is None or settings.jwt_secret is None:
+        check_data_dir(settings.data_dir)  # the embedded database or the secret lives there
+    check_listen(settings.host, settings.port)
+    if settings.api_port:
+        check_listen(settings.host, settings.api_port, "--api-port")
     secret = load_or_create_secret(settings)
     database = Database(settings.database_url, settings.pgdata_path())
     with database as dsn:
         if args.workers > 1:
             return _serve_workers(args, settings, dsn, secret, database.keeper())
         app = App(settings, dsn, secret)
-        run_async(
-            serve_until_signalled(
-                app, lambda app: _banner(app.url, app.port, settings), database.keeper()
+        try:
+            run_async(
+                serve_until_signalled(
+                    app, lambda app: _banner(app.port, settings), database.keeper()
+                )
             )
-        )
+        except OSError as exc:  # taken between the check and the start
+            if exc.errno not in BIND_ERRORS:
+                raise
+            raise ConfigError(listen_error(exc, settings.host, settings.port)) from None
     return 0
+
+
+BIND_ERRORS = (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL)
 
 
 def _serve_worker(settings: Settings) -> int:
     """One worker of `serve --workers N`: its settings come from the supervisor's environment."""
     if not settings.database_url or settings.jwt_secret is None:
-        raise SystemExit("--worker is started by `serve --workers N`, not by hand")
+        raise ConfigError("--worker is started by `serve --workers N`, not by hand")
 
     def ready(app: App) -> None:
         print("ready", flush=True)
@@ -164,8 +231,11 @@ def _serve_workers(
 ) -> int:
     """Migrate once, hold the port, and run `args.workers` workers under a supervisor (which
     also keeps the embedded database running, if there is one)."""
-    asyncio.run(migrate_database(dsn, settings.db_timeout_s))
-    holder = reserve_port(settings.host, settings.port)
+    asyncio.run(migrate_when_up(dsn, settings))
+    try:
+        holder = reserve_port(settings.host, settings.port)
+    except OSError as exc:
+        raise ConfigError(listen_error(exc, settings.host, settings.port)) from None
     port = holder.getsockname()[1]
     metrics_path = metrics_dir()
     env = {
@@ -187,9 +257,11 @@ def _serve_workers(
         metrics_path,
         keeper,
     )
-    url = f"ws://{settings.host}:{port}/ws"
     try:
-        return supervisor.run(lambda: _banner(url, port, settings, args.workers))
+        return supervisor.run(lambda: _banner(port, settings, args.workers))
+    except WorkerFailed as exc:  # the worker said why on stderr, above
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     finally:
         holder.close()
         remove_metrics_dir(metrics_path)
@@ -199,37 +271,71 @@ def _env_value(value: object) -> str:
     return orjson.dumps(value).decode() if isinstance(value, list) else str(value)
 
 
-def _banner(url: str, port: int, settings: Settings, workers: int = 1) -> None:
+def _banner(port: int, settings: Settings, workers: int = 1) -> None:
     where = (
         "PostgreSQL at DATABASE_URL"
         if settings.database_url
         else f"embedded PostgreSQL in {settings.pgdata_path().resolve()}"
     )
+    data_dir = f" --data-dir {settings.data_dir}" if settings.data_dir != Path(".data") else ""
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
     print(
-        f"Persona chat server listening on {url}"
+        f"Persona chat server listening on ws://{host}:{port}/ws"
         + (f" ({workers} workers)" if workers > 1 else "")
         + "\n"
-        "  get a token:  python run.py token alice"
-        + (f" --data-dir {settings.data_dir}" if settings.data_dir != Settings().data_dir else "")
-        + f"\n  data:         {settings.data_dir.resolve()} ({where})\n"
-        f"  health:       http://{settings.host}:{port}/healthz\n"
+        f"  web page:     {page_url(settings.host, port)}\n"
+        f"  get a token:  python run.py token alice{data_dir}\n"
+        f"  data:         {settings.data_dir.resolve()} ({where})\n"
+        f"  health:       http://{host}:{port}/healthz\n"
         "  stop:         Ctrl-C",
         flush=True,
     )
 
 
+def secret_for_tokens(settings: Settings, command: str) -> str:
+    """The secret tokens are signed with: CHAT_JWT_SECRET, else the data directory's. When
+    there is neither, one is created there, and that is said: only a server that uses this
+    data directory will accept what it signs."""
+    if settings.jwt_secret is not None:
+        return settings.jwt_secret.get_secret_value()
+    path = settings.secret_path()
+    created = not path.exists()
+    if created:
+        check_data_dir(settings.data_dir)
+    try:
+        secret = load_or_create_secret(settings)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the secret {path} ({(exc.strerror or str(exc)).lower()}): fix it, or "
+            "set CHAT_JWT_SECRET"
+        ) from None
+    if created:
+        print(
+            f"{command}: there was no secret yet, so a new one is in {path.resolve()}: only a "
+            f"server started with --data-dir {settings.data_dir} (or that CHAT_DATA_DIR) will "
+            "accept this token",
+            file=sys.stderr,
+        )
+    return secret
+
+
 def cmd_token(args: argparse.Namespace) -> int:
     settings = settings_from(args)
-    print(mint_token(load_or_create_secret(settings), args.user, args.ttl))
+    if not 1 <= len(args.user) <= MAX_SUBJECT_CHARS:
+        raise ConfigError(f"USER must have 1 to {MAX_SUBJECT_CHARS} characters")
+    print(mint_token(secret_for_tokens(settings, "token"), args.user, args.ttl))
     return 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     configure_logging(settings.log_level)
-
+    if settings.database_url is None:
+        check_data_dir(settings.data_dir)
+    else:
+        check_database_url(settings.database_url)
     with Database(settings.database_url, settings.pgdata_path()) as dsn:
-        applied = asyncio.run(migrate_database(dsn, settings.db_timeout_s))
+        applied = asyncio.run(migrate_when_up(dsn, settings))
     print("applied: " + ", ".join(applied) if applied else "the schema is up to date")
     return 0
 
@@ -252,9 +358,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from clients.terminal import main as chat_main
 
     settings = settings_from(args)
+    check_data_dir(settings.data_dir)  # the prompt history lives there
 
     def token_for(user: str) -> str:  # for --user: signed with the local server's secret
-        return mint_token(load_or_create_secret(settings), user, CHAT_TOKEN_TTL_S)
+        return mint_token(secret_for_tokens(settings, "chat"), user, CHAT_TOKEN_TTL_S)
 
     return chat_main(args, token_for, settings.data_dir)
 
@@ -286,12 +393,17 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; a configuration mistake ends in one line on stderr and exit status 2."""
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv.insert(0, "serve")
     args = parser.parse_args(argv)
-    return COMMANDS[args.command](args)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

