@@ -28,6 +28,7 @@ from server.startup import (
     listen_error,
     migrate_when_up,
     page_url,
+    wait_for_database,
 )
 from server.supervisor import (
     Supervisor,
@@ -198,11 +199,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             return _serve_workers(args, settings, dsn, secret, database.keeper())
         app = App(settings, dsn, secret)
         try:
-            run_async(
-                serve_until_signalled(
-                    app, lambda app: _banner(app.port, settings), database.keeper()
-                )
-            )
+            run_async(_serve(app, dsn, settings, database.keeper()))
         except OSError as exc:  # taken between the check and the start
             if exc.errno not in BIND_ERRORS:
                 raise
@@ -211,6 +208,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 BIND_ERRORS = (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL)
+
+
+async def _serve(app: App, dsn: str, settings: Settings, keeper: Keeper | None) -> None:
+    # Wait for the database before SIGINT and SIGTERM are taken over for the drain: Ctrl-C
+    # then ends a wait for a database that does not come.
+    await wait_for_database(dsn, settings)
+    await serve_until_signalled(app, lambda app: _banner(app.port, settings), keeper)
 
 
 def _serve_worker(settings: Settings) -> int:
@@ -404,6 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before serving, e.g. while waiting for the database
+        return 130
 
 
 if __name__ == "__main__":

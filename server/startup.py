@@ -196,32 +196,42 @@ async def connect_store(
 ) -> Store:
     """The store's pool, once the database answers: an external one (`DATABASE_URL`) is waited
     for `db_wait_s`; the embedded one, started by this process, is not."""
-    return await when_database_is_up(
-        lambda: Store.connect(
-            dsn,
-            min_size=settings.db_pool_min,
-            max_size=max(settings.db_pool_min, settings.db_pool_max),
-            timeout_s=settings.db_timeout_s,
-            on_batch=on_batch,
-        ),
-        dsn,
-        settings.db_wait_s if settings.database_url else 0.0,
-        embedded=not settings.database_url,
-    )
+    size = settings.db_pool_min, max(settings.db_pool_min, settings.db_pool_max)
+    return await _store_when_up(dsn, settings, size, on_batch)
+
+
+async def wait_for_database(dsn: str, settings: Settings) -> None:
+    """Return once the database answers (as `connect_store` waits for it)."""
+    await (await _store_when_up(dsn, settings)).close()
 
 
 async def migrate_when_up(dsn: str, settings: Settings) -> list[str]:
     """Apply pending migrations (a short-lived pool), once the database answers."""
-    store = await when_database_is_up(
-        lambda: Store.connect(dsn, min_size=1, max_size=1, timeout_s=settings.db_timeout_s),
-        dsn,
-        settings.db_wait_s if settings.database_url else 0.0,
-        embedded=not settings.database_url,
-    )
+    store = await _store_when_up(dsn, settings)
     try:
         return await store.migrate()
     finally:
         await store.close()
+
+
+async def _store_when_up(
+    dsn: str,
+    settings: Settings,
+    size: tuple[int, int] = (1, 1),
+    on_batch: Callable[[int], object] | None = None,
+) -> Store:
+    def connect() -> Awaitable[Store]:
+        return Store.connect(
+            dsn,
+            min_size=size[0],
+            max_size=size[1],
+            timeout_s=settings.db_timeout_s,
+            on_batch=on_batch,
+        )
+
+    external = settings.database_url is not None
+    wait_s = settings.db_wait_s if external else 0.0
+    return await when_database_is_up(connect, dsn, wait_s, embedded=not external)
 
 
 def _reason(exc: OSError) -> str:

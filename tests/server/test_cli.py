@@ -462,3 +462,32 @@ async def test_top_level_help_shows_the_serve_flags() -> None:
     assert code == 0
     for flag in ("--host", "--port", "--data-dir", "--workers", "--generator", "--llm-model"):
         assert flag in out
+
+
+async def test_ctrl_c_ends_the_wait_for_a_database_at_once(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = clean_env(
+        DATABASE_URL=f"postgresql://127.0.0.1:{port}/x",
+        CHAT_DB_WAIT_S="60",
+        CHAT_JWT_SECRET=SECRET,
+    )
+    # SIGINT as a terminal sends it, even when this test runs where it is ignored (a job in
+    # the background): the disposition is reset before run.py starts
+    start = (
+        "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL);"
+        " os.execv(sys.executable, [sys.executable, 'run.py', 'serve', '--port', '0',"
+        f" '--data-dir', {str(tmp_path)!r}])"
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", start, stderr=asyncio.subprocess.PIPE, env=env, cwd=ROOT
+    )
+    assert process.stderr is not None
+    async with asyncio.timeout(30):
+        line = (await process.stderr.readline()).decode()
+        assert "waiting for PostgreSQL" in line, line
+        process.send_signal(signal.SIGINT)
+        rest = (await process.stderr.read()).decode()
+        assert await process.wait() == 130
+    assert "Traceback" not in rest
