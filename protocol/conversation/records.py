@@ -3,7 +3,7 @@ as plain frozen dataclasses (no SQL, no I/O)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
@@ -36,10 +36,13 @@ class Avatar:
 
 @dataclass(frozen=True, slots=True)
 class PastMessage:
-    """One earlier message of the conversation, as a generator sees it."""
+    """One earlier message of the conversation, as a generator sees it: `persona` is the one
+    the chat was rendered with ("" when unknown); not compared, so that two readings of the
+    same message are equal whether or not they carry it."""
 
     role: Role
     text: str
+    persona: str = field(default="", compare=False)
 
 
 @dataclass(slots=True)

@@ -234,8 +234,8 @@ class ChatRules(Outputs):
     def _answer(self, chat: PendingChat, stored: StoredTurn, now: float) -> None:
         text, status = chat.text_out, chat.status
         if status == "completed":
-            self._recent.append(PastMessage("user", chat.text))
-            self._recent.append(PastMessage("assistant", text))
+            self._recent.append(PastMessage("user", chat.text, chat.persona))
+            self._recent.append(PastMessage("assistant", text, chat.persona))
         self._meter.reply(status, now - chat.received_at)
         if chat.usage is None:  # the usual reply, encoded without building the model
             self._send(

@@ -269,7 +269,8 @@ class Store:
             return []
         async with self._connection() as conn:
             rows = await conn.fetch(
-                "SELECT role, text FROM messages WHERE user_id = $1 AND status = 'completed'"
+                "SELECT role, persona, text FROM messages"
+                " WHERE user_id = $1 AND status = 'completed'"
                 " ORDER BY id DESC LIMIT $2",
                 user_id,
                 max_messages,
@@ -280,7 +281,7 @@ class Store:
             used += len(row["text"])
             if used > max_chars:
                 break
-            picked.append(PastMessage(role=row["role"], text=row["text"]))
+            picked.append(PastMessage(row["role"], row["text"], row["persona"]))
         picked.reverse()
         return picked
 
