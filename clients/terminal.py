@@ -18,6 +18,7 @@ from prompt_toolkit.history import FileHistory
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
 from prompt_toolkit.patch_stdout import patch_stdout
 from prompt_toolkit.styles import Style
+from websockets.protocol import State
 
 from clients.connection import (
     EXIT_AUTH_REFUSED,
@@ -264,8 +265,9 @@ class Terminal:
         if self.final is not None:
             raise self.final
         online = self.connection.online
-        if online.is_set():
+        if online.is_set() and self.conversation.link.link.ws.state is State.OPEN:
             return True
+        online.clear()  # closed, and not yet seen to be: the watcher will open it again
         write("not connected: it will be sent once the connection is back (Ctrl-C: do not send)")
         waiting = asyncio.ensure_future(online.wait())
         gave_up = False
