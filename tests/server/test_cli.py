@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
 import os
 import signal
@@ -20,6 +21,7 @@ import pytest
 
 from run import build_parser
 from server.auth import mint_token
+from server.startup import listen_error
 from tests.client import Client
 from tests.conftest import SECRET
 from tests.processes import BANNER, ROOT, Served, clean_env, run_py, serve
@@ -491,3 +493,30 @@ async def test_ctrl_c_ends_the_wait_for_a_database_at_once(tmp_path: Path) -> No
         rest = (await process.stderr.read()).decode()
         assert await process.wait() == 130
     assert "Traceback" not in rest
+
+
+async def test_port_below_1024_without_root_says_so(tmp_path: Path) -> None:
+    line = (
+        "cannot listen on port 1: permission denied (ports below 1024 need root): choose"
+        " another with --port or CHAT_PORT"
+    )
+    if os.geteuid() == 0:  # root may listen there: the words, for the error the others get
+        assert listen_error(OSError(errno.EACCES, "Permission denied"), "127.0.0.1", 1) == line
+        return
+    code, out, err = await run_py("serve", "--port", "1", "--data-dir", str(tmp_path))
+    assert (code, out, one_line(err)) == (2, "", "error: " + line)
+
+
+async def test_database_that_does_not_exist_is_one_line_at_once(
+    database_url: str, tmp_path: Path
+) -> None:
+    url = urlunsplit(urlsplit(database_url)._replace(path="/no_such_database"))
+    env = clean_env(DATABASE_URL=url, CHAT_DB_WAIT_S="60", CHAT_JWT_SECRET=SECRET)
+    code, out, err = await run_py("serve", "--port", "0", "--data-dir", str(tmp_path), env=env)
+    assert (code, out) == (2, "")
+    line = one_line(err)  # not waited for: waiting cannot make it exist
+    assert line.startswith("error: PostgreSQL at ")
+    assert line.endswith(
+        '/no_such_database: database "no_such_database" does not exist: create it, or name'
+        " another database in DATABASE_URL"
+    )
