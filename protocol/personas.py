@@ -31,6 +31,7 @@ class PersonaCard:
     follow_ups: tuple[str, ...]
     callback: str  # how the persona recalls an earlier message: "{earlier}"
     sign_off: str
+    switched: str  # opens the first reply after a switch to this persona: "Switching gears: ..."
 
 
 CATALOGUE: tuple[PersonaCard, ...] = (
@@ -74,6 +75,7 @@ CATALOGUE: tuple[PersonaCard, ...] = (
         ),
         callback='And hey, I still remember you said "{earlier}".',
         sign_off="I'm right here with you.",
+        switched="Switching gears: your friendly companion is here now, and it's good to see you!",
     ),
     PersonaCard(
         id="playful",
@@ -115,6 +117,7 @@ CATALOGUE: tuple[PersonaCard, ...] = (
         ),
         callback='Also, I have NOT forgotten "{earlier}", hehe!',
         sign_off="Tag, you're it!",
+        switched="Switching gears: playful mode is on, so hold on to your hat!",
     ),
     PersonaCard(
         id="caring",
@@ -156,6 +159,7 @@ CATALOGUE: tuple[PersonaCard, ...] = (
         ),
         callback='I have been holding on to what you said before: "{earlier}".',
         sign_off="Be gentle with yourself today.",
+        switched="Switching gears: I'm here now as your caring companion, listening gently.",
     ),
     PersonaCard(
         id="witty",
@@ -197,6 +201,7 @@ CATALOGUE: tuple[PersonaCard, ...] = (
         ),
         callback='Not to be confused with "{earlier}", which I am still processing.',
         sign_off="I'll be here, being effortlessly clever.",
+        switched="Switching gears: the witty one has the floor now, and intends to keep it.",
     ),
     PersonaCard(
         id="professional",
@@ -238,6 +243,7 @@ CATALOGUE: tuple[PersonaCard, ...] = (
         ),
         callback='For context, your previous message was: "{earlier}".',
         sign_off="Kind regards.",
+        switched="Switching gears: I will continue as your professional assistant.",
     ),
     PersonaCard(
         id="romantic",
@@ -279,6 +285,7 @@ CATALOGUE: tuple[PersonaCard, ...] = (
         ),
         callback='Your words "{earlier}" still echo softly in my heart.',
         sign_off="Yours, always.",
+        switched="Switching gears: my heart takes over from here, my dear.",
     ),
 )
 

@@ -249,8 +249,10 @@ class OpenAIGenerator:
         Closing this iterator (or cancelling the task that iterates it) closes the upstream
         HTTP stream at once. Every upstream failure raises `GeneratorUnavailable`.
         """
-        messages = build_prompt(turn.card, turn.recent, turn.text)
         settings = self._settings
+        messages = build_prompt(
+            turn.card, turn.recent, turn.text, settings.history_other_persona_chars
+        )
         clock = _Clock(settings.llm_first_token_timeout_s, settings.llm_idle_timeout_s)
         response: httpx.Response | None = None
         chunks: AsyncIterator[bytes] | None = None

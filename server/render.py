@@ -10,13 +10,14 @@ from typing import NamedTuple
 from unicodedata import category
 
 from protocol.conversation.records import PastMessage
-from protocol.personas import PersonaCard
+from protocol.personas import PERSONAS, PersonaCard
 
 TOPIC_WORDS = 8  # at most this many words of the message are quoted back
 TOPIC_CHARS = 60  # ... and at most this many characters
 _TOKENS_LOOKED_AT = TOPIC_WORDS + 4  # per clause: room for a greeting and bare punctuation
 _CLAUSES_LOOKED_AT = 4
 _CHARS_LOOKED_AT = 400
+OTHER_PERSONA_CHARS = 400  # a reply in another persona's voice is cut to this in a prompt
 
 # Marks that may end a clause: a Latin one only when no letter or digit follows it ("3.5" and
 # "e.g" go on; "Hi. I" and "Hi!!" end), a CJK or Arabic one or a newline always.
@@ -207,12 +208,22 @@ def template_reply(card: PersonaCard, text: str, recent: Sequence[PastMessage]) 
         line = card.reflections[(seed // 7) % len(card.reflections)]
         reflection = _fill(line, "{topic}", topic.text)
     pieces = [card.openers[seed % len(card.openers)] + " ", reflection + " "]
+    if (voice := _last_voice(recent)) and voice != card.id:
+        pieces.insert(0, card.switched + " ")  # the first reply after a switch says so
     earlier = _last_user_text(recent)
     if earlier is not None and (recalled := topic_of(earlier).text):
         pieces.append(_fill(card.callback, "{earlier}", recalled) + " ")
     pieces.append(card.follow_ups[(seed // 49) % len(card.follow_ups)] + " ")
     pieces.append(card.sign_off)
     return pieces
+
+
+def _last_voice(recent: Sequence[PastMessage]) -> str:
+    """The persona of the latest reply that has one ("" when none has)."""
+    for message in reversed(recent):
+        if message.role == "assistant" and message.persona:
+            return message.persona
+    return ""
 
 
 def _last_user_text(recent: Sequence[PastMessage]) -> str | None:
@@ -237,15 +248,123 @@ def persona_system_prompt(card: PersonaCard) -> str:
     return "\n\n".join(sections)
 
 
-def build_prompt(card: PersonaCard, recent: Sequence[PastMessage], text: str) -> list[ChatMessage]:
+class _Switch(NamedTuple):
+    """A persona switch between two turns of the prompt's history, to be marked there."""
+
+    old: str
+    new: str
+    examples: bool  # the switch to the reply being generated: the new card's example lines too
+
+
+def build_prompt(
+    card: PersonaCard,
+    recent: Sequence[PastMessage],
+    text: str,
+    other_persona_chars: int = OTHER_PERSONA_CHARS,
+) -> list[ChatMessage]:
     """The OpenAI chat messages for one turn, rendered afresh from the card every time.
 
     The persona's system prompt, the recent history (oldest first; blank messages are left
     out), the user's text, then the persona's post-history instruction as a last system message.
+    Where the persona of the replies changed (between two replies in the history, or between
+    the latest one and the reply being generated), a system message marks the switch before
+    the turn that follows it (see `switch_note`); replies in another persona than `card`'s are
+    cut to `other_persona_chars` (0: left out), so that the old voice cannot set the tone.
     """
+    history: list[ChatMessage | _Switch] = []
+    voice = ""  # the persona of the latest reply so far
+    turn_start = 0  # where the turn after the latest reply begins
+    for message in recent:
+        if not message.text.strip():
+            continue
+        if message.role != "assistant":
+            history.append({"role": message.role, "content": message.text})
+            continue
+        persona = message.persona
+        if persona and voice and persona != voice:
+            history.insert(turn_start, _Switch(voice, persona, examples=False))
+        voice = persona or voice
+        content = message.text
+        if persona and persona != card.id:
+            content = shorten(content, other_persona_chars)
+        if content:
+            history.append({"role": "assistant", "content": content})
+        turn_start = len(history)
+    if voice and voice != card.id:
+        history.insert(turn_start, _Switch(voice, card.id, examples=True))
     messages = [{"role": "system", "content": persona_system_prompt(card)}]
-    messages.extend({"role": m.role, "content": m.text} for m in recent if m.text.strip())
+    pending: _Switch | None = None
+    for entry in history:
+        if isinstance(entry, _Switch):  # switches with no message between them: one marker
+            pending = entry if pending is None else entry._replace(old=pending.old)
+            continue
+        if pending is not None:
+            _mark(messages, pending, card)
+            pending = None
+        messages.append(entry)
+    if pending is not None:
+        _mark(messages, pending, card)
     messages.append({"role": "user", "content": text})
     if card.post_history_instruction:
         messages.append({"role": "system", "content": card.post_history_instruction})
     return messages
+
+
+def _mark(messages: list[ChatMessage], switch: _Switch, card: PersonaCard) -> None:
+    """Add the marker of `switch`, unless nothing of the old voice is left before it."""
+    if len(messages) > 1 and switch.old != switch.new:
+        new = card if switch.new == card.id else PERSONAS.get(switch.new, switch.new)
+        note = switch_note(switch.old, new, switch.examples)
+        messages.append({"role": "system", "content": note})
+
+
+def switch_note(old: str, new: PersonaCard | str, examples: bool = False) -> str:
+    """The system message that marks a switch from persona `old` to `new` at a turn: it names
+    both, tells the model to speak only as the new one, and sums the new one up in a line
+    (`examples`: with the new card's example lines)."""
+    old_card = PERSONAS.get(old)
+    was = old_card.name if old_card is not None else old
+    now = new.name if isinstance(new, PersonaCard) else new
+    note = (
+        f"Persona switch: from {was} to {now}. The replies before this point were written as"
+        f" {was}. From here on, speak only as {now}, and do not continue {was}'s tone."
+    )
+    if isinstance(new, PersonaCard):
+        note += f"\n{now}: {new.description}"
+        if examples and new.example_lines:
+            note += f"\nExample lines in {now}'s voice:\n" + "\n".join(
+                f"- {line}" for line in new.example_lines
+            )
+    return note
+
+
+def shorten(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters after a whole word, with "…" where it was cut."""
+    if len(text) <= limit:
+        return text
+    if limit <= 0:
+        return ""
+    head = text[: limit - 1]
+    if not text[limit - 1].isspace() and len(words := head.rsplit(None, 1)) == 2:
+        head = words[0]  # the last word was cut: leave it out
+    return head.rstrip() + "…"
+
+
+def notes_in_user_turns(messages: Sequence[ChatMessage]) -> list[ChatMessage]:
+    """`messages` for a chat template that takes a system message only first: every later one
+    (switch markers, the post-history instruction) is folded into the next user message as a
+    bracketed note, or into the last user message when none follows."""
+    folded: list[ChatMessage] = []
+    notes: list[str] = []
+    for index, message in enumerate(messages):
+        if message["role"] == "system" and index:
+            notes.append(f"[{message['content']}]")
+        elif notes and message["role"] == "user":
+            folded.append({"role": "user", "content": "\n\n".join([*notes, message["content"]])})
+            notes.clear()
+        else:
+            folded.append(dict(message))
+    if notes:
+        last = max(i for i, message in enumerate(folded) if message["role"] == "user")
+        folded[last]["content"] = "\n\n".join([folded[last]["content"], *notes])
+    return folded

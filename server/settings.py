@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     delta_flush_ms: float = Field(default=20.0, ge=0)
     delta_flush_chars: int = Field(default=64, ge=1)
 
+    # the prompt after a persona switch: replies in an older persona's voice are cut to this
+    # many characters (0: left out), so that they cannot set the tone of the new one
+    history_other_persona_chars: int = Field(default=400, ge=0)
+
     # the OpenAI-compatible endpoint, for --generator openai
     llm_base_url: str = "http://127.0.0.1:11434/v1"
     llm_api_key: SecretStr | None = None

@@ -17,7 +17,7 @@ from protocol.frames import Usage
 from protocol.personas import get_card
 from server.app import App
 from server.llm import SseDecoder, StreamError, display_url, parse_chunk
-from server.render import persona_system_prompt
+from server.render import persona_system_prompt, switch_note
 from tests.client import Client
 from tests.conftest import AppFactory, ClientFactory, with_avatar
 from tests.server.fake_llm import FakeLLM, Received, Script
@@ -566,3 +566,46 @@ async def test_a_stream_behind_a_switch_starts_after_its_acknowledgement(
         frames.append(await client.recv())
     assert (frames[0]["type"], frames[0]["ref"]) == ("persona_set", "s1")
     assert (frames[-1]["persona"], frames[-1]["status"]) == ("witty", "completed")
+
+
+async def test_prompt_after_a_switch_marks_it_and_cuts_the_old_voice(
+    make_app: AppFactory, connect: ClientFactory, fake: FakeLLM
+) -> None:
+    app = await make_app(llm_base_url=fake.url, history_other_persona_chars=10, **FAST)
+    client = await connect(target=app)
+    await with_avatar(client, "friendly")
+    await chat(client, "I adopted a cat")
+    await client.request({"type": "set_persona", "personality": "witty"})
+    await chat(client, "She is called Miso")
+    assert fake.requests[1].messages[1:-1] == [
+        {"role": "user", "content": "I adopted a cat"},
+        {"role": "assistant", "content": "Hello…"},  # "Hello there, friend!" cut to 10
+        {"role": "system", "content": switch_note("friendly", get_card("witty"), examples=True)},
+        {"role": "user", "content": "She is called Miso"},
+    ]
+
+
+async def test_switch_through_another_connection_is_marked_from_the_stored_history(
+    connect: ClientFactory, fake: FakeLLM, user: str
+) -> None:
+    mine = await connect(user)
+    await with_avatar(mine, "friendly")
+    await chat(mine, "I adopted a cat")
+    other = await connect(user)
+    await other.request({"type": "set_persona", "personality": "caring"})
+    await mine.recv_type("persona_changed")
+    await chat(mine, "She is called Miso")
+    await chat(mine, "She sleeps a lot")
+    marked, after = fake.requests[1].messages, fake.requests[2].messages
+    assert marked[3] == {
+        "role": "system",
+        "content": switch_note("friendly", get_card("caring"), examples=True),
+    }
+    assert after[1:-1] == [  # the switch stays marked where it happened, without examples
+        {"role": "user", "content": "I adopted a cat"},
+        {"role": "assistant", "content": WHOLE},  # short: nothing to cut
+        {"role": "system", "content": switch_note("friendly", get_card("caring"))},
+        {"role": "user", "content": "She is called Miso"},
+        {"role": "assistant", "content": WHOLE},
+        {"role": "user", "content": "She sleeps a lot"},
+    ]

@@ -28,7 +28,7 @@ import pytest
 
 from protocol.personas import get_card
 from server.app import App
-from server.render import persona_system_prompt
+from server.render import persona_system_prompt, switch_note
 from tests.client import Client
 from tests.conftest import AppFactory, ClientFactory, with_avatar
 
@@ -258,6 +258,29 @@ async def test_switch_changes_the_next_prompt(client: Client, llama: LlamaServer
     assert witty.post_history_instruction in prompt
     assert persona_system_prompt(friendly) not in prompt
     assert "favourite season" in prompt  # the history stays; only the persona changed
+
+
+async def test_two_switches_are_marked_in_the_rendered_prompt(
+    client: Client, llama: LlamaServer
+) -> None:
+    witty, caring = get_card("witty"), get_card("caring")
+    await chat(client, "Hi! What is your favourite season?")
+    await client.request({"type": "set_persona", "personality": "witty"})
+    await chat(client, "What do you think of Mondays?")
+    await client.request({"type": "set_persona", "personality": "caring"})
+    _, reply = await chat(client, "I feel a bit tired today.")
+    assert (reply["status"], reply["persona"]) == ("completed", "caring")
+    prompt = await rendered_prompt(llama)
+    to_witty = f"<|im_end|>\n<|im_start|>system\n{switch_note('friendly', witty)}<|im_end|>\n"
+    to_caring = switch_note("witty", caring, examples=True)
+    to_caring = f"<|im_end|>\n<|im_start|>system\n{to_caring}<|im_end|>\n"
+    # each marker closes a reply in the old voice and opens the turn of the new one
+    assert f"{to_witty}<|im_start|>user\nWhat do you think of Mondays?" in prompt
+    assert f"{to_caring}<|im_start|>user\nI feel a bit tired today." in prompt
+    assert prompt.count("Persona switch: ") == 2
+    replies = prompt.split("<|im_start|>assistant\n")
+    assert len(replies) == 4  # two replies in the history, then the one being generated
+    assert to_witty in replies[1] and to_caring in replies[2] and replies[3] == ""
 
 
 async def test_cancel_aborts_the_upstream_task(

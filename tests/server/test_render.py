@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from typing import Any
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from protocol.conversation.records import PastMessage
-from protocol.personas import CATALOGUE, PersonaCard, get_card
+from protocol.personas import CATALOGUE, PERSONA_IDS, PersonaCard, get_card
 from server.render import (
     NO_TOPIC,
     TOPIC_CHARS,
@@ -18,6 +19,8 @@ from server.render import (
     template_reply,
     topic_of,
 )
+from tests.client import Client
+from tests.conftest import ClientFactory, with_avatar
 
 FRIENDLY = get_card("friendly")
 WITTY = get_card("witty")
@@ -90,6 +93,31 @@ def test_reply_recalls_the_last_user_message() -> None:
 def test_earlier_message_without_words_is_not_recalled() -> None:
     recent = [PastMessage("user", "?!"), PastMessage("assistant", "hm")]
     assert reply_to(FRIENDLY, "hello", recent) == reply_to(FRIENDLY, "hello")
+
+
+def test_first_reply_after_a_switch_says_so_in_the_new_voice() -> None:
+    recent = [PastMessage("user", "hi", "friendly"), PastMessage("assistant", "Hey!", "friendly")]
+    reply = reply_to(WITTY, "I baked bread", recent)
+    assert reply == (
+        "Switching gears: the witty one has the floor now, and intends to keep it. Naturally."
+        ' "I baked bread". History will judge, but I already have. Not to be confused with "hi",'
+        " which I am still processing. Shall I pencil in the dramatic reveal? I'll be here, being"
+        " effortlessly clever."
+    )
+
+
+def test_later_replies_and_replies_without_a_switch_do_not_say_so() -> None:
+    after = [PastMessage("user", "hi", "friendly"), PastMessage("assistant", "Hey!", "witty")]
+    assert reply_to(WITTY, "hello", after) == reply_to(WITTY, "hello", after[:1])
+    unknown = [PastMessage("user", "hi"), PastMessage("assistant", "Hey!")]
+    assert not reply_to(WITTY, "hello", unknown).startswith("Switching gears")
+
+
+def test_every_persona_announces_a_switch_in_its_own_words() -> None:
+    lines = {card.switched for card in CATALOGUE}
+    assert len(lines) == len(CATALOGUE)
+    for line in lines:
+        assert line.startswith("Switching gears: ") and line[-1] in ".!?", line
 
 
 def test_topic_keeps_words_and_drops_the_punctuation_around_them() -> None:
@@ -195,17 +223,57 @@ def is_wordish(char: str) -> bool:
 
 
 @settings(max_examples=400, deadline=None)
-@given(text=messages, earlier=messages, card=st.sampled_from(CATALOGUE))
-@example(text="Tell me a long story about dragons and castles", earlier="", card=WITTY)
-@example(text="Hi Ava I baked sourdough bread today", earlier="", card=FRIENDLY)
-@example(text="wait..what, really?", earlier="so... ok", card=FRIENDLY)
-@example(text="ĸ is a letter. ŉ too", earlier="ǆ", card=WITTY)
-@example(text="😀", earlier="👍🏽👍🏽", card=get_card("romantic"))
-def test_any_text_gets_a_grammatical_reply(text: str, earlier: str, card: PersonaCard) -> None:
-    recent = [PastMessage("user", earlier), PastMessage("assistant", "ok")]
+@given(
+    text=messages,
+    earlier=messages,
+    card=st.sampled_from(CATALOGUE),
+    voice=st.sampled_from(("", *PERSONA_IDS)),
+)
+@example(text="Tell me a long story about dragons and castles", earlier="", card=WITTY, voice="")
+@example(text="Hi Ava I baked sourdough bread today", earlier="", card=FRIENDLY, voice="")
+@example(text="wait..what, really?", earlier="so... ok", card=FRIENDLY, voice="witty")
+@example(text="ĸ is a letter. ŉ too", earlier="ǆ", card=WITTY, voice="caring")
+@example(text="😀", earlier="👍🏽👍🏽", card=get_card("romantic"), voice="")
+def test_any_text_gets_a_grammatical_reply(
+    text: str, earlier: str, card: PersonaCard, voice: str
+) -> None:
+    recent = [PastMessage("user", earlier, voice), PastMessage("assistant", "ok", voice)]
     reply = reply_to(card, text, recent)
+    assert reply.startswith(card.switched) == (voice not in ("", card.id))
     topic, recalled = topic_of(text), topic_of(earlier)
     assert_whole_words(topic, text)
     assert_whole_words(recalled, earlier)
     assert_readable(reply, [topic, recalled])
     assert reply == reply_to(card, text, recent)
+
+
+# ---------------------------------------------------------------- through a session
+
+
+async def chat_reply(client: Client, text: str) -> dict[str, Any]:
+    reply = await client.request({"type": "chat", "text": text})
+    assert reply["type"] == "reply", reply
+    return reply
+
+
+async def test_session_marks_its_first_reply_after_a_switch(connect: ClientFactory) -> None:
+    client = await connect()
+    await with_avatar(client, "friendly")
+    assert not (await chat_reply(client, "hello"))["text"].startswith("Switching gears")
+    await client.request({"type": "set_persona", "personality": "witty"})
+    first = await chat_reply(client, "and now?")
+    assert (first["persona"], first["text"].split(". ")[0]) == ("witty", WITTY.switched[:-1])
+    assert not (await chat_reply(client, "and again?"))["text"].startswith("Switching gears")
+
+
+async def test_switch_from_another_connection_is_marked_too(
+    connect: ClientFactory, user: str
+) -> None:
+    mine = await connect(user)
+    await with_avatar(mine, "friendly")
+    await chat_reply(mine, "hello")
+    other = await connect(user)
+    await other.request({"type": "set_persona", "personality": "caring"})
+    await mine.recv_type("persona_changed")
+    reply = await chat_reply(mine, "still there?")
+    assert reply["persona"] == "caring" and reply["text"].startswith(get_card("caring").switched)
