@@ -47,6 +47,7 @@ class Batcher(Generic[C, T, R]):
         self._observe = observe
         self._pending: list[tuple[T, Done[R]]] = []
         self._runner: asyncio.Task[None] | None = None
+        self._handed_out: asyncio.Future[None] | None = None  # see next_hand_out()
         self.flushes = 0
         self.items = 0
 
@@ -61,6 +62,15 @@ class Batcher(Generic[C, T, R]):
         self._pending.append((item, done))
         if self._runner is None:
             self._runner = asyncio.create_task(self._run(), name=f"{self._name}-flusher")
+
+    def next_hand_out(self) -> asyncio.Future[None] | None:
+        """While items are queued or being written: a future done once the next batch's
+        results have been handed out; None when the batcher is idle."""
+        if self._runner is None:
+            return None
+        if self._handed_out is None:
+            self._handed_out = asyncio.get_running_loop().create_future()
+        return self._handed_out
 
     async def drain(self) -> None:
         """Wait until every submitted item has been flushed."""
@@ -106,6 +116,14 @@ class Batcher(Generic[C, T, R]):
 
     async def _flush_batch(self, resource: C, batch: list[tuple[T, Done[R]]]) -> bool:
         """Flush one batch and hand out its results (or its failure); False when it failed."""
+        try:
+            return await self._flush_and_hand_out(resource, batch)
+        finally:
+            handed_out, self._handed_out = self._handed_out, None
+            if handed_out is not None and not handed_out.done():
+                handed_out.set_result(None)
+
+    async def _flush_and_hand_out(self, resource: C, batch: list[tuple[T, Done[R]]]) -> bool:
         self.flushes += 1
         self.items += len(batch)
         try:
