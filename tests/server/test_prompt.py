@@ -384,3 +384,17 @@ def test_markers_folded_into_user_notes_pass_a_strict_template() -> None:
     rendered = render(STRICT_TEMPLATE, folded)
     assert rendered.count("[user] [Persona switch: from ") == 4
     assert messages == build_prompt(CARING, SWITCHED, "Good night", other_persona_chars=40)
+
+
+def test_persona_no_longer_in_the_catalogue_is_named_by_its_id() -> None:
+    recent = (
+        PastMessage("user", "hi", "pirate"),
+        PastMessage("assistant", "Arr!", "pirate"),
+        PastMessage("user", "and now?", "retired"),
+        PastMessage("assistant", "Gone.", "retired"),
+    )
+    marker = build_prompt(WITTY, recent, "hi")[3]["content"]
+    assert marker == (
+        "Persona switch: from pirate to retired. The replies before this point were written as"
+        " pirate. From here on, speak only as retired, and do not continue pirate's tone."
+    )
