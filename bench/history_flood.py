@@ -1,13 +1,13 @@
 """`python -m bench.history_flood`: can one user's history requests hurt another user's chats?
 
 One server (the embedded PostgreSQL, template replies, the default frame rate). A victim user
-chats on a few connections, a chat every 100 ms each, and its chat latency is measured twice, side by side in one run, each time
-for a few seconds: alone, and while an attacker user floods `history` (limit 100 over 16 KB
-messages) from 8 connections at the frame limit (20 frames/s each). The server's history budget per
-user (`CHAT_HISTORY_BYTES_PER_S`, issue 17) is what keeps the flood from costing everyone:
-the check is the victim's chat p99 with the flood at most 2x its p99 without, median of the
-repetitions. `--budget` sets the server's budget (bytes/s; a huge value shows the flood
-unchecked).
+chats on a few connections, a chat every 100 ms each, and its chat latency is measured twice,
+side by side in one run, each time for a few seconds: alone, and while an attacker user floods
+`history` (limit 100 over 16 KB messages) from 8 connections at the frame limit (20 frames/s
+each). The server's history budget per user (`CHAT_HISTORY_BYTES_PER_S`, issue 17) is what
+keeps the flood from costing everyone: the check is the victim's chat p99 with the flood at
+most 2x its p99 without, median of the repetitions. `--budget` sets the server's budget
+(bytes/s; a huge value shows the flood unchecked).
 """
 
 from __future__ import annotations
