@@ -180,7 +180,7 @@ class Usage(Frame):
     total_tokens: int | None = None
 
 
-ReplyStatus = Literal["completed", "cancelled", "failed"]
+ReplyStatus = Literal["completed", "cancelled", "interrupted", "failed"]
 
 
 class Reply(ServerFrame):
@@ -207,6 +207,8 @@ class HistoryEntry(Frame):
     persona: str
     text: str
     created_at: datetime
+    status: ReplyStatus = "completed"  # how a reply ended; a user's message is "completed"
+    error: str | None = Field(default=None, exclude_if=_is_none)  # a failed reply's error code
 
 
 class HistoryPage(ServerFrame):

@@ -18,7 +18,7 @@ FRAME_TYPES = (
     "hello", "create_avatar", "get_avatar", "set_persona", "chat", "cancel", "history", "ping",
     "invalid",
 )  # fmt: skip
-REPLY_STATUSES = ("completed", "cancelled", "failed", "replayed")
+REPLY_STATUSES = ("completed", "cancelled", "interrupted", "failed", "replayed")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 

@@ -38,6 +38,7 @@ class PendingChat:
     after: PendingSwitch | None  # the switch it was read behind, perhaps not answered yet
     step: Step = Step.QUEUED
     cancel_requested: bool = False
+    interrupted: bool = False  # the connection went away: a cancelled reply is "interrupted"
     message_id: int | None = None  # reserved when the reply streams (deltas carry reply_id)
     reply_id: int | None = None
     status: ReplyStatus = "completed"

@@ -3,7 +3,7 @@ as plain frozen dataclasses (no SQL, no I/O)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
@@ -37,12 +37,11 @@ class Avatar:
 @dataclass(frozen=True, slots=True)
 class PastMessage:
     """One earlier message of the conversation, as a generator sees it: `persona` is the one
-    the chat was rendered with ("" when unknown); not compared, so that two readings of the
-    same message are equal whether or not they carry it."""
+    the chat was rendered with ("" when unknown)."""
 
     role: Role
     text: str
-    persona: str = field(default="", compare=False)
+    persona: str = ""
 
 
 @dataclass(slots=True)
@@ -55,10 +54,11 @@ class Turn:
     persona: str
     user_text: str
     reply_text: str
-    status: str  # completed | cancelled | failed
+    status: str  # completed | cancelled | interrupted | failed
     client_id: str | None = None
     message_id: int | None = None  # reserved ids, when the reply streamed before commit
     reply_id: int | None = None
+    error_code: str | None = None  # a failed reply's error, as the client was answered
 
 
 @dataclass(frozen=True, slots=True)

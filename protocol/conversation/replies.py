@@ -162,8 +162,10 @@ class ChatRules(Outputs):
         while self._queue:
             self._release(self._queue.popleft())
         chat = self._current
-        if chat is not None and not chat.cancel_requested:
-            self._request_cancel(chat)
+        if chat is not None:
+            chat.interrupted = True
+            if not chat.cancel_requested:
+                self._request_cancel(chat)
 
     def _chats_after(self, switch: PendingSwitch) -> None:
         """`switch` has its answer: the chat waiting for it goes on."""
@@ -217,6 +219,8 @@ class ChatRules(Outputs):
         failure: ProtocolError | None,
     ) -> None:
         chat.step = Step.COMMITTING
+        if status == "cancelled" and chat.interrupted:
+            status = "interrupted"
         chat.status, chat.usage, chat.failure = status, usage, failure
         turn = Turn(
             user_id=self.user_id,
@@ -227,6 +231,7 @@ class ChatRules(Outputs):
             client_id=chat.ref,
             message_id=chat.message_id,
             reply_id=chat.reply_id,
+            error_code=failure.code if failure is not None else None,
         )
         chat.text_out = text
         self._out.append(CommitTurn(chat.key, turn))

@@ -145,7 +145,12 @@ function onAvatar(frame) {
 
 function onHistory(frame) {
   const items = frame.messages.map((entry) =>
-    messageItem(entry.role, entry.text, { persona: entry.persona, at: entry.created_at }),
+    messageItem(entry.role, entry.text, {
+      persona: entry.persona,
+      at: entry.created_at,
+      status: entry.status,
+      error: entry.error,
+    }),
   );
   const scroller = $("scroller");
   const heightBefore = scroller.scrollHeight;
@@ -262,10 +267,12 @@ function interruptPendingReplies() {
 
 // ------------------------------------------------------------------ the conversation log
 
-function messageItem(role, text, { persona, status = "completed", at } = {}) {
+function messageItem(role, text, { persona, status = "completed", at, error } = {}) {
   const item = element("li", `msg ${role}`);
   if (role === "assistant") item.append(element("span", "persona"));
-  item.append(element("p", "text", text));
+  // a stored reply that failed before any text: say so rather than show an empty bubble
+  const shown = !text && status === "failed" ? `No reply (${error || "failed"}).` : text;
+  item.append(element("p", "text", shown));
   if (at) item.title = new Date(at).toLocaleString();
   if (role === "assistant") labelReply(item, persona, status);
   return item;

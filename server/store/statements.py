@@ -44,15 +44,15 @@ FROM switched s ORDER BY s.ord
 # (asyncpg would encode eight arrays element by element).
 TURNS = """
 WITH turns AS MATERIALIZED (
-    SELECT t.ord, t.user_id, t.persona, t.user_text, t.reply_text, t.status, t.client_id,
-           coalesce(t.message_id, nextval('messages_id_seq')) AS message_id,
+    SELECT t.ord, t.user_id, t.persona, t.user_text, t.reply_text, t.status, t.error_code,
+           t.client_id, coalesce(t.message_id, nextval('messages_id_seq')) AS message_id,
            coalesce(t.reply_id, nextval('messages_id_seq')) AS reply_id
     FROM ROWS FROM (json_to_recordset($1::json)
                     AS (user_id text, persona text, user_text text, reply_text text, status text,
-                        client_id text, message_id bigint, reply_id bigint))
+                        error_code text, client_id text, message_id bigint, reply_id bigint))
          WITH ORDINALITY
-         AS t(user_id, persona, user_text, reply_text, status, client_id, message_id, reply_id,
-              ord)
+         AS t(user_id, persona, user_text, reply_text, status, error_code, client_id, message_id,
+              reply_id, ord)
 )"""
 
 # The usual case: no chat of the batch is stored yet, so both rows of every turn go in with one
@@ -63,12 +63,13 @@ COMMIT_TURNS = (
     TURNS
     + """,
 rows AS (
-    INSERT INTO messages (id, user_id, role, persona, text, status, client_id, reply_to)
+    INSERT INTO messages (id, user_id, role, persona, text, status, error_code, client_id,
+                          reply_to)
     SELECT m.* FROM turns t CROSS JOIN LATERAL (VALUES
-        (t.message_id, t.user_id, 'user', t.persona, t.user_text, 'completed', t.client_id,
-         NULL::bigint),
-        (t.reply_id, t.user_id, 'assistant', t.persona, t.reply_text, t.status, NULL,
-         t.message_id)) AS m
+        (t.message_id, t.user_id, 'user', t.persona, t.user_text, 'completed', NULL,
+         t.client_id, NULL::bigint),
+        (t.reply_id, t.user_id, 'assistant', t.persona, t.reply_text, t.status, t.error_code,
+         NULL, t.message_id)) AS m
 )
 SELECT t.ord, t.message_id, t.reply_id, true AS inserted FROM turns t ORDER BY t.ord
 """
@@ -86,8 +87,9 @@ user_rows AS (
     RETURNING id
 ),
 reply_rows AS (
-    INSERT INTO messages (id, user_id, role, persona, text, status, reply_to)
-    SELECT reply_id, user_id, 'assistant', persona, reply_text, status, message_id FROM turns
+    INSERT INTO messages (id, user_id, role, persona, text, status, error_code, reply_to)
+    SELECT reply_id, user_id, 'assistant', persona, reply_text, status, error_code, message_id
+    FROM turns
     WHERE message_id IN (SELECT id FROM user_rows)
     RETURNING reply_to
 )

@@ -304,7 +304,7 @@ class Store:
         """The user's messages, oldest first: the `limit` newest ones older than `before`."""
         async with self._connection() as conn:
             rows = await conn.fetch(
-                "SELECT id, role, persona, text, created_at FROM messages"
+                "SELECT id, role, persona, text, created_at, status, error_code FROM messages"
                 " WHERE user_id = $1 AND ($2::bigint IS NULL OR id < $2)"
                 " ORDER BY id DESC LIMIT $3",
                 user_id,
@@ -318,6 +318,8 @@ class Store:
                 persona=r["persona"],
                 text=r["text"],
                 created_at=r["created_at"],
+                status=r["status"],
+                error=r["error_code"],
             )
             for r in reversed(rows)
         ]

@@ -317,6 +317,22 @@ async def test_unavailable_shows_the_servers_own_message(
     )
 
 
+async def test_a_failed_reply_is_marked_after_a_reload_not_an_empty_bubble(
+    browser: Browser, make_app: AppFactory, refused_url: str
+) -> None:
+    app = await make_app(database_url=None, generator="openai", llm_base_url=refused_url)
+    user = new_user()
+    page = await signed_in_with_avatar(browser, app, user)
+    await send(page, "hello?")
+    await expect(page.locator(".note.error")).to_be_visible()
+    again = await open_page(browser, app)
+    await sign_in(again, user)
+    reply = again.locator(".msg.assistant").last
+    await expect(reply).to_have_attribute("data-status", "failed")
+    await expect(reply.locator(".text")).to_have_text("No reply (unavailable).")
+    await expect(reply.locator(".status")).to_have_text("failed")
+
+
 # ---------------------------------------------------------------------------- a fresh machine
 
 

@@ -54,7 +54,8 @@ def test_the_generator_gets_the_conversation_so_far() -> None:
     talk.conv.turn_committed(commit.key, stored(), talk.now)
     second = one(talk.frame(type="chat", text="and you?"), StartReply)
     assert second.recent == (
-        PastMessage("user", "my cat is Miso"), PastMessage("assistant", "Lovely."),
+        PastMessage("user", "my cat is Miso", "witty"),
+        PastMessage("assistant", "Lovely.", "witty"),
     )  # fmt: skip
 
 
@@ -102,6 +103,7 @@ def test_a_failed_reply_is_stored_then_answered_with_its_failure() -> None:
     failure = Unavailable("cannot connect to the LLM endpoint")
     commit = one(talk.conv.reply_ended(start.key, "par", "failed", None, failure), CommitTurn)
     assert (commit.turn.status, commit.turn.reply_text) == ("failed", "par")
+    assert commit.turn.error_code == "unavailable"
     error = frames(talk.conv.turn_committed(commit.key, stored(), talk.now))[0]
     assert (error["code"], error["ref"], error["message"]) == (
         "unavailable", "c", "cannot connect to the LLM endpoint",
@@ -204,5 +206,6 @@ def test_a_lost_connection_drops_waiting_chats_and_cancels_the_reply_in_flight()
     assert one(talk.conv.connection_lost(), CancelReply).key == start.key
     assert not claims.holds("ann", "c2")
     commit = one(talk.conv.reply_ended(start.key, "par", "cancelled"), CommitTurn)
+    assert commit.turn.status == "interrupted"  # not the user's cancel
     assert talk.conv.turn_committed(commit.key, stored(), talk.now) == []  # nobody to tell
     assert talk.conv.idle and len(claims) == 0
