@@ -17,7 +17,7 @@ import orjson
 
 from protocol.frames import Usage
 from server.generators import GeneratorUnavailable, TurnContext
-from server.render import ChatMessage, build_prompt
+from server.render import ChatMessage, build_prompt, notes_in_user_turns
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -253,6 +253,8 @@ class OpenAIGenerator:
         messages = build_prompt(
             turn.card, turn.recent, turn.text, settings.history_other_persona_chars
         )
+        if settings.llm_notes_as == "user":
+            messages = notes_in_user_turns(messages)
         clock = _Clock(settings.llm_first_token_timeout_s, settings.llm_idle_timeout_s)
         response: httpx.Response | None = None
         chunks: AsyncIterator[bytes] | None = None

@@ -97,6 +97,10 @@ class Settings(BaseSettings):
     # the prompt after a persona switch: replies in an older persona's voice are cut to this
     # many characters (0: left out), so that they cannot set the tone of the new one
     history_other_persona_chars: int = Field(default=400, ge=0)
+    # where the switch markers and other later system notes go: as system messages ("system"),
+    # or folded into the next user message ("user"), for a chat template that takes a system
+    # message only first
+    llm_notes_as: Literal["system", "user"] = "system"
 
     # the OpenAI-compatible endpoint, for --generator openai
     llm_base_url: str = "http://127.0.0.1:11434/v1"

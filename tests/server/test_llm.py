@@ -585,6 +585,21 @@ async def test_prompt_after_a_switch_marks_it_and_cuts_the_old_voice(
     ]
 
 
+async def test_notes_as_user_fold_the_switch_marker_into_the_next_user_message(
+    make_app: AppFactory, connect: ClientFactory, fake: FakeLLM
+) -> None:
+    app = await make_app(llm_base_url=fake.url, llm_notes_as="user", **FAST)
+    client = await connect(target=app)
+    await with_avatar(client, "friendly")
+    await chat(client, "I adopted a cat")
+    await client.request({"type": "set_persona", "personality": "witty"})
+    await chat(client, "She is called Miso")
+    messages = fake.requests[1].messages
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    note = switch_note("friendly", get_card("witty"), examples=True)
+    assert note in messages[-1]["content"] and "She is called Miso" in messages[-1]["content"]
+
+
 async def test_switch_through_another_connection_is_marked_from_the_stored_history(
     connect: ClientFactory, fake: FakeLLM, user: str
 ) -> None:
