@@ -359,16 +359,26 @@ def _check_json(value: object) -> None:
         item, at = stack.pop()
         if isinstance(item, dict):
             for key, inner in item.items():
-                if not isinstance(key, str):
-                    raise CardError(field_path(at), "keys must be strings")
+                if not isinstance(key, str) or not _is_text(key):
+                    raise CardError(field_path(at), "keys must be strings of valid Unicode")
                 stack.append((inner, (*at, key)))
         elif isinstance(item, list):
             stack.extend((inner, (*at, index)) for index, inner in enumerate(item))
+        elif isinstance(item, str) and not _is_text(item):
+            raise CardError(field_path(at), "not valid Unicode text (a lone surrogate)")
         elif isinstance(item, float) and not math.isfinite(item):
             raise CardError(field_path(at), "expected a finite number")
         elif item is not None and not isinstance(item, str | int | float):
             kind = type(item).__name__
             raise CardError(field_path(at), f"expected a JSON value, not a {kind}")
+
+
+def _is_text(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def export_card(parsed: ParsedCard, spec: Literal["v2", "v3"] = "v3") -> dict[str, Any]:
