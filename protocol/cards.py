@@ -392,7 +392,7 @@ def export_card(parsed: ParsedCard, spec: Literal["v2", "v3"] = "v3") -> dict[st
         card["data"] = data
     else:
         card = written
-        if parsed.spec != spec:
+        if parsed.spec != spec or "spec_version" not in card:
             card["spec"], card["spec_version"] = target, "3.0" if spec == "v3" else "2.0"
         data = card["data"]
     for key in (*V2_FIELDS, *(("group_only_greetings",) if spec == "v3" else ())):

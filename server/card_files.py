@@ -81,7 +81,14 @@ def _png_text(raw: bytes) -> tuple[str, str]:
     try:
         with Image.open(io.BytesIO(raw), formats=["PNG"]) as image:
             chunks = image.text if isinstance(image, PngImagePlugin.PngImageFile) else {}
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, zlib.error) as exc:
+    except (
+        UnidentifiedImageError,
+        Image.DecompressionBombError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        zlib.error,
+    ) as exc:
         raise CardError("", f"not a readable PNG: {exc}") from None
     by_name = {key.lower(): value for key, value in chunks.items() if isinstance(value, str)}
     for chunk in CHUNKS:

@@ -152,6 +152,11 @@ def test_missing_mandatory_fields_are_filled_on_export() -> None:
     assert exported["data"]["first_mes"] == "" and exported["data"]["creator_notes"] == ""
 
 
+def test_missing_spec_version_is_filled_on_export() -> None:
+    card = {"spec": SPEC_V2, "data": {"name": "Ada"}}
+    assert export_card(parse_card(card), "v2")["spec_version"] == "2.0"
+
+
 def test_backfilled_v2_says_so_and_the_note_is_trimmed_on_import() -> None:
     parsed = parse_card(load("v3_mirela.json"))
     backfill = backfill_v2(parsed)
@@ -254,6 +259,7 @@ BAD_CARDS: list[tuple[object, str]] = [
     ({"persona_chat_card": 1, "id": 5, "card": v3()}, "id: expected a string"),
     ({"persona_chat_card": 1, "enabled": "no", "card": v3()}, "enabled: expected true or false"),
     ({"persona_chat_card": 1, "card": v3(tags=[1])}, "card.data.tags[0]: expected a string"),
+    ({"name": "Ada", "x": {1: "one"}}, "x: keys must be strings of valid Unicode"),
 ]  # fmt: skip
 
 
@@ -266,6 +272,19 @@ def test_card_over_256_kib_is_refused() -> None:
     card = v3(description="x" * MAX_CARD_BYTES)
     size = len(json.dumps(card, ensure_ascii=False).encode())
     assert error_of(card) == f"card: over 256 KiB ({size} bytes)"
+
+
+def test_project_card_over_256_kib_is_refused() -> None:
+    card = v3(description="x" * MAX_CARD_BYTES)
+    size = len(json.dumps(card, ensure_ascii=False).encode())
+    project = {"persona_chat_card": 1, "card": card}
+    assert error_of(project) == f"card: over 256 KiB ({size} bytes)"
+
+
+def test_spec_version_that_is_not_a_number_is_kept_without_a_note() -> None:
+    card = {**v3(), "spec_version": "3.0-draft"}
+    parsed = parse_card(card)
+    assert parsed.notes == () and export_card(parsed, "v3")["spec_version"] == "3.0-draft"
 
 
 def test_card_error_is_a_client_error_with_its_path() -> None:
