@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -14,8 +15,28 @@ C = TypeVar("C")
 T = TypeVar("T")
 R = TypeVar("R")
 
+# How often one batch goes again after StaleResource: after a database restart every idle
+# connection of the pool may be stale, and the pool hands them out one by one.
+MAX_STALE_RETRIES = 3
+
 # Called once per item with its result, or with the exception that failed it (or its batch).
 Done = Callable[[R | None, BaseException | None], None]
+
+
+class StaleResource(Exception):
+    """Raised by a flush whose resource turned out dead before anything of the batch was sent
+    (a database connection that its server had already ended): the batch is flushed again, once,
+    on a fresh resource. `error` is what its callers get should that fail too."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class _Flushed(enum.Enum):
+    OK = "ok"
+    FAILED = "failed"  # the batch got its exception; the next batch gets a fresh resource
+    STALE = "stale"  # nothing was sent: the same batch again, on a fresh resource
 
 
 class Batcher(Generic[C, T, R]):
@@ -24,9 +45,11 @@ class Batcher(Generic[C, T, R]):
     The first item starts a flush at once, so a lone caller waits one round trip. Items that
     arrive while a flush is in flight wait for it and then go together in the next one: under
     load, one database round trip serves many callers. One resource from `open` (a database
-    connection) serves consecutive flushes for as long as items keep coming; a failed flush
-    gets a fresh one for the next batch. A flush fails one item by returning an exception in its
-    place, and the whole batch by raising.
+    connection) serves consecutive flushes for as long as items keep coming and `usable` says
+    it still works (asked before each reuse: the database may have ended the connection while it
+    sat between two flushes); a failed flush gets a fresh one for the next batch. A flush fails
+    one item by returning an exception in its place, and the whole batch by raising; it raises
+    `StaleResource` when nothing of the batch was sent, and the batch goes again on a fresh one.
     """
 
     def __init__(
@@ -38,9 +61,11 @@ class Batcher(Generic[C, T, R]):
         name: str = "batch",
         observe: Callable[[int], object] | None = None,
         before_batch: Callable[[], Awaitable[None]] | None = None,
+        usable: Callable[[C], bool] | None = None,
     ) -> None:
         self._flush = flush
         self._open = open_resource
+        self._usable = usable  # whether a held resource may serve one more flush
         self._before_batch = before_batch  # awaited before a batch is taken from the queue
         self._max_batch = max_batch
         self._name = name
@@ -50,6 +75,7 @@ class Batcher(Generic[C, T, R]):
         self._handed_out: asyncio.Future[None] | None = None  # see next_hand_out()
         self.flushes = 0
         self.items = 0
+        self.retries = 0  # batches flushed again after a StaleResource
 
     async def submit(self, item: T) -> R:
         """Queue `item` and wait for its result."""
@@ -84,17 +110,14 @@ class Batcher(Generic[C, T, R]):
 
     async def _run(self) -> None:
         batch: list[tuple[T, Done[R]]] = []
+        retries = 0  # of `batch`, after StaleResource
         try:
-            while self._pending:
-                batch = await self._next_batch()
+            while batch or self._pending:
+                if not batch:
+                    batch, retries = await self._next_batch(), 0
                 try:
                     async with self._open() as resource:
-                        while batch:
-                            current, batch = batch, []
-                            if not await self._flush_batch(resource, current):
-                                break  # the next batch gets a fresh resource
-                            if self._pending:
-                                batch = await self._next_batch()
+                        batch, retries = await self._flush_while_coming(resource, batch, retries)
                 except Exception as exc:  # no resource for this batch, or its release failed
                     _finish(batch, exc)
                     batch = []
@@ -105,6 +128,25 @@ class Batcher(Generic[C, T, R]):
         finally:
             self._runner = None
 
+    async def _flush_while_coming(
+        self, resource: C, batch: list[tuple[T, Done[R]]], retries: int
+    ) -> tuple[list[tuple[T, Done[R]]], int]:
+        """Flush `batch`, then the batches that queued meanwhile, on one `resource`; return the
+        batch that needs a fresh resource (empty when none does) and its retries so far."""
+        fresh = True
+        while batch:
+            if not fresh and self._usable is not None and not self._usable(resource):
+                return batch, retries  # the database ended this connection between two flushes
+            fresh = False
+            may_retry = retries < MAX_STALE_RETRIES
+            outcome = await self._flush_batch(resource, batch, may_retry)
+            if outcome is _Flushed.STALE:
+                return batch, retries + 1
+            if outcome is _Flushed.FAILED:
+                return [], 0
+            batch, retries = ((await self._next_batch()) if self._pending else []), 0
+        return [], 0
+
     async def _next_batch(self) -> list[tuple[T, Done[R]]]:
         if self._before_batch is not None:
             await self._before_batch()
@@ -114,16 +156,20 @@ class Batcher(Generic[C, T, R]):
         batch, self._pending = self._pending, []
         return batch
 
-    async def _flush_batch(self, resource: C, batch: list[tuple[T, Done[R]]]) -> bool:
-        """Flush one batch and hand out its results (or its failure); False when it failed."""
+    async def _flush_batch(
+        self, resource: C, batch: list[tuple[T, Done[R]]], may_retry: bool
+    ) -> _Flushed:
+        """Flush one batch and hand out its results (or its failure)."""
         try:
-            return await self._flush_and_hand_out(resource, batch)
+            return await self._flush_and_hand_out(resource, batch, may_retry)
         finally:
             handed_out, self._handed_out = self._handed_out, None
             if handed_out is not None and not handed_out.done():
                 handed_out.set_result(None)
 
-    async def _flush_and_hand_out(self, resource: C, batch: list[tuple[T, Done[R]]]) -> bool:
+    async def _flush_and_hand_out(
+        self, resource: C, batch: list[tuple[T, Done[R]]], may_retry: bool
+    ) -> _Flushed:
         self.flushes += 1
         self.items += len(batch)
         try:
@@ -132,9 +178,15 @@ class Batcher(Generic[C, T, R]):
             results = await self._flush(resource, [item for item, _ in batch])
             if len(results) != len(batch):
                 raise RuntimeError(f"{self._name}: flush returned {len(results)} for {len(batch)}")
+        except StaleResource as exc:
+            if may_retry:
+                self.retries += 1
+                return _Flushed.STALE
+            _finish(batch, exc.error)
+            return _Flushed.FAILED
         except Exception as exc:
             _finish(batch, exc)
-            return False
+            return _Flushed.FAILED
         except BaseException as exc:
             _finish(batch, exc)
             raise
@@ -143,7 +195,7 @@ class Batcher(Generic[C, T, R]):
                 _call(done, None, result)
             else:
                 _call(done, result, None)
-        return True
+        return _Flushed.OK
 
 
 def settle(future: asyncio.Future[R]) -> Done[R]:

@@ -1,5 +1,5 @@
-"""The store's connections: unreachable-database errors as `Unavailable`, pooled connections
-without a reset, and rows as records."""
+"""The store's connections: unreachable-database errors as `Unavailable`, connections the
+database has ended, pooled connections without a reset, and rows as records."""
 
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[Any]"
 def unreachable_is_unavailable(conn: Conn | None = None) -> Iterator[None]:
     """Errors that mean the database is not reachable become `Unavailable`; bugs stay bugs.
 
-    When the database goes away under a statement, asyncpg can also answer with an
-    `InternalClientError` about its protocol state; on `conn`, now closed, that is one more
-    sign of the same thing.
+    A statement on a connection that the database had already ended (see `ended_unsent`) is
+    one more sign of the same thing, said in one line; any other `InternalClientError` on
+    `conn`, now closed, is logged with its traceback, since it could be a bug in asyncpg.
     """
     try:
         yield
@@ -49,14 +49,43 @@ def unreachable_is_unavailable(conn: Conn | None = None) -> Iterator[None]:
         _outage.warning(kind, "database unreachable: %s: %s", kind, exc)
         raise Unavailable("the database is unreachable; try again shortly") from exc
     except asyncpg.InternalClientError as exc:
-        if conn is None or not conn.is_closed():
+        if conn is None or usable(conn):
             raise
-        # with its traceback: were it a bug in asyncpg rather than the database going away,
-        # this is where it would show
-        _outage.warning(
-            "lost", "database connection lost under a statement: %s", exc, exc_info=True
-        )
+        if ended_unsent(exc, conn):
+            _outage.warning("lost", "database connection lost: the server had ended it")
+        else:
+            _outage.warning(
+                "lost-under", "database connection lost under a statement: %s", exc, exc_info=True
+            )
         raise Unavailable("the database is unreachable; try again shortly") from exc
+
+
+def ended_unsent(exc: BaseException, conn: Conn) -> bool:
+    """Whether `exc` says that a statement found `conn` already ended by the database, so that
+    nothing of it was sent.
+
+    When PostgreSQL ends a backend (its postmaster died, `pg_terminate_backend`, a shutdown),
+    the backend sends a FATAL error and closes the socket. Arriving while the connection is
+    idle, between two statements, that error puts asyncpg's protocol in its error-consuming
+    state; a statement started before asyncpg has seen the socket close then fails at once,
+    before any of it is written ("cannot switch to state 12; another operation (2) is in
+    progress"), and asyncpg closes the connection. No statement of this server ever shares a
+    connection with another, so this is the only way that message arises here.
+    """
+    return (
+        isinstance(exc, asyncpg.InternalClientError)
+        and "cannot switch to state" in str(exc)
+        and usable(conn) is False
+    )
+
+
+def usable(conn: Conn) -> bool:
+    """Whether a connection held across statements may serve one more: not closed, and not
+    released to the pool (asyncpg does that to a held connection when its socket closes)."""
+    try:
+        return not conn.is_closed()
+    except asyncpg.InterfaceError:  # released back to the pool: its proxy is detached
+        return False
 
 
 class PoolConnection(asyncpg.Connection):

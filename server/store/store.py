@@ -22,13 +22,15 @@ from protocol.conversation.records import (
 )
 from protocol.errors import AvatarExists, Unavailable
 from protocol.frames import HistoryEntry
-from server.batching import Batcher, Done
+from server.batching import Batcher, Done, StaleResource
 from server.store.connections import (
     Conn,
     PoolConnection,
     avatar_or_none,
+    ended_unsent,
     record,
     unreachable_is_unavailable,
+    usable,
 )
 from server.store.statements import (
     AVATAR_COLUMNS,
@@ -60,12 +62,13 @@ class Store:
             name="turns",
             observe=on_batch,
             before_batch=self._switches_landed,
+            usable=usable,
         )
         self._switches: Batcher[Conn, SwitchRequest, SwitchResult | None] = Batcher(
-            self._commit_switches, self._connection, name="switches"
+            self._commit_switches, self._connection, name="switches", usable=usable
         )
         self._loads: Batcher[Conn, str, Avatar | None] = Batcher(
-            self._load_avatars, self._connection, name="avatars"
+            self._load_avatars, self._connection, name="avatars", usable=usable
         )
 
     @classmethod
@@ -111,9 +114,17 @@ class Store:
 
     async def _fetch(self, conn: Conn, query: str, *args: object) -> list[asyncpg.Record]:
         """A batch's statement on the connection its batcher holds; unreachable-database errors
-        become `Unavailable`."""
+        become `Unavailable`, and a connection the database had already ended (nothing of the
+        statement sent) `StaleResource`, so that the batch goes again on another."""
         with unreachable_is_unavailable(conn):
-            return await conn.fetch(query, *args)
+            try:
+                return await conn.fetch(query, *args)
+            except asyncpg.InternalClientError as exc:
+                if not ended_unsent(exc, conn):
+                    raise
+                log.debug("a batch met a connection the database had ended; sent on another")
+                unavailable = Unavailable("the database is unreachable; try again shortly")
+                raise StaleResource(unavailable) from exc
 
     # ------------------------------------------------------------------ lifecycle
 

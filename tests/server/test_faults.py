@@ -263,6 +263,10 @@ async def test_the_embedded_database_is_started_again_when_it_dies(
         await _stop_load_then_server(stop, load, served)
     log = log_path.read_text()
     assert "is not running; starting it again" in log and "runs again after" in log
+    # an outage the server handles is told in lines, without a traceback; no statement ever
+    # started on a connection the database had ended (issue #19)
+    assert "Traceback" not in log and "cannot switch to state" not in log, log[-5000:]
+    assert "released back to the pool" not in log, log[-5000:]
     assert not ledger.closes  # the outage was answered, not dropped
     assert set(ledger.errors) == {"unavailable"}, dict(ledger.errors)
     pg = EmbeddedPostgres(data / "pgdata")  # the server stopped it on its way out

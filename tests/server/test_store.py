@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, cast
 
 import asyncpg
 import pytest
@@ -16,8 +17,10 @@ from protocol.conversation.records import StoredTurn, SwitchRequest, SwitchResul
 from protocol.errors import Unavailable
 from protocol.personas import PERSONA_IDS
 from server.batching import Batcher, settle
+from server.logs import Throttled
 from server.settings import Settings
-from server.store import Store
+from server.store import Store, connections
+from server.store.connections import Conn, PoolConnection, unreachable_is_unavailable, usable
 
 BATCHES: list[int] = []  # the size of every batch of turns the `store` fixture wrote
 
@@ -384,3 +387,107 @@ async def test_a_switch_held_up_by_a_row_lock_holds_up_no_other_users_turns(
     assert isinstance(switched[0], SwitchResult)
     avatar = await store.get_avatar(user)
     assert avatar is not None and avatar.personality == "witty"
+
+
+def _idle_backend_ended(conn: Conn) -> None:
+    """What `conn` receives when PostgreSQL ends its backend while it is idle (the postmaster
+    died, pg_terminate_backend, a shutdown): a FATAL error, before the socket closes."""
+    fields = b"SFATAL\0VFATAL\0C57P01\0Mterminating connection due to administrator command\0\0"
+    protocol = cast(Any, conn)._con._protocol
+    protocol.data_received(b"E" + (len(fields) + 4).to_bytes(4, "big") + fields)
+
+
+async def _held_over_two_batches(
+    database_url: str, between: Callable[[Conn], Awaitable[None]]
+) -> tuple[list[int | BaseException], list[int], int]:
+    """Two batches through a batcher of `Store._fetch` on one pool: the second queued while
+    the first is written, so that the connection of the first is held for it; `between` runs
+    on that connection after the first batch's statement. The two results, the backend of
+    every flush, and how many batches went again."""
+    pool = await asyncpg.create_pool(
+        database_url, min_size=2, max_size=2, connection_class=PoolConnection
+    )
+    store = Store(pool, 5.0)
+    backends: list[int] = []
+
+    async def flush(conn: Conn, items: Sequence[int]) -> list[int]:
+        backends.append(conn.get_server_pid())
+        rows = await store._fetch(conn, "SELECT unnest($1::int[]) AS n", list(items))
+        if len(backends) == 1:
+            await between(conn)
+        return [row["n"] for row in rows]
+
+    batcher: Batcher[Conn, int, int] = Batcher(flush, store._connection, usable=usable)
+    try:
+        first = asyncio.ensure_future(batcher.submit(1))
+        await asyncio.sleep(0)  # the first flush is under way: the second batch waits for it
+        results = await asyncio.wait_for(
+            asyncio.gather(first, batcher.submit(2), return_exceptions=True), 10
+        )
+    finally:
+        await pool.close()
+    return list(results), backends, batcher.retries
+
+
+async def test_a_batch_on_a_connection_the_database_ended_while_held_goes_on_another(
+    database_url: str,
+) -> None:
+    """The database ended the held connection between two batches, and asyncpg has seen its
+    FATAL error but not yet the socket close: the second batch's statement cannot start on it
+    ("cannot switch to state 12; another operation (2) is in progress", issue #19); nothing of
+    it was sent, so it is written on another connection, and its caller never knows."""
+
+    async def ended(conn: Conn) -> None:
+        _idle_backend_ended(conn)
+
+    results, backends, retries = await _held_over_two_batches(database_url, ended)
+    assert results == [1, 2]
+    assert retries == 1
+    assert backends[:2] == [backends[0]] * 2 and backends[2] != backends[0]
+
+
+async def test_a_held_connection_whose_socket_closed_is_not_used_again(database_url: str) -> None:
+    """pg_terminate_backend ends the held connection for real, and asyncpg sees it close (and
+    hands it back to the pool) before the next batch: that batch gets a fresh connection."""
+
+    async def terminated(conn: Conn) -> None:
+        pid = conn.get_server_pid()
+        other = await asyncpg.connect(database_url)
+        try:
+            assert await other.fetchval("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await other.close()
+        async with asyncio.timeout(10):
+            while usable(conn):
+                await asyncio.sleep(0.01)
+
+    results, backends, retries = await _held_over_two_batches(database_url, terminated)
+    assert results == [1, 2]
+    assert retries == 0
+    assert len(backends) == 2 and backends[1] != backends[0]
+
+
+async def test_a_statement_on_an_ended_connection_is_unavailable_in_one_line(
+    database_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside a batch, such a statement fails as `Unavailable`, logged as a lost connection
+    in one line, without a traceback: the outage is handled, not a bug."""
+    monkeypatch.setattr(connections, "_outage", Throttled(connections.log))  # not held back
+    pool = await asyncpg.create_pool(
+        database_url, min_size=1, max_size=1, connection_class=PoolConnection
+    )
+    try:
+        async with pool.acquire() as conn:
+            await conn.fetchval("SELECT 1")
+            _idle_backend_ended(conn)
+            with (
+                caplog.at_level(logging.WARNING, "server.store"),
+                pytest.raises(Unavailable),
+                unreachable_is_unavailable(conn),
+            ):
+                await conn.fetchval("SELECT 1")
+    finally:
+        await pool.close()
+    lost = [r for r in caplog.records if r.name == "server.store"]
+    assert [r.getMessage() for r in lost] == ["database connection lost: the server had ended it"]
+    assert not lost[0].exc_info
