@@ -90,7 +90,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     bots = commands.add_parser("bots", help="load-test bots that check persona correctness")
-    bots.add_argument("--url", default=DEFAULT_URL, help=f"the server (default {DEFAULT_URL})")
+    bots.add_argument(
+        "--url",
+        action="append",
+        default=None,
+        help=f"an instance; repeat for several, used round-robin (default {DEFAULT_URL})",
+    )
+    bots.add_argument(
+        "--api-url",
+        action="append",
+        default=None,
+        help="its HTTP API, paired with --url in order (default: the same host, port 8766)",
+    )
+    bots.add_argument(
+        "--run-id", default=None, help="name the run's users: runs with one id share them"
+    )
+    bots.add_argument(
+        "--http-switch-ratio",
+        type=float,
+        default=0.0,
+        help="share of switches made with PATCH /avatars/me/persona (0 to 1; default 0)",
+    )
+    bots.add_argument(
+        "--connect-per-source",
+        type=int,
+        default=16,
+        help="handshakes in flight per source address and instance (default 16)",
+    )
     bots.add_argument("--clients", type=int, default=10, help="connections (default 10)")
     bots.add_argument("--duration", type=float, default=10.0, help="seconds of chatting")
     bots.add_argument("--ramp", type=float, default=1.0, help="seconds to open every connection")

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import enum
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from clients.bots.api import Answer, Api
+from clients.bots.http_switch import HttpSwitch
+from clients.bots.net import RETRY_STATUSES, Target, retry_delay_s
 from clients.bots.plan import BotPlan, Mode, Pacer, Pending, Phase
+from clients.bots.propagation import Propagation
 from clients.bots.report import Stats
 from clients.link import BadFrame, Frame, Link
 from protocol.personas import PERSONA_IDS
@@ -17,12 +25,33 @@ from protocol.personas import PERSONA_IDS
 INVALID_PERSONA = "no-such-persona"
 MAX_FRAMES_PER_ANSWER = 10_000
 PUSH_GRACE_S = 0.5  # how long a reply may precede the push of the switch it was rendered after
+POLL_S = 0.05  # how often a wait for a switch to settle looks at the clock
+MAX_HTTP_RETRIES = 5
 CLIENT_PACE = 0.8  # bots send at most this share of the rate the server announces
 PACE_BURST = 4.0
 
 
 class BotFailed(Exception):
     """The bot cannot go on (timeout, protocol breach); already counted by kind."""
+
+
+class Opened(enum.Enum):
+    """How a handshake went: open, failed (counted), or refused for now (429, 503: try again)."""
+
+    OPEN = "open"
+    FAILED = "failed"
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True, slots=True)
+class Crew:
+    """What the bots of a run share besides the plan: the HTTP client for switches made
+    through the API, and the propagation of switches to the users' other connections."""
+
+    api: Api | None = None
+    propagation: Propagation | None = None
+    tag: str = ""  # in every frame id: a chat's id is its idempotency key, unique per user,
+    # and runs that share users (one --run-id) must not reuse each other's ids
 
 
 class Bot:
@@ -37,9 +66,18 @@ class Bot:
         stats: Stats,
         phase: Phase,
         shared: bool = False,
+        *,
+        target: Target | None = None,
+        source: str | None = None,
+        crew: Crew | None = None,
     ) -> None:
         self.index = index
         self.user = user
+        self.url = target.url if target is not None else plan.url
+        self.api_url = target.api_url if target is not None else ""
+        self.source = source  # the local address to connect from (None: the system's choice)
+        self.refused: tuple[int, str | None] = (0, None)  # the last refusal: status, Retry-After
+        self._crew = crew or Crew()
         self._shared = shared  # other connections of this run use the same user
         self._token = token
         self._plan = plan
@@ -53,38 +91,73 @@ class Bot:
         self._suspects: list[tuple[float, dict[str, Any]]] = []  # (grace deadline, stale example)
         self._closing = False
         self._pacer: Pacer | None = None
+        self._http: HttpSwitch | None = None  # a switch through the HTTP API, not yet settled
+        self._http_task: asyncio.Task[Answer] | None = None
+        self._http_credit = (index * plan.http_switch_ratio) % 1.0  # staggers the bots' turns
+        self._joined = False
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def connect(self) -> bool:
-        """Open the connection; False (counted) when it fails."""
+    @property
+    def stats(self) -> Stats:
+        return self._stats
+
+    @property
+    def open_timeout_s(self) -> float:
+        return self._plan.open_timeout_s
+
+    async def connect(self, last_try: bool = True) -> Opened:
+        """Open the connection. A refusal for now (429, 503) is REFUSED, with `refused` saying
+        how, and counted as an error only on the last try; any other failure is counted."""
+        options: dict[str, Any] = {}
+        if self.source is not None:
+            options["local_addr"] = (self.source, 0)
         try:
             self._link = await Link.open(
-                self._plan.url,
+                self.url,
                 proxy=None,
                 open_timeout=self._plan.open_timeout_s,
                 ping_interval=None,
                 close_timeout=5,
                 user_agent_header=None,
+                **options,
             )
         except InvalidStatus as exc:
-            self._stats.error(f"connect_http_{exc.response.status_code}")
-            return False
+            status = exc.response.status_code
+            if status in RETRY_STATUSES and not last_try:
+                self.refused = (status, exc.response.headers.get("Retry-After"))
+                return Opened.REFUSED
+            self._stats.error(f"connect_http_{status}")
+            return Opened.FAILED
         except (OSError, TimeoutError, InvalidHandshake) as exc:
             self._stats.error(f"connect_{type(exc).__name__}")
-            return False
+            return Opened.FAILED
         self._stats.opened()
-        return True
+        return Opened.OPEN
 
-    async def prepare(self) -> bool:
-        """Authenticate and make sure the avatar exists; False (counted) on failure."""
+    async def authenticate(self) -> bool:
+        """Send `hello` and read `welcome`; False (counted) on failure."""
         try:
             if self._plan.mode is Mode.PROTOCOL:
-                await self._handshake()
+                await self._hello()
             return True
         except (BotFailed, ConnectionClosed) as exc:
             self._count_failure(exc)
             return False
+
+    async def ensure_avatar(self) -> bool:
+        """Make sure the avatar exists (after `authenticate`); False (counted) on failure."""
+        try:
+            if self._plan.mode is Mode.PROTOCOL:
+                await self._ensure_avatar()
+            return True
+        except (BotFailed, ConnectionClosed) as exc:
+            self._count_failure(exc)
+            return False
+
+    async def prepare(self) -> bool:
+        """Authenticate and make sure the avatar exists; False (counted) on failure."""
+        return await self.authenticate() and await self.ensure_avatar()
 
     async def work(self) -> None:
         """After the go signal: chat (or hold) until the deadline, then drain and close."""
@@ -93,6 +166,7 @@ class Bot:
                 await self._chat_loop()
             else:
                 await self._hold()
+            await self._settle_http()
             await self._drain()
         except (BotFailed, ConnectionClosed) as exc:
             self._count_failure(exc)
@@ -100,6 +174,12 @@ class Bot:
             self._settle_suspects(math.inf)
 
     async def close(self) -> None:
+        if self._http_task is not None and not self._http_task.done():
+            self._http_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._http_task
+        if self._joined and self._crew.propagation is not None:
+            self._crew.propagation.leave(self.user, self.index)
         link = self._link
         if link is None:
             return
@@ -119,16 +199,22 @@ class Bot:
 
     # ------------------------------------------------------------------ phases
 
-    async def _handshake(self) -> None:
+    async def _hello(self) -> None:
         welcome = await self._request({"type": "hello", "token": self._token}, "hello")
         if welcome.get("type") != "welcome":
             raise BotFailed("hello was not answered with welcome")  # counted by _check
+        if self._crew.propagation is not None:
+            self._crew.propagation.join(self.user, self.index)
+            self._joined = True
         rate = float((welcome.get("limits") or {}).get("rate_per_s") or 0.0)
         if rate > 0:
             self._pacer = Pacer(rate * CLIENT_PACE, PACE_BURST)
         avatar = welcome.get("avatar")
         if avatar is not None:
             self._current = {str(avatar["personality"])}
+
+    async def _ensure_avatar(self) -> None:
+        if self._current:  # welcome had the avatar, or a push told of it meanwhile
             return
         first = PERSONA_IDS[self.index % len(PERSONA_IDS)]
         frame = {"type": "create_avatar", "name": f"Bot {self.index}", "personality": first}
@@ -146,10 +232,16 @@ class Bot:
         chats = 0
         while self._phase.running() and chats < plan.max_chats:
             switching = plan.switch_every > 0 and chats > 0 and chats % plan.switch_every == 0
+            by_http = False
             if switching:
+                await self._settle_http()
                 await self._maybe_invalid()
-                await self._switch(by_command=self._switches % 2 == 1)
-            ref = await self._send_chat(chats, after_switch=switching)
+                by_http = self._http_turn()
+                if by_http:
+                    await self._http_switch()
+                else:
+                    await self._switch(by_command=self._switches % 2 == 1)
+            ref = await self._send_chat(chats, after_switch=switching and not by_http)
             await self._await_answer(ref)
             chats += 1
             if plan.think_s > 0:
@@ -179,7 +271,7 @@ class Bot:
 
     def _next_ref(self, kind: str) -> str:
         self._seq += 1
-        return f"{kind[0]}{self.index}-{self._seq}"
+        return f"{kind[0]}{self._crew.tag}{self.index}-{self._seq}"
 
     async def _send(self, frame: dict[str, Any], pending: Pending) -> str:
         link = self._link
@@ -208,12 +300,111 @@ class Bot:
     async def _switch(self, by_command: bool) -> None:
         """Switch to a persona the avatar surely does not have; never wait for the ack here."""
         self._switches += 1
-        choices = [p for p in PERSONA_IDS if p not in self._current] or list(PERSONA_IDS)
-        target = choices[(self.index + self._switches) % len(choices)]
+        target = self._pick_target()
         pending = Pending("switch", 0.0, target, before=set(self._current))
         await self._send(self._switch_frame(target, by_command), pending)
         self._stats.switches += 1
         self._current = {target}
+
+    def _pick_target(self) -> str:
+        """A persona the avatar surely does not have (any, if every one may be current)."""
+        choices = [p for p in PERSONA_IDS if p not in self._current] or list(PERSONA_IDS)
+        return choices[(self.index + self._switches) % len(choices)]
+
+    # ------------------------------------------------------------------ switching over HTTP
+
+    def _http_turn(self) -> bool:
+        """Whether this switch goes through the HTTP API: a share `http_switch_ratio` of them."""
+        ratio = self._plan.http_switch_ratio
+        if ratio <= 0 or self._crew.api is None or not self.api_url:
+            return False
+        self._http_credit += ratio
+        if self._http_credit < 1.0 - 1e-9:
+            return False
+        self._http_credit -= 1.0
+        return True
+
+    async def _http_switch(self) -> None:
+        """Switch through `PATCH /avatars/me/persona`; never wait for its answer here. The
+        bot's socket switches are answered first: one still in flight might commit after it."""
+        api = self._crew.api
+        assert api is not None, "a crew with an Api"
+        no_switch = lambda: all(p.kind != "switch" for p in self._pending.values())  # noqa: E731
+        if not await self._read_until(no_switch):
+            raise self._fail("timeout")
+        self._switches += 1
+        self._stats.switches += 1
+        self._stats.http_switches += 1
+        target = self._pick_target()
+        self._http = HttpSwitch(target, set(self._current), time.perf_counter())
+        self._current = self._current | {target}
+        self._http_task = asyncio.create_task(self._patch(api, target))
+        self._http_task.add_done_callback(self._on_patch_done)
+
+    async def _patch(self, api: Api, target: str) -> Answer:
+        """The PATCH, sent again (with backoff) while it is answered 429: over the user's rate."""
+        answer = await api.set_persona(self.api_url, self._token, target)
+        for attempt in range(MAX_HTTP_RETRIES):
+            if answer.status != 429:
+                break
+            self._stats.http_retries += 1
+            await asyncio.sleep(retry_delay_s(attempt, answer.retry_after))
+            answer = await api.set_persona(self.api_url, self._token, target)
+        return answer
+
+    def _on_patch_done(self, task: asyncio.Task[Answer]) -> None:
+        http = self._http
+        if task.cancelled() or http is None or task is not self._http_task:
+            return
+        answer, now = task.result(), time.perf_counter()
+        http.on_answer(answer, now)
+        if http.failed:
+            self._stats.error(http.failed)
+            self._current = http.current_after_failure(answer.status)
+            self._http = None
+            return
+        if self._crew.propagation is not None:
+            self._crew.propagation.switched(self.user, self.index, http.target, http.previous, now)
+        self._settle_if_done()
+
+    def _settle_if_done(self) -> None:
+        """Once the 200 and the push have both come, the new persona is what the bot expects."""
+        http = self._http
+        if http is not None and http.settled:
+            self._current = http.current_after()
+            self._stats.http_switch_s.append(http.latency_s)
+            self._http = None
+
+    async def _settle_http(self) -> None:
+        """Wait (reading frames) until the switch through the API, if any, has settled. When
+        another change was pushed meanwhile, its own push may never come (a session skips a
+        change older than one it has told): it gets PUSH_GRACE_S after the 200."""
+
+        def settled() -> bool:
+            http = self._http
+            if http is None:
+                return True
+            answered = http.answered_at
+            return (
+                bool(http.others)
+                and answered is not None
+                and (time.perf_counter() > answered + PUSH_GRACE_S)
+            )
+
+        await self._read_until(settled)
+        http = self._http
+        if http is None:
+            return
+        self._http = None
+        if http.answered_at is None:
+            self._stats.error("http_timeout")
+            self._current = http.current_after_failure(0)
+            if self._http_task is not None:
+                self._http_task.cancel()
+            return
+        if not http.others:
+            self._stats.error("http_no_push")
+        self._current = http.current_after()
 
     async def _maybe_invalid(self) -> None:
         every = self._plan.invalid_every
@@ -261,6 +452,45 @@ class Bot:
                 raise self._fail(exc.kind) from None
             self._on_frame(frame)
 
+    async def _read_until(self, done: Callable[[], bool]) -> bool:
+        """Handle frames (and the API's answer) until `done()`; False if the answer timeout
+        passes first."""
+        deadline = time.perf_counter() + self._plan.answer_timeout_s
+        for _ in range(MAX_FRAMES_PER_ANSWER):
+            if done():
+                return True
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return False
+            await self._next_event(min(remaining, POLL_S))
+        raise self._fail("too_many_frames")
+
+    async def _next_event(self, timeout: float) -> None:
+        """Handle the next frame, or return when the PATCH in flight is answered or `timeout`
+        passes (cancelling a read loses no frame)."""
+        link = self._link
+        assert link is not None, "connect() first"
+        recv = asyncio.ensure_future(link.recv(timeout))
+        patch = self._http_task
+        waiting: set[asyncio.Future[Any]] = {recv}
+        if patch is not None and not patch.done():
+            waiting.add(patch)
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if not recv.done():
+            recv.cancel()
+        try:
+            frame = await recv
+        except TimeoutError:
+            return
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            return
+        except BadFrame as exc:
+            raise self._fail(exc.kind) from None
+        self._on_frame(frame)
+
     async def _await_answer(self, ref: str) -> dict[str, Any]:
         """Read (bounded in frames and time) until `ref` is answered; handle all else on the way."""
         deadline = time.perf_counter() + self._plan.answer_timeout_s
@@ -275,7 +505,7 @@ class Bot:
         self._settle_suspects(time.perf_counter())
         kind = frame.get("type")
         if kind == "persona_changed":
-            self._on_persona_changed(str(frame.get("personality")))
+            self._on_persona_changed(str(frame.get("personality")), str(frame.get("previous")))
             return None
         ref = frame.get("id") if self._plan.mode is Mode.ECHO else frame.get("ref")
         if kind == "reply_delta":
@@ -301,6 +531,10 @@ class Bot:
         elif pending.kind == "switch" and kind == "persona_set":
             if frame.get("personality") != pending.expect:
                 self._stats.error("wrong_persona_set")
+            elif self._crew.propagation is not None:
+                previous = str(frame.get("previous"))
+                propagation = self._crew.propagation
+                propagation.switched(self.user, self.index, pending.expect, previous, now)
             self._stats.switch_ack(now - pending.sent_at)
         elif (pending.kind, kind) in _EXPECTED_ANSWERS:
             self._stats.pongs += kind == "pong"
@@ -362,12 +596,17 @@ class Bot:
         else:
             self._stats.stale_render(example)
 
-    def _on_persona_changed(self, personality: str) -> None:
-        """Another connection of this user switched persona.
+    def _on_persona_changed(self, personality: str, previous: str) -> None:
+        """Another connection of this user switched persona, or this bot through the API.
 
         Pushes can arrive out of commit order, so a push never replaces what the bot believes
         is current: it widens it, until the bot's own next switch. Chats in flight may render it.
         """
+        now = time.perf_counter()
+        self._stats.pushes += 1
+        own = self._http is not None and self._http.on_push(personality, now)
+        if not own and self._crew.propagation is not None:
+            self._crew.propagation.pushed(self.user, self.index, personality, previous, now)
         for pending in self._pending.values():
             if pending.kind == "chat":
                 pending.accept.add(personality)
@@ -375,6 +614,8 @@ class Bot:
                 pending.pushed = True
         self._current.add(personality)
         self._suspects = [(t, ex) for t, ex in self._suspects if ex["persona"] != personality]
+        if own:
+            self._settle_if_done()
 
     def _settle_suspects(self, now: float) -> None:
         """Count as stale the suspect replies whose grace ran out without a matching push."""

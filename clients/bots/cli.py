@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import math
+import re
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -21,7 +22,9 @@ from clients.link import CONNECT_ERRORS, Link
 from clients.loop import run_async
 
 MAX_CLIENTS = 50_000
+DEFAULT_URL = "ws://127.0.0.1:8765/ws"
 LIVE_PERIOD_S = 1.0
+RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 __all__ = ["LoadConfig", "Mode", "main", "plan_from", "run_load"]
 
@@ -30,13 +33,16 @@ class UsageError(Exception):
     """Bad options: reported on stderr with exit status 2."""
 
 
-def plan_from(url: str, duration_s: float, switch_every: int, think_ms: float) -> BotPlan:
+def plan_from(
+    url: str, duration_s: float, switch_every: int, think_ms: float, http_switch_ratio: float = 0.0
+) -> BotPlan:
     """The bots' plan, bounded in count as well as in time."""
     return BotPlan(
         url=url,
         switch_every=switch_every,
         think_s=think_ms / 1000.0,
         max_chats=math.ceil(duration_s * MAX_CHATS_PER_S_PER_BOT) + 1,
+        http_switch_ratio=http_switch_ratio,
     )
 
 
@@ -47,13 +53,30 @@ def config_from(args: argparse.Namespace, token_for: TokenSource | None) -> Load
         raise UsageError("--duration must be positive; --ramp and --think not negative")
     if args.switch_every < 0 or (args.users is not None and args.users < 1):
         raise UsageError("--switch-every must be >= 0 and --users >= 1")
+    urls = tuple(args.url or (DEFAULT_URL,))
+    api_urls = tuple(args.api_url or ())
+    if len(api_urls) > len(urls):
+        raise UsageError("more --api-url than --url: each --api-url pairs with a --url in order")
+    if not 0.0 <= args.http_switch_ratio <= 1.0:
+        raise UsageError("--http-switch-ratio must be 0 to 1")
+    if args.connect_per_source < 1:
+        raise UsageError("--connect-per-source must be >= 1")
+    run_id = args.run_id
+    if run_id is not None and not RUN_ID.fullmatch(run_id):
+        raise UsageError("--run-id: 1 to 32 letters, digits, '-' or '_'")
+    plan = plan_from(urls[0], args.duration, args.switch_every, args.think, args.http_switch_ratio)
     return LoadConfig(
-        plan=plan_from(args.url, args.duration, args.switch_every, args.think),
+        plan=plan,
         clients=args.clients,
         duration_s=args.duration,
         ramp_s=args.ramp,
         users=args.users,
         token_for=token_for,
+        urls=urls,
+        api_urls=api_urls,
+        per_source=args.connect_per_source,
+        shared_run=run_id is not None,
+        **({"run_id": run_id} if run_id is not None else {}),
     )
 
 
@@ -106,9 +129,10 @@ def main(args: argparse.Namespace, token_for: TokenSource | None) -> int:
     """
     try:
         config = config_from(args, token_for)
-        why = run_async(unreachable(config.plan.url))
-        if why is not None:
-            raise UsageError(why)
+        for target in config.targets():
+            why = run_async(unreachable(target.url))
+            if why is not None:
+                raise UsageError(why)
         if token_for is None:
             raise UsageError("no JWT secret: pass --secret, or --data-dir where jwt_secret lives")
     except UsageError as exc:

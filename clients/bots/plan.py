@@ -28,6 +28,7 @@ class BotPlan:
     answer_timeout_s: float = 30.0
     open_timeout_s: float = 30.0
     max_chats: int = 1_000_000
+    http_switch_ratio: float = 0.0  # this share of the switches goes through the HTTP API
 
 
 @dataclass(slots=True)

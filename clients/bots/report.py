@@ -39,10 +39,17 @@ class Stats:
     invalid_rejected: int = 0
     stale: int = 0
     pongs: int = 0
+    connect_retries: int = 0  # handshakes refused for now (429, 503) and tried again
+    http_switches: int = 0  # switches made through the HTTP API (PATCH), among `switches`
+    http_retries: int = 0  # PATCHes answered 429 (the per-user rate) and sent again
+    pushes: int = 0  # persona_changed frames received
+    pushes_expected: int = 0  # other connections of a switching user, per answered switch
     errors: Counter[str] = field(default_factory=Counter)
     chat_s: array[float] = field(default_factory=lambda: array("d"))
     switch_s: array[float] = field(default_factory=lambda: array("d"))
     after_switch_s: array[float] = field(default_factory=lambda: array("d"))  # chats behind one
+    http_switch_s: array[float] = field(default_factory=lambda: array("d"))  # to 200 and push
+    propagation_s: array[float] = field(default_factory=lambda: array("d"))  # answer to push
     recent_s: list[float] = field(default_factory=list)
     stale_examples: list[dict[str, Any]] = field(default_factory=list)
 
@@ -67,6 +74,11 @@ class Stats:
     def switch_ack(self, latency_s: float) -> None:
         self.switch_acks += 1
         self.switch_s.append(latency_s)
+
+    def propagated(self, latency_s: float) -> None:
+        """A user's other connection received the push of a switch, `latency_s` after the
+        switching bot had its answer (negative: before)."""
+        self.propagation_s.append(latency_s)
 
     def stale_render(self, example: dict[str, Any]) -> None:
         self.stale += 1
@@ -111,6 +123,12 @@ def build_report(stats: Stats, config: dict[str, Any], chat_window_s: float) -> 
             "invalid_personas_sent": stats.invalid_sent,
             "invalid_personas_rejected": stats.invalid_rejected,
             "pongs": stats.pongs,
+            "http_switches": stats.http_switches,
+            "http_retries": stats.http_retries,
+            "connect_retries": stats.connect_retries,
+            "pushes": stats.pushes,
+            "pushes_expected": stats.pushes_expected,
+            "pushes_received": len(stats.propagation_s),
             "stale_renders": stats.stale,
             "unexpected_errors": unexpected,
         },
@@ -119,6 +137,10 @@ def build_report(stats: Stats, config: dict[str, Any], chat_window_s: float) -> 
             # the chats sent right behind a switch (before its acknowledgement), among "chat"
             "chat_after_switch": summarize_ms(stats.after_switch_s),
             "switch_ack": summarize_ms(stats.switch_s),
+            # a PATCH's switch: from the request to both its 200 and the push on the bot's socket
+            "http_switch": summarize_ms(stats.http_switch_s),
+            # from a switch's answer to the push on each other connection of the user
+            "propagation": summarize_ms(stats.propagation_s),
         },
         "errors": dict(sorted(stats.errors.items())),
         "stale_examples": list(stats.stale_examples),

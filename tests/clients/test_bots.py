@@ -63,7 +63,13 @@ async def test_bots_command_writes_a_json_report(make_app: AppFactory, tmp_path:
     assert status == 0
     assert report["totals"]["replies"] > 0
     assert report["totals"]["stale_renders"] == 0
-    assert set(report["latency_ms"]) == {"chat", "chat_after_switch", "switch_ack"}
+    assert set(report["latency_ms"]) == {
+        "chat",
+        "chat_after_switch",
+        "switch_ack",
+        "http_switch",
+        "propagation",
+    }
 
 
 # ---------------------------------------------------------------- a server that renders stale
