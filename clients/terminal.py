@@ -38,6 +38,8 @@ from protocol.frames import (
     Avatar,
     AvatarInfo,
     Error,
+    HistoryEntry,
+    HistoryPage,
     Notice,
     PersonaChanged,
     PersonaInfo,
@@ -49,6 +51,7 @@ from protocol.frames import (
 
 DEFAULT_AVATAR = ("Ava", "friendly")
 RATE_LIMIT_RETRIES = 5
+RECENT_ON_START = 6  # messages of the conversation so far shown when the client starts
 LOCAL_HELP = "/quit          leave (Ctrl-D works too; Ctrl-C stops a reply)"
 STYLE = Style.from_dict(
     {"persona": "ansicyan bold", "offline": "ansiyellow", "bottom-toolbar": "noreverse ansiyellow"}
@@ -90,6 +93,18 @@ def describe(frame: AnyServerFrame) -> str:
             return text
         case _:
             return f"({frame.type})"
+
+
+def recent_line(conversation: Conversation, entry: HistoryEntry) -> str:
+    """One earlier message: who said it, its text, and how a reply ended if not completed."""
+    if entry.role == "user":
+        return f"you: {entry.text}"
+    marks = {"cancelled": "[stopped]", "interrupted": "[interrupted]"}
+    mark = marks.get(entry.status, "")
+    if entry.status == "failed":
+        mark = f"[failed: {entry.error or 'no reply'}]"
+    text = " ".join(part for part in (entry.text, mark) if part)
+    return f"{conversation.avatar_name} ({entry.persona}): {text}"
 
 
 def write(text: str, end: str = "\n") -> None:
@@ -191,6 +206,7 @@ class Terminal:
         if not self.conversation.avatar_name:
             await self.create_avatar()
         c = self.conversation
+        await self.show_recent()
         write(f"Talking to {c.avatar_name} ({c.persona}). /help lists the commands.")
         self.connection.watch(c.link)
         try:
@@ -202,6 +218,17 @@ class Terminal:
         finally:
             await self.connection.stop()
         return EXIT_OK
+
+    async def show_recent(self) -> None:
+        """The end of the conversation so far, with the replies that stopped or failed marked
+        as such (a failed one has no text of its own)."""
+        answer = await self.conversation.link.request({"type": "history", "limit": RECENT_ON_START})
+        if not isinstance(answer, HistoryPage) or not answer.messages:
+            return
+        write("-- earlier --")
+        for entry in answer.messages:
+            write(recent_line(self.conversation, entry))
+        write("-- now --")
 
     async def read_line(self) -> str | None:
         """The next line typed, stripped; None on Ctrl-D. Ctrl-C clears the line."""

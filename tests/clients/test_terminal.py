@@ -232,6 +232,30 @@ async def test_prompt_shows_the_current_persona(
     await tty.expect("\\[playful\\]")
 
 
+async def test_the_conversation_so_far_is_shown_with_failed_replies_marked(
+    make_app: AppFactory, user: str, terminal: TerminalFactory
+) -> None:
+    with socket.socket() as sock:  # an LLM endpoint that refuses every connection
+        sock.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+        app = await make_app(generator="openai", llm_base_url=refused)
+        client = Client(app.url)
+        await client.__aenter__()
+        try:
+            await client.hello(mint_token(SECRET, user))
+            await with_avatar(client, "caring")
+            assert (await client.request({"type": "chat", "text": "still there?"}))["type"] == (
+                "error"
+            )
+        finally:
+            await client.__aexit__(None, None, None)
+        tty = await terminal(app, user)
+        await tty.expect("-- earlier --")
+        await tty.expect("you: still there\\?")
+        await tty.expect("Ava \\(caring\\): \\[failed: unavailable\\]")
+        await tty.expect("Talking to Ava \\(caring\\)")
+
+
 async def test_persona_command_switches_the_prompt(
     app: App, connect: ClientFactory, user: str, terminal: TerminalFactory
 ) -> None:
