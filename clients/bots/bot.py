@@ -13,7 +13,7 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from clients.bots.api import Answer, Api
+from clients.bots.api import Answer, Api, ApiLink
 from clients.bots.http_switch import HttpSwitch
 from clients.bots.net import RETRY_STATUSES, Target, retry_delay_s
 from clients.bots.plan import BotPlan, Mode, Pacer, Pending, Phase
@@ -93,6 +93,7 @@ class Bot:
         self._pacer: Pacer | None = None
         self._http: HttpSwitch | None = None  # a switch through the HTTP API, not yet settled
         self._http_task: asyncio.Task[Answer] | None = None
+        self._api_link: ApiLink | None = None
         self._http_credit = (index * plan.http_switch_ratio) % 1.0  # staggers the bots' turns
         self._joined = False
 
@@ -178,6 +179,8 @@ class Bot:
             self._http_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._http_task
+        if self._api_link is not None:
+            await self._api_link.close()
         if self._joined and self._crew.propagation is not None:
             self._crew.propagation.leave(self.user, self.index)
         link = self._link
@@ -343,13 +346,15 @@ class Bot:
 
     async def _patch(self, api: Api, target: str) -> Answer:
         """The PATCH, sent again (with backoff) while it is answered 429: over the user's rate."""
-        answer = await api.set_persona(self.api_url, self._token, target)
+        if self._api_link is None:
+            self._api_link = api.link(self.api_url, self._token, self.source)
+        answer = await self._api_link.set_persona(target)
         for attempt in range(MAX_HTTP_RETRIES):
             if answer.status != 429:
                 break
             self._stats.http_retries += 1
             await asyncio.sleep(retry_delay_s(attempt, answer.retry_after))
-            answer = await api.set_persona(self.api_url, self._token, target)
+            answer = await self._api_link.set_persona(target)
         return answer
 
     def _on_patch_done(self, task: asyncio.Task[Answer]) -> None:
@@ -363,6 +368,7 @@ class Bot:
             self._current = http.current_after_failure(answer.status)
             self._http = None
             return
+        self._stats.http_patch_s.append(now - http.sent_at)
         if self._crew.propagation is not None:
             self._crew.propagation.switched(self.user, self.index, http.target, http.previous, now)
         self._settle_if_done()

@@ -206,10 +206,8 @@ async def run_load(
     """Run every bot: ramp up, await `on_ready`, chat for the duration; return the report."""
     stats = stats if stats is not None else Stats()
     plan = config.plan
-    if plan.http_switch_ratio <= 0:
-        return await _run(config, stats, on_ready, None)
-    async with Api(plan.answer_timeout_s) as api:
-        return await _run(config, stats, on_ready, api)
+    api = Api(plan.answer_timeout_s) if plan.http_switch_ratio > 0 else None
+    return await _run(config, stats, on_ready, api)
 
 
 async def _run(
@@ -220,7 +218,8 @@ async def _run(
 ) -> dict[str, Any]:
     raise_fd_limit(config.clients)
     phase = Phase()
-    crew = Crew(api, Propagation(stats), secrets.token_hex(3))
+    propagation = Propagation(stats)
+    crew = Crew(api, propagation, secrets.token_hex(3))
     bots = make_bots(config, stats, phase, crew)
     arrivals = _Arrivals(len(bots), stats)
     gates = _Gates(asyncio.Semaphore(max(1, config.connect_concurrency)), Gates(config.per_source))
@@ -239,6 +238,7 @@ async def _run(
         await on_ready()
     phase.start(config.duration_s)
     await _finish(tasks, config.duration_s + 2 * plan.answer_timeout_s + 10.0, stats)
+    propagation.finish()
     return build_report(stats, config.describe(), config.duration_s)
 
 

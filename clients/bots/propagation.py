@@ -4,40 +4,41 @@ that user in this run, on any instance, receives the matching `persona_changed`.
 
 from __future__ import annotations
 
-from collections import deque
+import bisect
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 from clients.bots.report import Stats
 
-T = TypeVar("T")
-KEEP_S = 10.0  # a switch waits this long for its pushes, a push this long for its switch
+WINDOW_S = 10.0  # a push further than this from every switch of its kind matches none
+MAX_PUSHES = 2_000_000  # memory bound: later pushes are not timed
 
 Key = tuple[str, str, str]  # user, personality, previous
 
 
 @dataclass(slots=True)
-class _Switch:
-    at: float
-    waiting: set[int] = field(default_factory=set)  # bots that have not had the push yet
+class _Switches:
+    """The answered switches of one key, in the order their answers came."""
+
+    at: list[float] = field(default_factory=list)
+    waiting: list[set[int]] = field(default_factory=list)  # bots that have not had the push
 
 
 class Propagation:
     """Pairs each answered switch with the pushes it causes on the user's other connections.
 
-    Pushes carry no version, so a push is matched by user, persona and previous persona to the
-    latest such switch that still waits for that bot. A push may arrive before the switcher
-    has its answer (the other connection is told at commit, as the answer is sent): it waits
-    for its switch, and its time is then negative. A session may skip a push that an even
-    newer change made old, so pushes not received are counted, not errors.
+    Pushes carry no version, so a push is matched by user, persona and previous persona, and
+    among such switches still waiting for that bot to the one whose answer came nearest in
+    time. That is done once the run is over (`finish`): a push often comes before the
+    switcher has its answer (the other connection is told at commit, as the answer is sent),
+    and its time is then negative. A session skips a push that a newer change made old, so
+    pushes not received are counted, not errors.
     """
 
     def __init__(self, stats: Stats) -> None:
         self._stats = stats
         self._members: dict[str, set[int]] = {}
-        self._switches: dict[Key, list[_Switch]] = {}
-        self._early: dict[Key, list[tuple[int, float]]] = {}  # pushes before their switch
-        self._order: deque[tuple[float, Key]] = deque()  # for forgetting old entries
+        self._switches: dict[Key, _Switches] = {}
+        self._pushes: list[tuple[Key, int, float]] = []
 
     def join(self, user: str, bot: int) -> None:
         """Bot `bot` of `user` is authenticated: it receives the user's pushes from now on."""
@@ -50,48 +51,48 @@ class Propagation:
 
     def switched(self, user: str, bot: int, personality: str, previous: str, at: float) -> None:
         """Bot `bot` has the answer to its switch (committed from `previous` to `personality`)."""
-        self._forget(at)
         others = self._members.get(user, set()) - {bot}
         if not others or personality == previous:
             return
-        key = (user, personality, previous)
         self._stats.pushes_expected += len(others)
-        switch = _Switch(at, others)
-        early = self._early.get(key, [])
-        for receiver, pushed_at in list(early):
-            if receiver in switch.waiting:
-                switch.waiting.discard(receiver)
-                early.remove((receiver, pushed_at))
-                self._stats.propagated(pushed_at - at)
-        if switch.waiting:
-            self._switches.setdefault(key, []).append(switch)
-            self._order.append((at, key))
+        switches = self._switches.setdefault((user, personality, previous), _Switches())
+        switches.at.append(at)
+        switches.waiting.append(others)
 
     def pushed(self, user: str, bot: int, personality: str, previous: str, at: float) -> None:
         """Bot `bot` of `user` received `persona_changed`."""
-        self._forget(at)
-        key = (user, personality, previous)
-        for switch in reversed(self._switches.get(key, [])):
-            if bot in switch.waiting:
-                switch.waiting.discard(bot)
-                self._stats.propagated(at - switch.at)
-                return
-        self._early.setdefault(key, []).append((bot, at))
-        self._order.append((at, key))
+        if len(self._pushes) < MAX_PUSHES:
+            self._pushes.append(((user, personality, previous), bot, at))
 
-    def _forget(self, now: float) -> None:
-        order = self._order
-        while order and order[0][0] < now - KEEP_S:
-            _, key = order.popleft()
-            cutoff = now - KEEP_S
-            switches = [s for s in self._switches.get(key, []) if s.at >= cutoff and s.waiting]
-            early = [e for e in self._early.get(key, []) if e[1] >= cutoff]
-            _put(self._switches, key, switches)
-            _put(self._early, key, early)
+    def finish(self) -> None:
+        """Match every push to its switch and time it (into the stats)."""
+        for key, bot, at in self._pushes:
+            switches = self._switches.get(key)
+            if switches is None:
+                continue
+            index = _nearest_waiting(switches, bot, at)
+            if index is not None:
+                switches.waiting[index].discard(bot)
+                self._stats.propagated(at - switches.at[index])
+        self._pushes.clear()
 
 
-def _put(table: dict[Key, list[T]], key: Key, items: list[T]) -> None:
-    if items:
-        table[key] = items
-    else:
-        table.pop(key, None)
+def _nearest_waiting(switches: _Switches, bot: int, at: float) -> int | None:
+    """The switch still waiting for `bot` whose answer came nearest to `at` (within WINDOW_S)."""
+    times, waiting = switches.at, switches.waiting
+    right = bisect.bisect_left(times, at)
+    left = right - 1
+    while left >= 0 or right < len(times):
+        before = at - times[left] if left >= 0 else float("inf")
+        after = times[right] - at if right < len(times) else float("inf")
+        if min(before, after) > WINDOW_S:
+            return None
+        if before <= after:
+            if bot in waiting[left]:
+                return left
+            left -= 1
+        else:
+            if bot in waiting[right]:
+                return right
+            right += 1
+    return None

@@ -48,6 +48,7 @@ class Stats:
     chat_s: array[float] = field(default_factory=lambda: array("d"))
     switch_s: array[float] = field(default_factory=lambda: array("d"))
     after_switch_s: array[float] = field(default_factory=lambda: array("d"))  # chats behind one
+    http_patch_s: array[float] = field(default_factory=lambda: array("d"))  # a PATCH's 200
     http_switch_s: array[float] = field(default_factory=lambda: array("d"))  # to 200 and push
     propagation_s: array[float] = field(default_factory=lambda: array("d"))  # answer to push
     recent_s: list[float] = field(default_factory=list)
@@ -137,6 +138,7 @@ def build_report(stats: Stats, config: dict[str, Any], chat_window_s: float) -> 
             # the chats sent right behind a switch (before its acknowledgement), among "chat"
             "chat_after_switch": summarize_ms(stats.after_switch_s),
             "switch_ack": summarize_ms(stats.switch_s),
+            "http_patch": summarize_ms(stats.http_patch_s),  # a PATCH to its 200
             # a PATCH's switch: from the request to both its 200 and the push on the bot's socket
             "http_switch": summarize_ms(stats.http_switch_s),
             # from a switch's answer to the push on each other connection of the user

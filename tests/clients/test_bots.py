@@ -67,6 +67,7 @@ async def test_bots_command_writes_a_json_report(make_app: AppFactory, tmp_path:
         "chat",
         "chat_after_switch",
         "switch_ack",
+        "http_patch",
         "http_switch",
         "propagation",
     }
