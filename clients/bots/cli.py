@@ -10,6 +10,7 @@ import re
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from rich.console import Console
 from rich.live import Live
@@ -18,7 +19,7 @@ from clients.bots.load import MAX_CHATS_PER_S_PER_BOT, LoadConfig, TokenSource, 
 from clients.bots.plan import BotPlan, Mode
 from clients.bots.report import LiveView, Stats, render_report, write_json
 from clients.connection import connect_failure
-from clients.link import CONNECT_ERRORS, Link
+from clients.link import CONNECT_ERRORS, OPEN_TIMEOUT_S, Link
 from clients.loop import run_async
 
 MAX_CLIENTS = 50_000
@@ -114,6 +115,19 @@ async def unreachable(url: str) -> str | None:
     return None
 
 
+async def api_unreachable(api_url: str) -> str | None:
+    """Why nothing can connect to the HTTP API at `api_url` (None when a connection opens)."""
+    parts = urlsplit(api_url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        async with asyncio.timeout(OPEN_TIMEOUT_S):
+            _, writer = await asyncio.open_connection(parts.hostname, port)
+    except (OSError, TimeoutError) as exc:
+        return f"cannot connect to the HTTP API at {api_url} ({exc}); pass --api-url"
+    writer.close()
+    return None
+
+
 async def run_with_progress(config: LoadConfig, quiet: bool) -> dict[str, Any]:
     stats = Stats()
     async with live_progress(stats, config.clients, quiet):
@@ -131,6 +145,8 @@ def main(args: argparse.Namespace, token_for: TokenSource | None) -> int:
         config = config_from(args, token_for)
         for target in config.targets():
             why = run_async(unreachable(target.url))
+            if why is None and config.plan.http_switch_ratio > 0:
+                why = run_async(api_unreachable(target.api_url))
             if why is not None:
                 raise UsageError(why)
         if token_for is None:
