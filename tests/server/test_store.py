@@ -398,21 +398,29 @@ def _idle_backend_ended(conn: Conn) -> None:
 
 
 async def _held_over_two_batches(
-    database_url: str, between: Callable[[Conn], Awaitable[None]]
+    database_url: str,
+    between: Callable[[Conn], Awaitable[None]],
+    first_query: str = "SELECT unnest($1::int[]) AS n",
+    command_timeout: float = 5.0,
 ) -> tuple[list[int | BaseException], list[int], int]:
     """Two batches through a batcher of `Store._fetch` on one pool: the second queued while
     the first is written, so that the connection of the first is held for it; `between` runs
     on that connection after the first batch's statement. The two results, the backend of
     every flush, and how many batches went again."""
     pool = await asyncpg.create_pool(
-        database_url, min_size=2, max_size=2, connection_class=PoolConnection
+        database_url,
+        min_size=2,
+        max_size=2,
+        connection_class=PoolConnection,
+        command_timeout=command_timeout,
     )
     store = Store(pool, 5.0)
     backends: list[int] = []
 
     async def flush(conn: Conn, items: Sequence[int]) -> list[int]:
         backends.append(conn.get_server_pid())
-        rows = await store._fetch(conn, "SELECT unnest($1::int[]) AS n", list(items))
+        query = first_query if not backends[1:] else "SELECT unnest($1::int[]) AS n"
+        rows = await store._fetch(conn, query, list(items))
         if len(backends) == 1:
             await between(conn)
         return [row["n"] for row in rows]
@@ -465,6 +473,24 @@ async def test_a_held_connection_whose_socket_closed_is_not_used_again(database_
     assert results == [1, 2]
     assert retries == 0
     assert len(backends) == 2 and backends[1] != backends[0]
+
+
+async def test_a_batch_whose_statement_timed_out_leaves_the_next_one_a_fresh_connection(
+    database_url: str,
+) -> None:
+    """The other way a connection could be left busy: a statement cut off by the command
+    timeout (asyncpg cancels it on the server). That batch fails as `Unavailable`, and the
+    batcher lets go of the connection: the pool takes it back once the cancel is done, and the
+    next batch, queued meanwhile, gets one from the pool (that one, idle again, or another)."""
+
+    async def nothing(conn: Conn) -> None:
+        raise AssertionError("the first batch cannot succeed")
+
+    results, backends, retries = await _held_over_two_batches(
+        database_url, nothing, "SELECT n FROM unnest($1::int[]) AS n, pg_sleep(5)", 0.2
+    )
+    assert isinstance(results[0], Unavailable) and results[1] == 2
+    assert retries == 0 and len(backends) == 2
 
 
 async def test_a_statement_on_an_ended_connection_is_unavailable_in_one_line(
