@@ -234,6 +234,8 @@ async def _slot(
             if _opened(await bot.connect()) and await bot.prepare():
                 arrived.set()
                 await bot.work()
+        except Exception as exc:  # a bug in the bot: counted (unexplained), and the slot goes on
+            stats.error(f"bot_crashed_{type(exc).__name__}")
         finally:
             bot.unanswered_switches()
             await bot.close()
