@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import math
 import time
@@ -13,9 +12,9 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from clients.bots.api import Answer, Api, ApiLink
-from clients.bots.http_switch import HttpSwitch
-from clients.bots.net import RETRY_STATUSES, Target, retry_delay_s
+from clients.bots.api import Api
+from clients.bots.http_switch import HttpSwitcher
+from clients.bots.net import RETRY_STATUSES, Target
 from clients.bots.plan import BotPlan, Mode, Pacer, Pending, Phase
 from clients.bots.propagation import Propagation
 from clients.bots.report import Stats
@@ -26,7 +25,6 @@ INVALID_PERSONA = "no-such-persona"
 MAX_FRAMES_PER_ANSWER = 10_000
 PUSH_GRACE_S = 0.5  # how long a reply may precede the push of the switch it was rendered after
 POLL_S = 0.05  # how often a wait for a switch to settle looks at the clock
-MAX_HTTP_RETRIES = 5
 CLIENT_PACE = 0.8  # bots send at most this share of the rate the server announces
 PACE_BURST = 4.0
 
@@ -91,10 +89,11 @@ class Bot:
         self._suspects: list[tuple[float, dict[str, Any]]] = []  # (grace deadline, stale example)
         self._closing = False
         self._pacer: Pacer | None = None
-        self._http: HttpSwitch | None = None  # a switch through the HTTP API, not yet settled
-        self._http_task: asyncio.Task[Answer] | None = None
-        self._api_link: ApiLink | None = None
-        self._http_credit = (index * plan.http_switch_ratio) % 1.0  # staggers the bots' turns
+        self._http: HttpSwitcher | None = None  # switches through the HTTP API
+        if self._crew.api is not None and plan.http_switch_ratio > 0 and self.api_url:
+            link = self._crew.api.link(self.api_url, token, source)
+            ratio, propagation = plan.http_switch_ratio, self._crew.propagation
+            self._http = HttpSwitcher(index, user, ratio, link, stats, propagation, self._expect)
         self._joined = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -175,12 +174,8 @@ class Bot:
             self._settle_suspects(math.inf)
 
     async def close(self) -> None:
-        if self._http_task is not None and not self._http_task.done():
-            self._http_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._http_task
-        if self._api_link is not None:
-            await self._api_link.close()
+        if self._http is not None:
+            await self._http.close()
         if self._joined and self._crew.propagation is not None:
             self._crew.propagation.leave(self.user, self.index)
         link = self._link
@@ -239,9 +234,9 @@ class Bot:
             if switching:
                 await self._settle_http()
                 await self._maybe_invalid()
-                by_http = self._http_turn()
-                if by_http:
-                    await self._http_switch()
+                by_http = self._http is not None and self._http.turn()
+                if self._http is not None and by_http:
+                    await self._http_switch(self._http)
                 else:
                     await self._switch(by_command=self._switches % 2 == 1)
             ref = await self._send_chat(chats, after_switch=switching and not by_http)
@@ -316,101 +311,25 @@ class Bot:
 
     # ------------------------------------------------------------------ switching over HTTP
 
-    def _http_turn(self) -> bool:
-        """Whether this switch goes through the HTTP API: a share `http_switch_ratio` of them."""
-        ratio = self._plan.http_switch_ratio
-        if ratio <= 0 or self._crew.api is None or not self.api_url:
-            return False
-        self._http_credit += ratio
-        if self._http_credit < 1.0 - 1e-9:
-            return False
-        self._http_credit -= 1.0
-        return True
+    def _expect(self, personas: set[str]) -> None:
+        """What a switch through the API leaves the avatar as, as far as the bot can tell."""
+        self._current = personas
 
-    async def _http_switch(self) -> None:
+    async def _http_switch(self, http: HttpSwitcher) -> None:
         """Switch through `PATCH /avatars/me/persona`; never wait for its answer here. The
         bot's socket switches are answered first: one still in flight might commit after it."""
-        api = self._crew.api
-        assert api is not None, "a crew with an Api"
         no_switch = lambda: all(p.kind != "switch" for p in self._pending.values())  # noqa: E731
         if not await self._read_until(no_switch):
             raise self._fail("timeout")
         self._switches += 1
-        self._stats.switches += 1
-        self._stats.http_switches += 1
-        target = self._pick_target()
-        self._http = HttpSwitch(target, set(self._current), time.perf_counter())
-        self._current = self._current | {target}
-        self._http_task = asyncio.create_task(self._patch(api, target))
-        self._http_task.add_done_callback(self._on_patch_done)
-
-    async def _patch(self, api: Api, target: str) -> Answer:
-        """The PATCH, sent again (with backoff) while it is answered 429: over the user's rate."""
-        if self._api_link is None:
-            self._api_link = api.link(self.api_url, self._token, self.source)
-        answer = await self._api_link.set_persona(target)
-        for attempt in range(MAX_HTTP_RETRIES):
-            if answer.status != 429:
-                break
-            self._stats.http_retries += 1
-            await asyncio.sleep(retry_delay_s(attempt, answer.retry_after))
-            answer = await self._api_link.set_persona(target)
-        return answer
-
-    def _on_patch_done(self, task: asyncio.Task[Answer]) -> None:
-        http = self._http
-        if task.cancelled() or http is None or task is not self._http_task:
-            return
-        answer, now = task.result(), time.perf_counter()
-        http.on_answer(answer, now)
-        if http.failed:
-            self._stats.error(http.failed)
-            self._current = http.current_after_failure(answer.status)
-            self._http = None
-            return
-        self._stats.http_patch_s.append(now - http.sent_at)
-        if self._crew.propagation is not None:
-            self._crew.propagation.switched(self.user, self.index, http.target, http.previous, now)
-        self._settle_if_done()
-
-    def _settle_if_done(self) -> None:
-        """Once the 200 and the push have both come, the new persona is what the bot expects."""
-        http = self._http
-        if http is not None and http.settled:
-            self._current = http.current_after()
-            self._stats.http_switch_s.append(http.latency_s)
-            self._http = None
+        self._current = http.start(self._pick_target(), self._current)
 
     async def _settle_http(self) -> None:
-        """Wait (reading frames) until the switch through the API, if any, has settled. When
-        another change was pushed meanwhile, its own push may never come (a session skips a
-        change older than one it has told): it gets PUSH_GRACE_S after the 200."""
-
-        def settled() -> bool:
-            http = self._http
-            if http is None:
-                return True
-            answered = http.answered_at
-            return (
-                bool(http.others)
-                and answered is not None
-                and (time.perf_counter() > answered + PUSH_GRACE_S)
-            )
-
-        await self._read_until(settled)
+        """Wait (reading frames) until the switch through the API, if any, has settled."""
         http = self._http
-        if http is None:
-            return
-        self._http = None
-        if http.answered_at is None:
-            self._stats.error("http_timeout")
-            self._current = http.current_after_failure(0)
-            if self._http_task is not None:
-                self._http_task.cancel()
-            return
-        if not http.others:
-            self._stats.error("http_no_push")
-        self._current = http.current_after()
+        if http is not None:
+            await self._read_until(http.settled)
+            http.give_up()
 
     async def _maybe_invalid(self) -> None:
         every = self._plan.invalid_every
@@ -477,7 +396,7 @@ class Bot:
         link = self._link
         assert link is not None, "connect() first"
         recv = asyncio.ensure_future(link.recv(timeout))
-        patch = self._http_task
+        patch = self._http.task if self._http is not None else None
         waiting: set[asyncio.Future[Any]] = {recv}
         if patch is not None and not patch.done():
             waiting.add(patch)
@@ -608,11 +527,7 @@ class Bot:
         Pushes can arrive out of commit order, so a push never replaces what the bot believes
         is current: it widens it, until the bot's own next switch. Chats in flight may render it.
         """
-        now = time.perf_counter()
         self._stats.pushes += 1
-        own = self._http is not None and self._http.on_push(personality, now)
-        if not own and self._crew.propagation is not None:
-            self._crew.propagation.pushed(self.user, self.index, personality, previous, now)
         for pending in self._pending.values():
             if pending.kind == "chat":
                 pending.accept.add(personality)
@@ -620,8 +535,11 @@ class Bot:
                 pending.pushed = True
         self._current.add(personality)
         self._suspects = [(t, ex) for t, ex in self._suspects if ex["persona"] != personality]
-        if own:
-            self._settle_if_done()
+        now = time.perf_counter()
+        if self._http is not None:  # its own push settles a switch through the API
+            self._http.on_push(personality, previous, now)
+        elif self._crew.propagation is not None:
+            self._crew.propagation.pushed(self.user, self.index, personality, previous, now)
 
     def _settle_suspects(self, now: float) -> None:
         """Count as stale the suspect replies whose grace ran out without a matching push."""

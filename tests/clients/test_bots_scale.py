@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 import pytest
+from websockets.asyncio.server import ServerConnection, serve
 
 from clients.bots.load import LoadConfig, run_load
 from clients.bots.net import default_api_url, is_loopback_url, targets_of
@@ -191,3 +192,86 @@ def test_api_urls_pair_with_urls_and_default_to_port_8766() -> None:
     assert not is_loopback_url("ws://10.0.0.1:8765/ws")
     with pytest.raises(ValueError):
         targets_of(["ws://a/ws"], ["http://a", "http://b"])
+
+
+class PatchServer:
+    """A WebSocket side and an HTTP API side of one fake instance. A PATCH commits after
+    50 ms, pushes `persona_changed` and answers 200; a chat is rendered with the persona current
+    when it is read, or (`stale`) with the one before the last switch, which the bot must catch
+    once it has both the 200 and the push."""
+
+    def __init__(self, stale: bool) -> None:
+        self.stale = stale
+        self.current, self.before = "friendly", "friendly"
+        self.sockets: set[ServerConnection] = set()
+
+    async def handle_ws(self, ws: ServerConnection) -> None:
+        self.sockets.add(ws)
+        try:
+            async for raw in ws:
+                frame = orjson.loads(raw)
+                ref = frame.get("id")
+                if frame["type"] == "hello":
+                    avatar = {"id": 1, "name": "Ava", "personality": self.current}
+                    limits = {"max_frame_bytes": 65536, "max_text_chars": 4000, "rate_per_s": 1e3}
+                    answer = {"type": "welcome", "ref": ref, "avatar": avatar, "limits": limits}
+                else:
+                    persona = self.before if self.stale else self.current
+                    answer = {"type": "reply", "ref": ref, "persona": persona, "text": "hi"}
+                    answer |= {"status": "completed", "reply_id": 2, "message_id": 1}
+                await ws.send(orjson.dumps(answer).decode())
+        finally:
+            self.sockets.discard(ws)
+
+    async def handle_http(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            wanted = orjson.loads(await reader.readexactly(length))["personality"]
+            await asyncio.sleep(0.05)
+            self.before, self.current = self.current, wanted
+            push = {"type": "persona_changed", "personality": wanted, "previous": self.before}
+            for ws in list(self.sockets):
+                await ws.send(orjson.dumps(push).decode())
+            body = orjson.dumps({"personality": wanted, "previous": self.before, "avatar": {}})
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n")
+            writer.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            await writer.drain()
+        writer.close()
+
+
+@pytest.mark.parametrize("stale", [False, True])
+async def test_bots_expect_the_patched_persona_once_they_have_the_200_and_the_push(
+    stale: bool,
+) -> None:
+    fake = PatchServer(stale)
+    http = await asyncio.start_server(fake.handle_http, "127.0.0.1", 0)
+    async with serve(fake.handle_ws, "127.0.0.1", 0) as ws_server:
+        ws_port = next(iter(ws_server.sockets)).getsockname()[1]
+        api_port = http.sockets[0].getsockname()[1]
+        url = f"ws://127.0.0.1:{ws_port}/ws"
+        config = LoadConfig(
+            # chats 30 ms apart: some while the PATCH (50 ms) is in flight, some after it
+            plan=BotPlan(
+                url=url, switch_every=4, invalid_every=0, think_s=0.03, http_switch_ratio=1
+            ),
+            api_urls=(f"http://127.0.0.1:{api_port}",),
+            clients=1,
+            duration_s=1.5,
+            token_for=TOKEN_FOR,
+        )
+        report = await run_load(config)
+    http.close()
+    await http.wait_closed()
+    totals = report["totals"]
+    assert totals["http_switches"] > 2 and report["errors"] == {}
+    # the chat sent while a PATCH is in flight is answered with the persona before it: right
+    assert (totals["stale_renders"] > 0) is stale, report["stale_examples"]
+    if stale:
+        example = report["stale_examples"][0]
+        assert example["persona"] not in example["expected"]
+        # after a settled PATCH, only its persona: the one before it is stale
+        assert any(len(e["expected"]) == 1 for e in report["stale_examples"])
