@@ -5,11 +5,13 @@ that user in this run, on any instance, receives the matching `persona_changed`.
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, field
 
 from clients.bots.report import Stats
 
-WINDOW_S = 10.0  # a push further than this from every switch of its kind matches none
+WINDOW_S = 10.0  # a push this long after every switch of its kind matches none
+EARLY_S = 1.0  # nor one this long before them (the answer leaves at the commit, as the push)
 MAX_PUSHES = 2_000_000  # memory bound: later pushes are not timed
 
 Key = tuple[str, str, str]  # user, personality, previous
@@ -31,7 +33,9 @@ class Propagation:
     time. That is done once the run is over (`finish`): a push often comes before the
     switcher has its answer (the other connection is told at commit, as the answer is sent),
     and its time is then negative. A session skips a push that a newer change made old, so
-    pushes not received are counted, not errors.
+    pushes not received are counted, not errors. Runs that share users (one --run-id) see the
+    other run's switches pushed too, unrecorded here: a push of the same change from one of
+    those can be taken for one of ours, so across runs the figure is only indicative.
     """
 
     def __init__(self, stats: Stats) -> None:
@@ -78,14 +82,17 @@ class Propagation:
 
 
 def _nearest_waiting(switches: _Switches, bot: int, at: float) -> int | None:
-    """The switch still waiting for `bot` whose answer came nearest to `at` (within WINDOW_S)."""
+    """The switch still waiting for `bot` whose answer came nearest to `at`: at most EARLY_S
+    after the push, or WINDOW_S before it."""
     times, waiting = switches.at, switches.waiting
     right = bisect.bisect_left(times, at)
     left = right - 1
     while left >= 0 or right < len(times):
-        before = at - times[left] if left >= 0 else float("inf")
-        after = times[right] - at if right < len(times) else float("inf")
-        if min(before, after) > WINDOW_S:
+        before = at - times[left] if left >= 0 and at - times[left] <= WINDOW_S else math.inf
+        after = (
+            times[right] - at if right < len(times) and times[right] - at <= EARLY_S else math.inf
+        )
+        if before == after == math.inf:
             return None
         if before <= after:
             if bot in waiting[left]:
