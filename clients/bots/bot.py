@@ -6,7 +6,6 @@ import asyncio
 import enum
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,20 +16,15 @@ from clients.bots.http_switch import HttpSwitcher
 from clients.bots.net import RETRY_STATUSES, Target
 from clients.bots.plan import BotPlan, Mode, Pacer, Pending, Phase
 from clients.bots.propagation import Propagation
+from clients.bots.reading import MAX_FRAMES_PER_ANSWER, BotFailed, Reading
 from clients.bots.report import Stats
-from clients.link import BadFrame, Frame, Link
+from clients.link import Link
 from protocol.personas import PERSONA_IDS
 
 INVALID_PERSONA = "no-such-persona"
-MAX_FRAMES_PER_ANSWER = 10_000
 PUSH_GRACE_S = 0.5  # how long a reply may precede the push of the switch it was rendered after
-POLL_S = 0.05  # how often a wait for a switch to settle looks at the clock
 CLIENT_PACE = 0.8  # bots send at most this share of the rate the server announces
 PACE_BURST = 4.0
-
-
-class BotFailed(Exception):
-    """The bot cannot go on (timeout, protocol breach); already counted by kind."""
 
 
 class Opened(enum.Enum):
@@ -52,7 +46,7 @@ class Crew:
     # and runs that share users (one --run-id) must not reuse each other's ids
 
 
-class Bot:
+class Bot(Reading):
     """One connection: handshake, then a bounded closed loop of chats until the deadline."""
 
     def __init__(
@@ -347,84 +341,6 @@ class Bot:
 
     # ------------------------------------------------------------------ receiving
 
-    async def _recv(self, deadline: float) -> Frame:
-        link = self._link
-        assert link is not None, "connect() first"
-        remaining = deadline - time.perf_counter()
-        if remaining <= 0:
-            raise self._fail("timeout")
-        try:
-            return await link.recv(remaining)
-        except TimeoutError:
-            raise self._fail("timeout") from None
-        except BadFrame as exc:
-            raise self._fail(exc.kind) from None
-
-    async def _pause(self, seconds: float) -> None:
-        """Wait, handling frames as they come, so that answers are timed when they arrive."""
-        link = self._link
-        assert link is not None, "connect() first"
-        until = time.perf_counter() + seconds
-        for _ in range(MAX_FRAMES_PER_ANSWER):
-            remaining = until - time.perf_counter()
-            if remaining <= 0:
-                return
-            try:
-                frame = await link.recv(remaining)
-            except TimeoutError:
-                return
-            except BadFrame as exc:
-                raise self._fail(exc.kind) from None
-            self._on_frame(frame)
-
-    async def _read_until(self, done: Callable[[], bool]) -> bool:
-        """Handle frames (and the API's answer) until `done()`; False if the answer timeout
-        passes first."""
-        deadline = time.perf_counter() + self._plan.answer_timeout_s
-        for _ in range(MAX_FRAMES_PER_ANSWER):
-            if done():
-                return True
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                return False
-            await self._next_event(min(remaining, POLL_S))
-        raise self._fail("too_many_frames")
-
-    async def _next_event(self, timeout: float) -> None:
-        """Handle the next frame, or return when the PATCH in flight is answered or `timeout`
-        passes (cancelling a read loses no frame)."""
-        link = self._link
-        assert link is not None, "connect() first"
-        recv = asyncio.ensure_future(link.recv(timeout))
-        patch = self._http.task if self._http is not None else None
-        waiting: set[asyncio.Future[Any]] = {recv}
-        if patch is not None and not patch.done():
-            waiting.add(patch)
-        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-        if not recv.done():
-            recv.cancel()
-        try:
-            frame = await recv
-        except TimeoutError:
-            return
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise
-            return
-        except BadFrame as exc:
-            raise self._fail(exc.kind) from None
-        self._on_frame(frame)
-
-    async def _await_answer(self, ref: str) -> dict[str, Any]:
-        """Read (bounded in frames and time) until `ref` is answered; handle all else on the way."""
-        deadline = time.perf_counter() + self._plan.answer_timeout_s
-        for _ in range(MAX_FRAMES_PER_ANSWER):
-            frame = await self._recv(deadline)
-            if self._on_frame(frame) == ref:
-                return frame
-        raise self._fail("too_many_frames")
-
     def _on_frame(self, frame: dict[str, Any]) -> str | None:
         """Check one frame; return the ref it answered (None for pushes and deltas)."""
         self._settle_suspects(time.perf_counter())
@@ -548,10 +464,6 @@ class Bot:
         for _, example in (item for item in self._suspects if item[0] <= now):
             self._stats.stale_render(example)
         self._suspects = [item for item in self._suspects if item[0] > now]
-
-    def _fail(self, kind: str) -> BotFailed:
-        self._stats.error(kind)
-        return BotFailed(kind)
 
 
 # Errors after which a switch may have committed all the same.
