@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
@@ -73,6 +74,15 @@ async def make_app(database_url: str) -> AsyncIterator[AppFactory]:
 @pytest.fixture
 async def app(make_app: AppFactory) -> App:
     return await make_app()
+
+
+@pytest.fixture
+def refused_url() -> Iterator[str]:
+    """An LLM endpoint on a port that is bound but never listens: every connection to it is
+    refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
 
 
 @pytest.fixture

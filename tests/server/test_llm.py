@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -142,14 +141,6 @@ async def client(connect: ClientFactory) -> Client:
     client = await connect()
     await with_avatar(client, "friendly")
     return client
-
-
-@pytest.fixture
-def refused_url() -> Iterator[str]:
-    """A port that is bound but never listens, so every connection to it is refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
 
 
 async def chat(client: Client, text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:

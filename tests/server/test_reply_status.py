@@ -3,20 +3,7 @@ error code), and history pages carry it, so that a client can mark it after a re
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Iterator
-
-import pytest
-
 from tests.conftest import AppFactory, ClientFactory, slow_client, with_avatar
-
-
-@pytest.fixture
-def refused_url() -> Iterator[str]:
-    """A port that is bound but never listens, so every connection to it is refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
 
 
 async def test_a_reply_the_llm_could_not_give_is_stored_failed_with_its_error(

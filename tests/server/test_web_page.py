@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -296,14 +295,6 @@ async def test_help_is_shown_in_a_monospace_block(browser: Browser, make_app: Ap
     font = await block.evaluate("element => getComputedStyle(element).fontFamily")
     assert font.endswith("monospace"), font
     assert "\n/personas      list the personalities\n" in await block.inner_text()
-
-
-@pytest.fixture
-def refused_url() -> Iterator[str]:
-    """A port that is bound but never listens, so every connection to it is refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
 
 
 async def test_unavailable_shows_the_servers_own_message(

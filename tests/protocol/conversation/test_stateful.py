@@ -41,7 +41,7 @@ from protocol.conversation.chats import Claims
 from protocol.conversation.limits import UserBudgets
 from protocol.conversation.records import PastTurn, StoredTurn, SwitchResult, Turn
 from protocol.errors import Unavailable
-from protocol.frames import ReplyStatus, encode
+from protocol.frames import encode
 from tests.protocol.conversation.harness import USER, Talk, avatar
 
 EXAMPLES = int(os.environ.get("HYPOTHESIS_EXAMPLES", "2000"))
@@ -385,6 +385,9 @@ class TwoConversations(RuleBasedStateMachine):
     def answer_load(self, data: st.DataObject, as_asked: bool) -> None:
         """The row as it was when asked, or as it is now (a read sees either)."""
         index = data.draw(st.sampled_from([i for i, c in enumerate(self.clients) if c.loads]))
+        self._answer_load(index, as_asked)
+
+    def _answer_load(self, index: int, as_asked: bool) -> None:
         client = self.clients[index]
         personality, version, reconnects = client.loads.popleft()
         if not as_asked or reconnects != self.reconnects:
@@ -398,6 +401,9 @@ class TwoConversations(RuleBasedStateMachine):
     @rule(data=st.data(), fails=st.booleans())
     def answer_reply(self, data: st.DataObject, fails: bool) -> None:
         index = data.draw(st.sampled_from([i for i, c in enumerate(self.clients) if c.starts]))
+        self._answer_reply(index, fails)
+
+    def _answer_reply(self, index: int, fails: bool) -> None:
         client = self.clients[index]
         key, persona = client.starts.popitem()
         conv = client.talk.conv
@@ -415,6 +421,9 @@ class TwoConversations(RuleBasedStateMachine):
     @rule(data=st.data())
     def answer_replay(self, data: st.DataObject) -> None:
         index = data.draw(st.sampled_from([i for i, c in enumerate(self.clients) if c.replays]))
+        self._answer_replay(index)
+
+    def _answer_replay(self, index: int) -> None:
         client = self.clients[index]
         key, client_id = client.replays.popitem()
         found = self.stored.get(client_id)
@@ -429,6 +438,9 @@ class TwoConversations(RuleBasedStateMachine):
     @rule(data=st.data())
     def answer_history(self, data: st.DataObject) -> None:
         index = data.draw(st.sampled_from([i for i, c in enumerate(self.clients) if c.histories]))
+        self._answer_history(index)
+
+    def _answer_history(self, index: int) -> None:
         client = self.clients[index]
         client.histories -= 1
         self._feed(index, client.talk.conv.history_read([], client.talk.tick()))
@@ -494,49 +506,29 @@ class TwoConversations(RuleBasedStateMachine):
         if not self.clients:
             return
         for _ in range(10_000):
+            waiting = [
+                (index, client)
+                for index, client in enumerate(self.clients)
+                if client.loads or client.starts or client.replays or client.histories
+            ]
             if self.switch_queue:
                 self.commit_switch(True)
             elif self.switch_answers:
                 self.answer_switch()
             elif self.turn_queue:
                 self.answer_turn(True)
-            elif any(c.loads for c in self.clients):
-                index = next(i for i, c in enumerate(self.clients) if c.loads)
-                client = self.clients[index]
-                client.loads.popleft()
-                personality, version = self.row
-                self._feed(
-                    index, client.talk.conv.avatar_loaded(avatar(personality, version)), version
-                )
-            elif any(c.starts for c in self.clients):
-                index = next(i for i, c in enumerate(self.clients) if c.starts)
-                client = self.clients[index]
-                key, persona = client.starts.popitem()
-                status: ReplyStatus = "cancelled" if key in client.cancelled else "completed"
-                if client.talk.conv.terms.streams:
-                    self._feed(index, client.talk.conv.reply_started(key, 1, 2))
-                self._feed(index, client.talk.conv.reply_ended(key, f"{persona} says hi", status))
-            elif any(c.replays for c in self.clients):
-                index = next(i for i, c in enumerate(self.clients) if c.replays)
-                client = self.clients[index]
-                key, client_id = client.replays.popitem()
-                found = self.stored.get(client_id)
-                conv = client.talk.conv
-                if found is None:
-                    self._feed(index, conv.replay_missing(key))
+            elif waiting:
+                index, client = waiting[0]
+                if client.loads:
+                    self._answer_load(index, as_asked=False)
+                elif client.starts:
+                    self._answer_reply(index, fails=False)
+                elif client.replays:
+                    self._answer_replay(index)
                 else:
-                    past = PastTurn(found[2], found[0], found[2] + 1, found[1], "s", "completed")
-                    self._feed(index, conv.replay_found(key, past), via="replay_found")
-            elif any(c.histories for c in self.clients):
-                index = next(i for i, c in enumerate(self.clients) if c.histories)
-                self.clients[index].histories -= 1
-                talk = self.clients[index].talk
-                self._feed(index, talk.conv.history_read([], talk.tick()))
+                    self._answer_history(index)
             elif any(self.inbox):
-                index = next(i for i, box in enumerate(self.inbox) if box)
-                personality, previous, version = self.inbox[index].popleft()
-                conv = self.clients[index].talk.conv
-                self._feed(index, conv.persona_notified(personality, previous, version), version)
+                self._notify(next(i for i, box in enumerate(self.inbox) if box))
             else:
                 break
         for client in self.clients:
