@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +22,7 @@ class BotFailed(Exception):
     """The bot cannot go on (timeout, protocol breach); already counted by kind."""
 
 
-class Reading:
+class Reading(ABC):
     """The reads of a bot (the base of Bot, which handles each frame in `_on_frame`)."""
 
     _link: Link | None
@@ -29,9 +30,9 @@ class Reading:
     _stats: Stats
     _http: HttpSwitcher | None
 
+    @abstractmethod
     def _on_frame(self, frame: dict[str, Any]) -> str | None:
         """Check one frame; return the ref it answered (None for pushes and deltas)."""
-        raise NotImplementedError
 
     def _fail(self, kind: str) -> BotFailed:
         self._stats.error(kind)
