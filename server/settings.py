@@ -63,8 +63,8 @@ class Settings(BaseSettings):
     abuse_close_after: int = Field(default=50, ge=1)
     chat_queue_depth: int = Field(default=8, ge=1)
     # history pages served per user (all the user's connections in this process), in bytes
-    history_bytes_per_s: int = Field(default=256 * 1024, ge=1024)
-    history_burst_bytes: int = Field(default=2 * 1024 * 1024, ge=64 * 1024)
+    history_bytes_per_s: int = Field(default=128 * 1024, ge=1024)
+    history_burst_bytes: int = Field(default=512 * 1024, ge=64 * 1024)
     ping_interval_s: float = Field(default=20.0, gt=0)
     ping_timeout_s: float = Field(default=20.0, gt=0)
     send_timeout_s: float = Field(default=10.0, gt=0)
