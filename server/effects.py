@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 
 from protocol.conversation.actions import Action
+from protocol.conversation.chats import KNOWN_IDS
 from protocol.conversation.core import Conversation
 from protocol.conversation.records import StoredTurn, SwitchResult
 from protocol.errors import CloseCode, ConnectionRefused, ProtocolError, Unavailable
@@ -16,8 +17,6 @@ from server.hub import Listener
 from server.services import Services
 
 log = logging.getLogger("server.session")
-
-KNOWN_IDS = 256  # ids of the user's newest chats a session starts with (retries are looked up)
 
 Feed = Callable[[list[Action]], None]
 

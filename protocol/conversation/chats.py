@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from enum import Enum
 
 from protocol.conversation.avatar import PendingSwitch
+from protocol.conversation.records import Turn
 from protocol.errors import ProtocolError
-from protocol.frames import ReplyStatus, Usage
+from protocol.frames import Usage
 
 KNOWN_IDS = 256  # chat ids of the user known to be stored, kept to find retries before a write
 
@@ -41,8 +42,7 @@ class PendingChat:
     interrupted: bool = False  # the connection went away: a cancelled reply is "interrupted"
     message_id: int | None = None  # reserved when the reply streams (deltas carry reply_id)
     reply_id: int | None = None
-    status: ReplyStatus = "completed"
-    text_out: str = ""  # the reply's text, once generated
+    turn: Turn | None = None  # what is being committed: the reply's text and how it ended
     failure: ProtocolError | None = None  # what ended a failed reply, sent once it is stored
     usage: Usage | None = None
 

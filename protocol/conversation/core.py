@@ -113,7 +113,7 @@ class Conversation(ChatRules):
         self._rate = FrameLimit(limits.rate_per_s, limits.rate_burst, terms.abuse_close_after, now)
         self._avatar = AvatarView(trusted)
         self._wait = Wait.NOTHING
-        self._frame: tuple[AnyClientFrame, str | None, float] | None = None  # the frame held up
+        self._frame: tuple[AnyClientFrame, float] | None = None  # the frame held up, and when
         self._backlog: deque[tuple[str | bytes, float]] = deque()
         self._read: _Read | None = None
         self._fresh: Avatar | None = None  # read for the held-up frame, not cached
@@ -309,18 +309,16 @@ class Conversation(ChatRules):
         try:
             verdict = self._rate.check(now)  # before decoding: garbage costs tokens too
             if verdict is not Verdict.ALLOW:
+                limited = RateLimited(details={"rate_per_s": self.terms.limits.rate_per_s})
                 if verdict is Verdict.CLOSE:
-                    self._error(
-                        RateLimited(details={"rate_per_s": self.terms.limits.rate_per_s}),
-                        salvage_ref(raw),
-                    )
+                    self._error(limited, salvage_ref(raw))
                     self._close(CloseCode.POLICY_VIOLATION, "rate limit exceeded repeatedly")
                     return
-                raise RateLimited(details={"rate_per_s": self.terms.limits.rate_per_s})
+                raise limited
             frame = decode_client_frame(raw)
             ref = frame.id
             self._meter.frame(frame.type)
-            self._dispatch(frame, ref, now)
+            self._dispatch(frame, now)
         except ProtocolError as exc:
             if isinstance(exc, BadJson | InvalidFrame):
                 self._meter.frame("invalid")
@@ -344,41 +342,43 @@ class Conversation(ChatRules):
             self._close(CloseCode.NOT_AUTHENTICATED, "send hello first")
             return
         self._meter.frame("hello")
-        self._frame = (frame, frame.id, 0.0)
+        self._frame = (frame, 0.0)
         self._wait = Wait.HELLO
         self._read = _Read(self._avatar.epoch, self._avatar.seen)
         self._out.append(Authenticate(frame.token))
 
-    def _dispatch(self, frame: AnyClientFrame, ref: str | None, now: float) -> None:
+    def _dispatch(self, frame: AnyClientFrame, now: float) -> None:
+        ref = frame.id  # every answer to the frame carries its id
         match frame:
             case Chat():
-                self._chat_frame(frame, ref, now)
+                self._chat_frame(frame, now)
             case SetPersona():
-                self._set_persona(frame, frame.personality, ref, now)
+                self._set_persona(frame, frame.personality, now)
             case Cancel():
                 self._cancel()
             case GetAvatar():
-                avatar = self._current_avatar(frame, ref, now)
+                avatar = self._current_avatar(frame, now)
                 if avatar is not None:
                     self._send(AvatarFrame(ref=ref, avatar=avatar.info()))
             case CreateAvatar():
                 require_known(frame.personality)
-                if not self._held_for_switches(frame, ref, now):
-                    self._hold(frame, ref, now, Wait.CREATE)
+                if not self._held_for_switches(frame, now):
+                    self._hold(frame, now, Wait.CREATE)
                     self._out.append(CreateAvatarAction(frame.name, frame.personality))
             case History():
-                self._history(frame, ref, now)
+                self._history(frame, now)
             case Ping():
                 self._send(Pong(ref=ref))
             case Hello():
                 raise InvalidFrame("already authenticated")
 
-    def _chat_frame(self, frame: Chat, ref: str | None, now: float) -> None:
+    def _chat_frame(self, frame: Chat, now: float) -> None:
+        ref = frame.id
         match commands.parse_chat_text(frame.text):
             case commands.Message(text=text):
-                self._enqueue(frame, ref, text, now)
+                self._enqueue(frame, text, now)
             case commands.SwitchPersona(name=name):
-                self._set_persona(frame, name, ref, now)
+                self._set_persona(frame, name, now)
             case commands.ListPersonas():
                 self._send(Personas(ref=ref, personas=list(self.terms.personas)))
             case commands.ShowHelp():
@@ -386,7 +386,7 @@ class Conversation(ChatRules):
             case commands.UnknownCommand(word=word):
                 raise UnknownCommand(f"unknown command '/{word}'; send /help for the list")
 
-    def _history(self, frame: History, ref: str | None, now: float) -> None:
+    def _history(self, frame: History, now: float) -> None:
         """A page of history, paid for from the user's byte budget (shared by the user's
         connections in this process): past it, `rate_limited` until it has refilled."""
         budget = self._budgets.of(self.user_id, now)
@@ -400,24 +400,22 @@ class Conversation(ChatRules):
                 },
             )
         budget.spend(HISTORY_REQUEST_BYTES, now)  # the query, whatever it finds
-        self._hold(frame, ref, now, Wait.HISTORY)
+        self._hold(frame, now, Wait.HISTORY)
         self._out.append(ReadHistory(frame.limit, frame.before))
 
     # ------------------------------------------------------------------ switches
 
-    def _set_persona(
-        self, frame: AnyClientFrame, personality: str, ref: str | None, now: float
-    ) -> None:
+    def _set_persona(self, frame: AnyClientFrame, personality: str, now: float) -> None:
         """The one persona switch, for `set_persona` and `/persona` alike: validate, empty the
         cache, and hand it to the store without waiting; the chats read behind it are rendered
         with its personality, and written once it has committed."""
         require_known(personality)
         view = self._avatar
-        if view.full and self._held_for_switches(frame, ref, now):
+        if view.full and self._held_for_switches(frame, now):
             return
         view.clear()
         self._keys += 1
-        switch = PendingSwitch(self._keys, personality, ref, view.epoch)
+        switch = PendingSwitch(self._keys, personality, frame.id, view.epoch)
         view.started(switch)
         self._switches[switch.key] = switch
         self._out.append(CommitSwitch(switch.key, personality))
@@ -430,10 +428,10 @@ class Conversation(ChatRules):
 
     # ------------------------------------------------------------------ the avatar
 
-    def _current_avatar(self, frame: AnyClientFrame, ref: str | None, now: float) -> Avatar | None:
+    def _current_avatar(self, frame: AnyClientFrame, now: float) -> Avatar | None:
         """The avatar for the frame being handled, or None when the frame is held up (after this
         session's switches are answered, and a read)."""
-        if self._held_for_switches(frame, ref, now):
+        if self._held_for_switches(frame, now):
             return None
         fresh, self._fresh = self._fresh, None
         if fresh is not None:
@@ -441,7 +439,7 @@ class Conversation(ChatRules):
         cached = self._avatar.usable()
         if cached is not None:
             return cached
-        self._hold(frame, ref, now, Wait.AVATAR)
+        self._hold(frame, now, Wait.AVATAR)
         self._start_read()
         return None
 
@@ -475,32 +473,32 @@ class Conversation(ChatRules):
 
     # ------------------------------------------------------------------ chats
 
-    def _enqueue(self, frame: Chat, ref: str | None, text: str, now: float) -> None:
+    def _enqueue(self, frame: Chat, text: str, now: float) -> None:
         switch = self._avatar.deciding()  # read behind it: rendered with its personality
         if switch is not None:
             persona = switch.personality
         else:
-            avatar = self._current_avatar(frame, ref, now)
+            avatar = self._current_avatar(frame, now)
             if avatar is None:
                 return  # held up: handled again once the avatar is read
             persona = avatar.personality
-        self._accept(ref, text, persona, switch, now)
+        self._accept(frame.id, text, persona, switch, now)
 
     # ------------------------------------------------------------------ held-up frames
 
-    def _hold(self, frame: AnyClientFrame, ref: str | None, now: float, wait: Wait) -> None:
-        self._frame = (frame, ref, now)
+    def _hold(self, frame: AnyClientFrame, now: float, wait: Wait) -> None:
+        self._frame = (frame, now)
         self._wait = wait
 
-    def _held_for_switches(self, frame: AnyClientFrame, ref: str | None, now: float) -> bool:
+    def _held_for_switches(self, frame: AnyClientFrame, now: float) -> bool:
         """Hold the frame until this session's switches are answered, if any are in flight."""
         if not self._avatar.in_flight:
             return False
-        self._hold(frame, ref, now, Wait.SWITCHES)
+        self._hold(frame, now, Wait.SWITCHES)
         return True
 
     def _held_ref(self) -> str | None:
-        return self._frame[1] if self._frame is not None else None
+        return self._frame[0].id if self._frame is not None else None
 
     def _fail_held(self, error: ProtocolError) -> None:
         self._error(error, self._held_ref())
@@ -511,11 +509,11 @@ class Conversation(ChatRules):
         held, self._frame = self._frame, None
         self._wait = Wait.NOTHING
         if held is not None and not done:
-            frame, ref, now = held
+            frame, now = held
             try:
-                self._dispatch(frame, ref, now)
+                self._dispatch(frame, now)
             except ProtocolError as exc:
-                self._error(exc, ref)
+                self._error(exc, frame.id)
         self._fresh = None if self._wait is Wait.NOTHING else self._fresh
         while self._wait is Wait.NOTHING and self._backlog and self.phase is not Phase.CLOSED:
             raw, now = self._backlog.popleft()

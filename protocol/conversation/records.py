@@ -54,7 +54,7 @@ class Turn:
     persona: str
     user_text: str
     reply_text: str
-    status: str  # completed | cancelled | interrupted | failed
+    status: ReplyStatus
     client_id: str | None = None
     message_id: int | None = None  # reserved ids, when the reply streamed before commit
     reply_id: int | None = None

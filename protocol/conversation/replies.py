@@ -221,8 +221,8 @@ class ChatRules(Outputs):
         chat.step = Step.COMMITTING
         if status == "cancelled" and chat.interrupted:
             status = "interrupted"
-        chat.status, chat.usage, chat.failure = status, usage, failure
-        turn = Turn(
+        chat.usage, chat.failure = usage, failure
+        chat.turn = Turn(
             user_id=self.user_id,
             persona=chat.persona,
             user_text=chat.text,
@@ -233,11 +233,11 @@ class ChatRules(Outputs):
             reply_id=chat.reply_id,
             error_code=failure.code if failure is not None else None,
         )
-        chat.text_out = text
-        self._out.append(CommitTurn(chat.key, turn))
+        self._out.append(CommitTurn(chat.key, chat.turn))
 
     def _answer(self, chat: PendingChat, stored: StoredTurn, now: float) -> None:
-        text, status = chat.text_out, chat.status
+        assert chat.turn is not None
+        text, status = chat.turn.reply_text, chat.turn.status
         if status == "completed":
             self._recent.append(PastMessage("user", chat.text, chat.persona))
             self._recent.append(PastMessage("assistant", text, chat.persona))
