@@ -42,10 +42,6 @@ class ProcessState:
         self._listening = up
         return changed
 
-    @property
-    def draining(self) -> bool:
-        return self.admission.draining
-
     def begin_drain(self) -> None:
         self.admission.begin_drain()
 
