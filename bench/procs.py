@@ -138,6 +138,26 @@ class Proc:
         own = psutil.Process(self.pid).cpu_times()
         return own.user + own.system, _postgres_cpu_seconds(self.pgdata)
 
+    def all_cpu_seconds(self) -> float:
+        """CPU time (user + system) so far of the server process and of all its child processes
+        (workers), without PostgreSQL's."""
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return 0.0
+        postgres = {proc.pid for proc in _postgres_processes(self.pgdata)} if self.pgdata else set()
+        total = 0.0
+        for proc in procs:
+            if proc.pid in postgres:
+                continue
+            try:
+                times = proc.cpu_times()
+            except psutil.Error:
+                continue
+            total += times.user + times.system
+        return total
+
     def stop(self) -> None:
         """SIGTERM (a graceful drain), then SIGKILL; a PostgreSQL left behind is stopped too."""
         if self.popen.poll() is None:
@@ -216,6 +236,18 @@ def checkout(rev: str, into: Path) -> Path:
     ).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into
+
+
+def start_peer(workdir: Path, cpus: frozenset[int] | None, secret: str, pgdata: Path) -> Proc:
+    """The FastAPI peer (bench/peer_fastapi.py) on the PostgreSQL of `pgdata` (this server's)."""
+    argv = [sys.executable, "-m", "bench.peer_fastapi", "--port", "0"]
+    argv += ["--database-url", postgres_dsn(pgdata)]
+    return Proc("peer", argv, workdir, cpus, {"CHAT_JWT_SECRET": secret})
+
+
+def postgres_cpu_seconds(pgdata: Path | None) -> float:
+    """CPU time so far of the PostgreSQL in `pgdata`: the postmaster and its children."""
+    return _postgres_cpu_seconds(pgdata)
 
 
 def postgres_dsn(pgdata: Path) -> str:

@@ -1,4 +1,11 @@
-"""`python -m bench`: this server against a bare echo server, side by side, in one run."""
+"""`python -m bench`: the yardstick of issue 18, in one run.
+
+A bare websockets + uvloop echo server, the FastAPI peer (bench/peer_fastapi.py) and this
+server, each on CPU 0, alternating, driven by the lean picows load client (bench/lean.py) on
+CPU 1: N connections, closed-loop chats with a `set_persona` every 5 chats (the echo server only
+echoes the chats). CPU per chat comes from the processes' own counters (psutil): the server and
+its children, and PostgreSQL (the postmaster and its children; the peer shares this server's).
+"""
 
 from __future__ import annotations
 
@@ -13,22 +20,33 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import orjson
 from rich.console import Console
 from rich.table import Table
 
 from bench import table
-from bench.procs import Cores, Proc, checkout, start_chat, start_echo
+from bench.lean import close_all, closed_loop, connect, percentile_ms, raise_fd_limit
+from bench.procs import (
+    ROOT,
+    Cores,
+    Proc,
+    checkout,
+    postgres_cpu_seconds,
+    postgres_dsn,
+    start_chat,
+    start_echo,
+    start_peer,
+)
 from bench.profile import Profiler, top_functions
-from bench.scenarios import Target, chat_load, database_facts, idle_memory, warm_up
-from clients.bots.load import raise_fd_limit
-from clients.bots.plan import Mode
+from bench.tokens import signer
 from clients.loop import run_async
 
-# Closed-loop bots would trip the default 20 frames/s per connection: the benchmark lifts it.
+# Closed-loop clients would trip the default 20 frames/s per connection: the benchmark lifts it.
 # Nor may one address hold more than 32 connections that have not said hello (issue 17): the
 # load client opens hundreds at once from 127.0.0.1.
 SERVER_ENV = {
@@ -36,11 +54,11 @@ SERVER_ENV = {
     "CHAT_RATE_BURST": "1000000",
     "CHAT_MAX_PREAUTH_PER_IP": "100000",
 }
-QUICK = {"duration": 2.0, "repeats": 3, "hold": 2.0, "settle": 1.0}
-FULL = {"duration": 8.0, "repeats": 5, "hold": 25.0, "settle": 2.0}
-QUICK_IDLE, FULL_IDLE = "1000", "1000,5000"
+QUICK = {"duration": 2.0, "repeats": 2}
+FULL = {"duration": 8.0, "repeats": 3}
+WARMUP_S = 1.0
 
-console = Console(width=None if sys.stdout.isatty() else 160, log_path=False)
+console = Console(width=None if sys.stdout.isatty() else 200, log_path=False)
 STARTED = time.monotonic()
 
 
@@ -48,46 +66,46 @@ def say(text: str) -> None:
     console.print(f"[{time.monotonic() - STARTED:6.1f}s] {text}", highlight=False, markup=False)
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One server under load, and the PostgreSQL whose CPU counts for it."""
+
+    name: str  # echo, peer, server, baseline
+    proc: Proc
+    pgdata: Path | None
+    echo: bool = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="short runs: about a minute or two")
+    parser.add_argument("--quick", action="store_true", help="2 x 2 s per load")
     parser.add_argument("--duration", type=float, help="seconds per run (quick 2, full 8)")
-    parser.add_argument("--repeats", type=int, help="repetitions per load (quick 3, full 5)")
+    parser.add_argument("--repeats", type=int, help="repetitions per load (quick 2, full 3)")
     parser.add_argument("--clients", default="50,500", help="loads, comma-separated")
-    parser.add_argument("--idle", help="idle connection counts (quick 1000, full 1000,5000)")
-    parser.add_argument("--hold", type=float, help="seconds idle connections are held")
-    parser.add_argument("--switch-every", type=int, default=4, help="chats between switches")
+    parser.add_argument("--switch-every", type=int, default=5, help="chats per switch")
     parser.add_argument(
         "--postgres-with",
         choices=("server", "client", "any"),
         default="client",
-        help="the core this server's PostgreSQL shares: the server's, the load client's, or any",
+        help="the core PostgreSQL shares: the servers', the load client's, or any",
     )
     parser.add_argument(
         "--baseline",
         metavar="REV",
-        help="also run the server of commit REV, alternating with this one, for a side-by-side"
-        " comparison of CPU per chat (e.g. HEAD~3)",
+        help="also run this server at commit REV, alternating with the others (e.g. HEAD~3)",
     )
-    parser.add_argument("--skip-throughput", action="store_true")
-    parser.add_argument("--skip-idle", action="store_true")
-    parser.add_argument("--py-spy", type=Path, help="profile the server at the largest load")
-    parser.add_argument("--json", type=Path, help="write every run and the summary as JSON")
+    parser.add_argument(
+        "--server-rev",
+        metavar="REV",
+        help="run this server from commit REV instead of the work tree (e.g. HEAD, when the"
+        " work tree is in the middle of an edit)",
+    )
+    parser.add_argument("--skip-peer", action="store_true", help="no FastAPI peer")
+    parser.add_argument("--py-spy", type=Path, help="profile this server at the largest load")
+    parser.add_argument("--json", type=Path, help="write every run and the table as JSON")
     parser.add_argument("--markdown", type=Path, help="write the tables as Markdown")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary data directory")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     return parser
-
-
-def settings_from(args: argparse.Namespace) -> dict[str, float]:
-    chosen = dict(QUICK if args.quick else FULL)
-    for key in ("duration", "repeats", "hold"):
-        if getattr(args, key) is not None:
-            chosen[key] = getattr(args, key)
-    return chosen
-
-
-def _ints(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
 
 
 def machine() -> dict[str, Any]:
@@ -99,180 +117,192 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run_throughput(
-    workdir: Path,
-    cores: Cores,
-    secret: str,
-    loads: Sequence[int],
-    chosen: dict[str, float],
-    switch_every: int,
-    py_spy: Path | None,
-    baseline: str | None = None,
-) -> tuple[list[dict[str, Any]], dict[str, Any], list[tuple[str, float, float]]]:
-    """The servers up at once; for each repetition and load, echo, this server, and the
-    baseline commit's server when there is one."""
-    echo = start_echo(workdir / "echo", cores.server)
-    chat = start_chat(workdir / "chat", cores.server, secret, SERVER_ENV)
-    chat.pin_postgres(cores.postgres)
-    procs = [echo, chat]
-    targets = {
-        "echo": Target("echo", echo, Mode.ECHO),
-        "server": Target("server", chat, Mode.PROTOCOL, secret),
-    }
-    say(f"echo server at {echo.url}, this server at {chat.url}")
+async def measure(
+    target: Target, clients: int, duration_s: float, switch_every: int, secret: str
+) -> dict[str, Any]:
+    """Connect (and authenticate) `clients` connections, run the closed loop, close them."""
+    users = [f"{target.name}-{index}" for index in range(clients)]
+    sign = None if target.echo else signer(secret)
+    conns = await connect(target.proc.url, clients, target.echo, sign, users)
+    counters: dict[str, float] = {}
+
+    def snapshot(when: str) -> None:
+        counters[f"server_{when}"] = target.proc.all_cpu_seconds()
+        counters[f"postgres_{when}"] = postgres_cpu_seconds(target.pgdata)
+        counters[f"client_{when}"] = time.process_time()
+
     try:
-        if baseline is not None:
-            root = checkout(baseline, workdir / "baseline-tree")
-            old = start_chat(workdir / "baseline", cores.server, secret, SERVER_ENV, root, "old")
-            old.pin_postgres(cores.postgres)
-            procs.append(old)
-            targets["baseline"] = Target("baseline", old, Mode.PROTOCOL, secret)
-            say(f"baseline {baseline} at {old.url}")
-        runs = run_async(_throughput(targets, loads, chosen, switch_every, py_spy))
-        facts = run_async(database_facts(chat))
+        tally, elapsed = await closed_loop(
+            conns,
+            duration_s,
+            switch_every,
+            lambda: snapshot("before"),
+            lambda: snapshot("after"),
+        )
     finally:
-        for proc in procs:
-            proc.stop()
-    profile = top_functions(py_spy) if py_spy is not None and py_spy.exists() else []
-    return runs, facts, profile
+        close_all(conns)
+    replies = max(1, tally.replies)
+
+    def per_chat(name: str) -> float:
+        return round((counters[f"{name}_after"] - counters[f"{name}_before"]) / replies * 1e6, 1)
+
+    client_s = counters["client_after"] - counters["client_before"]
+    return {
+        "chats_per_s": round(tally.in_window / duration_s, 1),
+        "replies": tally.replies,
+        "p50_ms": round(percentile_ms(tally.latencies, 0.50), 2),
+        "p99_ms": round(percentile_ms(tally.latencies, 0.99), 2),
+        "server_cpu_us": per_chat("server"),
+        "postgres_cpu_us": per_chat("postgres") if target.pgdata is not None else 0.0,
+        "client_cpu_us": per_chat("client"),
+        "client_busy": round(client_s / max(elapsed, 1e-9), 3),
+        "switches": tally.switches,
+        "stale": tally.stale,
+        "errors": dict(tally.errors),
+    }
 
 
-async def _throughput(
-    targets: dict[str, Target],
+async def run_all(
+    targets: Sequence[Target],
     loads: Sequence[int],
     chosen: dict[str, float],
     switch_every: int,
+    secret: str,
     py_spy: Path | None,
 ) -> list[dict[str, Any]]:
-    for target in targets.values():
-        await warm_up(target, switch_every)
+    for target in targets:  # users and avatars created, first-call costs paid
+        await measure(target, max(loads), WARMUP_S, switch_every, secret)
+        say(f"warmed up {target.name}")
     runs = []
-    duration = float(chosen["duration"])
     for rep in range(int(chosen["repeats"])):
         for clients in loads:
-            for name in targets:
+            for target in targets:
                 gc.collect()
+                await asyncio.sleep(0.3)  # closed connections are gone
                 profiler = None
-                if py_spy is not None and name == "server" and rep == 0 and clients == max(loads):
-                    profiler = Profiler(targets[name].proc.pid, py_spy, duration)
-                report = await chat_load(targets[name], clients, duration, switch_every)
+                first = rep == 0 and clients == max(loads)
+                if py_spy is not None and target.name == "server" and first:
+                    profiler = Profiler(target.proc.pid, py_spy, chosen["duration"])
+                report = await measure(target, clients, chosen["duration"], switch_every, secret)
                 if profiler is not None:
                     await asyncio.to_thread(profiler.wait)
-                runs.append({"rep": rep, "clients": clients, "server": name, "report": report})
-                _progress(rep, clients, name, report)
+                runs.append({"rep": rep, "clients": clients, "server": target.name,
+                             "report": report})  # fmt: skip
+                say(
+                    f"rep {rep + 1} {clients:>4} {target.name:>8}: "
+                    f"{report['chats_per_s']:>9,.0f} chats/s  p99 {report['p99_ms']:7.2f} ms  "
+                    f"server {report['server_cpu_us']:6.1f} µs  PostgreSQL "
+                    f"{report['postgres_cpu_us']:5.1f} µs  client busy "
+                    f"{100 * report['client_busy']:3.0f}%  stale {report['stale']}  "
+                    f"errors {report['errors'] or 0}"
+                )
     return runs
 
 
-def _progress(rep: int, clients: int, name: str, report: dict[str, Any]) -> None:
-    totals, chat = report["totals"], report["latency_ms"]["chat"]
-    say(
-        f"rep {rep + 1} {clients:>4} clients {name:>6}: {totals['chats_per_s']:>8,.0f} chats/s"
-        f"  p50 {chat['p50']:6.2f} ms  p99 {chat['p99']:6.2f} ms"
-        f"  stale {totals['stale_renders']}  errors {totals['unexpected_errors']}"
-    )
+def start_all(
+    workdir: Path, cores: Cores, secret: str, args: argparse.Namespace
+) -> tuple[list[Proc], list[Target], Proc]:
+    procs: list[Proc] = []
+    echo = start_echo(workdir / "echo", cores.server)
+    procs.append(echo)
+    root = ROOT if args.server_rev is None else checkout(args.server_rev, workdir / "server-tree")
+    chat = start_chat(workdir / "chat", cores.server, secret, SERVER_ENV, root)
+    procs.append(chat)
+    chat.pin_postgres(cores.postgres)
+    targets = [Target("echo", echo, None, echo=True)]
+    if not args.skip_peer:
+        assert chat.pgdata is not None
+        peer_proc = start_peer(workdir / "peer", cores.server, secret, chat.pgdata)
+        procs.append(peer_proc)
+        targets.append(Target("peer", peer_proc, chat.pgdata))
+    targets.append(Target("server", chat, chat.pgdata))
+    if args.baseline is not None:
+        tree = checkout(args.baseline, workdir / "baseline-tree")
+        old = start_chat(workdir / "baseline", cores.server, secret, SERVER_ENV, tree, "old")
+        procs.append(old)
+        old.pin_postgres(cores.postgres)
+        targets.append(Target("baseline", old, old.pgdata))
+        say(f"baseline {args.baseline} at {old.url}")
+    for target in targets:
+        say(f"{target.name} at {target.proc.url} (pid {target.proc.pid})")
+    return procs, targets, chat
 
 
-def run_idle(
-    workdir: Path, cores: Cores, secret: str, counts: Sequence[int], chosen: dict[str, float]
-) -> list[dict[str, Any]]:
-    """A fresh process per count, so that memory freed by earlier connections hides nothing."""
-    results = []
-    for count in counts:
-        for name in ("echo", "server"):
-            proc: Proc = (
-                start_echo(workdir / f"idle-echo-{count}", cores.server)
-                if name == "echo"
-                else start_chat(workdir / f"idle-chat-{count}", cores.server, secret, SERVER_ENV)
-            )
-            say(f"idle {count:>5} {name:>6}: started")
-            try:
-                target = Target(name, proc, Mode.ECHO if name == "echo" else Mode.PROTOCOL, secret)
-                item = run_async(idle_memory(target, count, chosen["hold"], chosen["settle"]))
-            finally:
-                proc.stop()
-            results.append(item)
-            say(
-                f"idle {count:>5} {name:>6}: {item['kib_per_connection']:6.1f} KiB/connection,"
-                f" {item['pongs']}/{count} answered after {chosen['hold']:.0f} s,"
-                f" errors {item['errors'] or 0}"
-            )
-    return results
+async def database_facts(proc: Proc) -> dict[str, Any]:
+    """Durability settings of this server's PostgreSQL, and the completed replies it holds."""
+    if proc.pgdata is None:
+        return {}
+    conn = await asyncpg.connect(postgres_dsn(proc.pgdata), timeout=10)
+    try:
+        facts: dict[str, Any] = {
+            name: await conn.fetchval(f"SHOW {name}")
+            for name in ("fsync", "synchronous_commit", "wal_sync_method")
+        }
+        facts["stored_completed_replies"] = await conn.fetchval(
+            "SELECT count(*) FROM messages WHERE role = 'assistant' AND status = 'completed'"
+        )
+        return facts
+    finally:
+        await conn.close()
 
 
-def show(rows: list[dict[str, Any]], idle: list[dict[str, Any]], found: list[Any]) -> None:
-    for title, data, columns in (
-        ("chat throughput and latency (medians over repetitions)", rows, table.THROUGHPUT_COLUMNS),
-        ("RSS per idle connection", idle, table.IDLE_COLUMNS),
-        (
-            "this server against the baseline commit (medians over repetitions)",
-            [row for row in rows if "baseline_cpu_us" in row],
-            table.BASELINE_COLUMNS,
-        ),
-    ):
-        if not data:
-            continue
-        out = Table(title=title)
-        for name, _ in columns:
-            out.add_column(name, justify="right")
-        for row in data:
-            out.add_row(*table.cells(row, columns))
-        console.print(out)
-    targets = Table(title="targets (issue 3)")
+def show(rows: list[dict[str, Any]], found: list[tuple[str, str, bool]]) -> None:
+    out = Table(title="issue 18: medians over repetitions (ratios: medians of per-repetition)")
+    for name, _ in table.COLUMNS:
+        out.add_column(name, justify="right")
+    for row in rows:
+        out.add_row(*table.cells(row))
+    console.print(out)
+    goals = Table(title="targets (issue 18)")
     for name in ("target", "measured", "met"):
-        targets.add_column(name)
+        goals.add_column(name)
     for name, value, ok in found:
-        targets.add_row(name, value, "[green]yes[/]" if ok else "[red]NO[/]")
-    console.print(targets)
+        goals.add_row(name, value, "[green]yes[/]" if ok else "[red]NO[/]")
+    console.print(goals)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    chosen = settings_from(args)
-    loads = _ints(args.clients)
-    counts = _ints(args.idle or (QUICK_IDLE if args.quick else FULL_IDLE))
+    chosen = dict(QUICK if args.quick else FULL)
+    for key in ("duration", "repeats"):
+        if getattr(args, key) is not None:
+            chosen[key] = getattr(args, key)
+    loads = [int(part) for part in args.clients.split(",") if part.strip()]
     cores = Cores.plan(args.postgres_with)
     if cores.client is not None:
         os.sched_setaffinity(0, cores.client)
-    raise_fd_limit(max([*counts, *loads, 0]))
+    raise_fd_limit()
     workdir = Path(tempfile.mkdtemp(prefix="persona-bench-"))
     secret = secrets.token_urlsafe(32)
     say(f"workdir {workdir}; {cores.describe()}; settings {chosen}")
-    say(f"this server runs with {SERVER_ENV}: closed-loop bots exceed 20 frames/s")
-    runs: list[dict[str, Any]] = []
+    say(f"this server runs with {SERVER_ENV}: closed-loop clients exceed 20 frames/s")
+    procs: list[Proc] = []
     facts: dict[str, Any] = {}
-    profile: list[tuple[str, float, float]] = []
-    idle: list[dict[str, Any]] = []
     try:
-        if not args.skip_throughput:
-            runs, facts, profile = run_throughput(
-                workdir, cores, secret, loads, chosen, args.switch_every, args.py_spy, args.baseline
-            )
-        if not args.skip_idle:
-            idle = run_idle(workdir, cores, secret, counts, chosen)
+        procs, targets, chat = start_all(workdir, cores, secret, args)
+        runs = run_async(run_all(targets, loads, chosen, args.switch_every, secret, args.py_spy))
+        facts = run_async(database_facts(chat))
     finally:
+        for proc in reversed(procs):
+            proc.stop()
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    rows = table.throughput_rows(runs)
-    found = table.targets(rows, idle, facts, runs)
-    show(rows, idle, found)
-    if facts:
-        console.print(f"PostgreSQL: {facts}", highlight=False)
+    rows = table.rows(runs)
+    found = table.targets(rows)
+    show(rows, found)
+    console.print(f"PostgreSQL: {facts}", highlight=False)
+    profile = top_functions(args.py_spy) if args.py_spy and args.py_spy.exists() else []
     for name, own, inclusive in profile:
         console.print(f"  {own:5.1f}% self {inclusive:5.1f}% total  {name}", highlight=False)
     summary = {"machine": machine(), "cores": cores.describe(), "settings": chosen,
-               "server_env": SERVER_ENV, "throughput": rows, "idle": idle, "database": facts,
-               "targets": found, "profile": profile}  # fmt: skip
+               "switch_every": args.switch_every, "server_env": SERVER_ENV, "table": rows,
+               "database": facts, "targets": found, "profile": profile}  # fmt: skip
     if args.json:
         args.json.write_bytes(orjson.dumps({**summary, "runs": runs}, option=orjson.OPT_INDENT_2))
     if args.markdown:
-        against = [row for row in rows if "baseline_cpu_us" in row]
-        parts = [table.markdown(rows, table.THROUGHPUT_COLUMNS) if rows else "",
-                 table.markdown(against, table.BASELINE_COLUMNS) if against else "",
-                 table.markdown(idle, table.IDLE_COLUMNS) if idle else "",
-                 table.markdown_targets(found)]  # fmt: skip
-        args.markdown.write_text("\n\n".join(p for p in parts if p) + "\n")
-    correct = all(row["stale_renders"] == 0 for row in rows)
-    return 0 if correct else 1
+        parts = [table.markdown(rows), table.markdown_targets(found)]
+        args.markdown.write_text("\n\n".join(parts) + "\n")
+    return 0 if all(row["stale"] == 0 for row in rows) else 1
 
 
 if __name__ == "__main__":
