@@ -221,9 +221,11 @@ async def connect(
     users: Sequence[str],
     local_hosts: Sequence[str] = (),
     concurrency: int = CONNECT_CONCURRENCY,
+    errors: Counter[str] | None = None,
 ) -> list[Conn]:
     """`count` connections, authenticated (hello, avatar) unless `echo`; each with the user of
-    the same index; spread round-robin over `local_hosts` as source addresses when given."""
+    the same index; spread round-robin over `local_hosts` as source addresses when given.
+    A failure raises, unless `errors` is given: then it is counted there, by kind."""
     gate = asyncio.Semaphore(concurrency)
     hosts = itertools.cycle(local_hosts) if local_hosts else None
 
@@ -245,7 +247,16 @@ async def connect(
                 await conn.authenticate(token_for(user), f"bench {user}")
             return conn
 
-    return list(await asyncio.gather(*(one(index) for index in range(count))))
+    results = await asyncio.gather(*(one(index) for index in range(count)), return_exceptions=True)
+    conns = [result for result in results if isinstance(result, Conn)]
+    failures = [result for result in results if isinstance(result, BaseException)]
+    if failures and errors is None:
+        close_all(conns)
+        raise failures[0]
+    for failure in failures:
+        assert errors is not None
+        errors[type(failure).__name__] += 1
+    return conns
 
 
 def raise_fd_limit() -> int:
