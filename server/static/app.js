@@ -5,6 +5,7 @@ const RETRY_DELAYS_MS = [10, 50, 100, 150, 200, 250, 500, 1000, 2000]; // as Pho
 const MAX_RETRY_DELAY_MS = 5000;
 const HISTORY_PAGE = 50;
 const STORAGE_KEY = "persona-chat.signin";
+const SEARCH_ABOVE = 12; // a persona chooser shows a search field past this many personas
 
 // Plainer words for errors whose server message says less than these; any other error shows
 // the server's own message, which names the cause ("cannot connect to the LLM endpoint …").
@@ -27,6 +28,7 @@ const state = {
   oldestId: null,
   requests: new Map(), // frame id -> its type, until the answer arrives
   pending: new Map(), // chat id -> its reply's <li> (null until the first delta)
+  greeting: null, // a new avatar's greeting shown before the history came: {item, text}
 };
 
 const $ = (id) => document.getElementById(id);
@@ -130,8 +132,8 @@ function onWelcome(frame) {
   state.signin = { ...state.signin, user: frame.user_id };
   hideBanner();
   state.personas = frame.personas;
-  fillPersonaOptions($("persona-picker"));
-  fillPersonaOptions($("avatar-persona"));
+  personaChooser.setPersonas(state.personas);
+  avatarChooser.setPersonas(state.personas);
   $("session").hidden = false;
   if (frame.avatar) showChat(frame.avatar);
   else showAvatarForm();
@@ -139,8 +141,18 @@ function onWelcome(frame) {
   updateControls();
 }
 
+// The answer to create_avatar (or get_avatar); a new avatar's may carry the card's greeting,
+// which is the conversation's first message.
 function onAvatar(frame) {
   showChat(frame.avatar);
+  if (typeof frame.greeting === "string" && frame.greeting) showGreeting(frame);
+}
+
+function showGreeting(frame) {
+  const item = messageItem("assistant", frame.greeting, { persona: frame.avatar.personality });
+  item.classList.add("greeting");
+  appendToLog(item);
+  state.greeting = { item, text: frame.greeting };
 }
 
 function onHistory(frame) {
@@ -154,6 +166,12 @@ function onHistory(frame) {
   );
   const scroller = $("scroller");
   const heightBefore = scroller.scrollHeight;
+  // a greeting the server keeps in the history is shown once, from the history
+  const greeting = state.greeting;
+  if (greeting && frame.messages.some((m) => m.role === "assistant" && m.text === greeting.text)) {
+    greeting.item.remove();
+  }
+  state.greeting = null;
   $("log").prepend(...items);
   if (frame.messages.length) state.oldestId = frame.messages[0].id;
   $("older").hidden = frame.messages.length < HISTORY_PAGE;
@@ -195,7 +213,7 @@ function onPersonas(frame) {
 function onError(frame) {
   const kind = state.requests.get(frame.ref);
   if (state.pending.has(frame.ref)) endReply(frame.ref, "failed");
-  if (kind === "set_persona") $("persona-picker").value = state.avatar?.personality ?? "";
+  if (kind === "set_persona") personaChooser.setValue(state.avatar?.personality ?? "");
   if (kind === "create_avatar") return onAvatarError(frame);
   if (frame.code === "no_avatar") return showAvatarForm();
   if (frame.code === "nothing_to_cancel") return;
@@ -321,29 +339,211 @@ function personaName(id) {
   return state.personas.find((p) => p.id === id)?.name ?? id ?? "";
 }
 
-function fillPersonaOptions(select) {
-  const current = select.value;
-  select.replaceChildren(
-    ...state.personas.map((p) => {
-      const option = element("option", "", p.name);
-      option.value = p.id;
-      option.title = p.description;
-      return option;
-    }),
-  );
-  if (current) select.value = current;
-}
-
 function setPersona(personality) {
   if (state.avatar) state.avatar = { ...state.avatar, personality };
-  $("persona-picker").value = personality;
+  personaChooser.setValue(personality);
+  $("persona-current").textContent = personaName(personality);
   showWho();
 }
 
-function describeSelectedPersona() {
-  const id = $("avatar-persona").value;
-  $("avatar-description").textContent =
-    state.personas.find((p) => p.id === id)?.description ?? "";
+// A list of personas with their descriptions (an ARIA listbox), and a search field above it
+// once there are more than SEARCH_ABOVE. The arrow keys, Home, End, Page Up and Page Down move
+// through the personas shown; Enter (or Space in the list, or a click) picks one. With
+// `followFocus` (the create-avatar form) moving is picking, and Enter in the list submits the
+// form. Filtering never changes which persona is picked.
+class Chooser {
+  constructor(root, { followFocus = false, onPick = () => {} } = {}) {
+    this.root = root;
+    this.search = root.querySelector(".chooser-search");
+    this.status = root.querySelector(".chooser-status");
+    this.list = root.querySelector(".chooser-list");
+    this.followFocus = followFocus;
+    this.onPick = onPick;
+    this.options = []; // one <li> per persona, in the catalogue's order
+    this.value = "";
+    this.active = null; // the option the keys are on
+    this.search.addEventListener("input", () => this.filter({ scroll: true }));
+    this.search.addEventListener("keydown", (event) => this.onKey(event, true));
+    this.list.addEventListener("keydown", (event) => this.onKey(event, false));
+    this.list.addEventListener("focus", () => this.activate(this.startingOption()));
+    this.list.addEventListener("click", (event) => {
+      const option = event.target.closest("[role=option]");
+      if (option) this.pick(option);
+    });
+  }
+
+  get searchable() {
+    return this.options.length > SEARCH_ABOVE;
+  }
+
+  setPersonas(personas) {
+    this.options = personas.map((persona, index) => {
+      const option = element("li", "chooser-option");
+      option.id = `${this.list.id}-${index}`;
+      option.setAttribute("role", "option");
+      option.dataset.id = persona.id;
+      option.dataset.words = `${persona.id} ${persona.name} ${persona.description}`.toLowerCase();
+      const description = element("span", "option-description", persona.description);
+      description.title = persona.description;
+      option.append(element("span", "option-name", persona.name), description);
+      return option;
+    });
+    this.list.replaceChildren(...this.options);
+    this.search.hidden = !this.searchable;
+    if (!this.searchable) this.search.value = "";
+    this.active = null;
+    this.setValue(this.value);
+    this.filter();
+  }
+
+  setValue(id) {
+    this.value = id ?? "";
+    this.root.dataset.value = this.value;
+    for (const option of this.options) {
+      option.setAttribute("aria-selected", String(option.dataset.id === this.value));
+    }
+  }
+
+  // Shows the personas whose id, name or description holds every word typed.
+  filter({ scroll = false } = {}) {
+    const query = this.search.value.trim();
+    const words = query.toLowerCase().split(/\s+/).filter(Boolean);
+    for (const option of this.options) {
+      option.hidden = !words.every((word) => option.dataset.words.includes(word));
+    }
+    const shown = this.visible();
+    this.status.textContent = !this.searchable
+      ? ""
+      : !words.length
+        ? `${this.options.length} personas`
+        : shown.length
+          ? `${shown.length} of ${this.options.length} match “${query}”`
+          : `No persona matches “${query}”.`;
+    this.activate(words.length ? (shown[0] ?? null) : this.startingOption(), { scroll });
+  }
+
+  visible() {
+    return this.options.filter((option) => !option.hidden);
+  }
+
+  // The picked persona when it is shown, else the first one shown.
+  startingOption() {
+    const shown = this.visible();
+    return shown.find((option) => option.dataset.id === this.value) ?? shown[0] ?? null;
+  }
+
+  // Puts the keys on `option`; `scroll` brings it into view (not on a click's focus, which would
+  // move the list under the pointer between its press and its release).
+  activate(option, { scroll = false } = {}) {
+    this.active?.classList.remove("active");
+    this.active = option;
+    for (const owner of [this.search, this.list]) {
+      if (option) owner.setAttribute("aria-activedescendant", option.id);
+      else owner.removeAttribute("aria-activedescendant");
+    }
+    if (option) {
+      option.classList.add("active");
+      if (scroll) option.scrollIntoView({ block: "nearest" });
+    }
+  }
+
+  move(step) {
+    const shown = this.visible();
+    if (!shown.length) return;
+    const at = shown.indexOf(this.active);
+    const last = shown.length - 1;
+    let index;
+    if (step === "first") index = 0;
+    else if (step === "last") index = last;
+    else if (at < 0) index = step > 0 ? 0 : last;
+    else index = Math.min(last, Math.max(0, at + step));
+    this.activate(shown[index], { scroll: true });
+    if (this.followFocus) this.pick(shown[index]);
+  }
+
+  pick(option) {
+    this.activate(option);
+    this.setValue(option.dataset.id);
+    this.onPick(option.dataset.id);
+  }
+
+  onKey(event, inSearch) {
+    const step = STEPS[event.key];
+    if (step !== undefined && !(inSearch && typeof step === "string")) {
+      event.preventDefault();
+      this.move(step);
+    } else if (event.key === "Enter" && !event.isComposing) {
+      event.preventDefault(); // in a form, Enter in the search field picks and does not submit
+      if (this.active && (!this.followFocus || inSearch)) this.pick(this.active);
+      else if (this.followFocus) this.root.closest("form")?.requestSubmit();
+    } else if (event.key === " " && !inSearch) {
+      event.preventDefault();
+      if (this.active) this.pick(this.active);
+    } else if (!inSearch && this.searchable && isTypedCharacter(event)) {
+      this.search.focus(); // the character lands in the search field
+    }
+  }
+
+  // Where the keyboard starts: the search field when there is one, else the list.
+  focus() {
+    (this.searchable ? this.search : this.list).focus();
+  }
+
+  clearSearch() {
+    if (!this.search.value) return;
+    this.search.value = "";
+    this.filter();
+  }
+}
+
+const STEPS = { ArrowDown: 1, ArrowUp: -1, PageDown: 8, PageUp: -8, Home: "first", End: "last" };
+
+function isTypedCharacter(event) {
+  const modified = event.ctrlKey || event.metaKey || event.altKey;
+  return event.key.length === 1 && event.key !== " " && !modified;
+}
+
+// The header's persona button opens a panel with the chooser; picking switches and closes it.
+const personaChooser = new Chooser($("persona-picker"), {
+  onPick: (id) => {
+    closePersonaPanel();
+    changePersona(id);
+  },
+});
+const avatarChooser = new Chooser($("avatar-persona"), { followFocus: true });
+
+function openPersonaPanel() {
+  personaChooser.clearSearch();
+  $("persona-panel").hidden = false;
+  $("persona-button").setAttribute("aria-expanded", "true");
+  personaChooser.activate(personaChooser.startingOption(), { scroll: true });
+  personaChooser.focus();
+}
+
+function closePersonaPanel({ refocus = true } = {}) {
+  if ($("persona-panel").hidden) return;
+  const hadFocus = $("persona-panel").contains(document.activeElement);
+  $("persona-panel").hidden = true;
+  $("persona-button").setAttribute("aria-expanded", "false");
+  if (refocus && hadFocus) $("persona-button").focus();
+}
+
+function togglePersonaPanel() {
+  if ($("persona-panel").hidden) openPersonaPanel();
+  else closePersonaPanel();
+}
+
+function onPersonaPanelKey(event) {
+  if (event.key === "Escape") {
+    event.preventDefault();
+    closePersonaPanel();
+  }
+}
+
+// A click or a focus outside the panel (and its button) closes it.
+function closePersonaPanelIfOutside(target) {
+  const inside = $("persona-panel").contains(target) || $("persona-button").contains(target);
+  if (target && !inside) closePersonaPanel({ refocus: false });
 }
 
 // ------------------------------------------------------------------ screens
@@ -355,9 +555,14 @@ function showOnly(id) {
 function showAvatarForm() {
   state.avatar = null;
   updateControls();
+  closePersonaPanel({ refocus: false });
   showOnly("create-avatar");
-  describeSelectedPersona();
+  avatarChooser.clearSearch();
+  if (!state.personas.some((p) => p.id === avatarChooser.value)) {
+    avatarChooser.setValue(state.personas[0]?.id ?? "");
+  }
   $("avatar-name").focus();
+  avatarChooser.activate(avatarChooser.startingOption(), { scroll: true });
 }
 
 function showChat(avatar) {
@@ -377,7 +582,8 @@ function showWho() {
 function updateControls() {
   const ready = state.connected && state.avatar !== null;
   $("send").disabled = !ready;
-  $("persona-picker").disabled = !ready;
+  $("persona-button").disabled = !ready;
+  if (!ready) closePersonaPanel({ refocus: false });
   $("picker").hidden = state.avatar === null;
   $("stop").hidden = state.pending.size === 0;
   $("stop").disabled = !state.connected;
@@ -452,6 +658,7 @@ function signOut(message = "") {
     attempts: 0,
     historyLoaded: false,
     oldestId: null,
+    greeting: null,
   });
   state.pending.clear();
   state.requests.clear();
@@ -494,7 +701,7 @@ function onAvatarSubmit(event) {
   $("avatar-error").hidden = true;
   const name = $("avatar-name").value.trim();
   if (name && state.connected) {
-    send({ type: "create_avatar", name, personality: $("avatar-persona").value });
+    send({ type: "create_avatar", name, personality: avatarChooser.value });
   }
 }
 
@@ -507,11 +714,15 @@ function loadOlder() {
 function start() {
   $("signin-form").addEventListener("submit", onSignInSubmit);
   $("avatar-form").addEventListener("submit", onAvatarSubmit);
-  $("avatar-persona").addEventListener("change", describeSelectedPersona);
   $("composer").addEventListener("submit", onComposerSubmit);
   $("message").addEventListener("keydown", onComposerKey);
   $("stop").addEventListener("click", stopReply);
-  $("persona-picker").addEventListener("change", (event) => changePersona(event.target.value));
+  $("persona-button").addEventListener("click", togglePersonaPanel);
+  $("persona-panel").addEventListener("keydown", onPersonaPanelKey);
+  $("persona-panel").addEventListener("focusout", (event) =>
+    closePersonaPanelIfOutside(event.relatedTarget),
+  );
+  document.addEventListener("pointerdown", (event) => closePersonaPanelIfOutside(event.target));
   $("sign-out").addEventListener("click", () => signOut());
   $("older").addEventListener("click", loadOlder);
   const signin = storedSignIn();

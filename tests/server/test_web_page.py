@@ -63,11 +63,32 @@ async def sign_in(page: Page, user: str) -> None:
     await page.click("#signin-form button[type=submit]")
 
 
+def option(page: Page, chooser: str, persona: str) -> Locator:
+    """The persona's entry in a chooser (`#avatar-persona` or `#persona-picker`)."""
+    return page.locator(f'{chooser} [role=option][data-id="{persona}"]')
+
+
 async def create_avatar(page: Page, name: str, personality: str) -> None:
     await page.fill("#avatar-name", name)
-    await page.select_option("#avatar-persona", personality)
+    await option(page, "#avatar-persona", personality).click()
+    await expect(page.locator("#avatar-persona")).to_have_attribute("data-value", personality)
     await page.click("#avatar-form button[type=submit]")
     await expect(page.locator("#composer")).to_be_visible()
+
+
+async def pick_persona(page: Page, persona: str) -> None:
+    """Open the header's persona panel and click the persona; the panel closes."""
+    await page.click("#persona-button")
+    await option(page, "#persona-picker", persona).click()
+    await expect(page.locator("#persona-panel")).to_be_hidden()
+
+
+async def expect_persona(page: Page, persona: str, name: str) -> None:
+    """The header shows the persona's name, and its chooser has it picked."""
+    await expect(page.locator("#persona-picker")).to_have_attribute("data-value", persona)
+    await expect(page.locator("#persona-current")).to_have_text(name)
+    selected = page.locator('#persona-picker [aria-selected="true"]')
+    await expect(selected).to_have_attribute("data-id", persona)
 
 
 async def send(page: Page, text: str) -> None:
@@ -105,7 +126,7 @@ async def test_page_chats_and_labels_each_reply_with_its_persona(
     await sign_in(page, new_user())
     await create_avatar(page, "Ava", "friendly")
     first = await chat(page, "I baked bread today")
-    await page.select_option("#persona-picker", "witty")
+    await pick_persona(page, "witty")
     await expect(page.locator(".note.notice").last).to_have_text("Now speaking as Witty.")
     second = await chat(page, "I baked bread today")
     ARTIFACTS.mkdir(exist_ok=True)
@@ -167,10 +188,10 @@ async def test_persona_change_in_another_tab_shows_in_this_one(
     this_tab = await signed_in_with_avatar(browser, app, user)
     other_tab = await open_page(browser, app)
     await sign_in(other_tab, user)
-    await other_tab.select_option("#persona-picker", "romantic")
+    await pick_persona(other_tab, "romantic")
     notice = this_tab.locator(".note.notice").last
     await expect(notice).to_have_text("Persona changed to Romantic in another window.")
-    await expect(this_tab.locator("#persona-picker")).to_have_value("romantic")
+    await expect_persona(this_tab, "romantic", "Romantic")
 
 
 async def test_persona_command_typed_in_the_composer_switches_persona(
@@ -179,7 +200,7 @@ async def test_persona_command_typed_in_the_composer_switches_persona(
     app = await make_app(database_url=None)
     page = await signed_in_with_avatar(browser, app, new_user())
     await send(page, "/persona caring")
-    await expect(page.locator("#persona-picker")).to_have_value("caring")
+    await expect_persona(page, "caring", "Caring")
     reply = await chat(page, "rough day")
     assert await reply.get_attribute("data-persona") == "caring"
 
