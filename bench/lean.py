@@ -49,6 +49,8 @@ class Tally:
     stale: int = 0
     deltas: int = 0
     gaps: array[float] = field(default_factory=lambda: array("d"))  # between deltas of a reply
+    stamped: bool = False  # each delta starts with " t<perf_counter() when its token was sent>"
+    delays: array[float] = field(default_factory=lambda: array("d"))  # received - sent
     errors: Counter[str] = field(default_factory=Counter)
     running: int = 0
     finished: asyncio.Event = field(default_factory=asyncio.Event)
@@ -188,6 +190,8 @@ class Conn(WSListener):
                     if self.last_delta != self.sent_at:
                         tally.gaps.append(now - self.last_delta)
                     tally.deltas += 1
+                    if tally.stamped:
+                        tally.delays.append(now - _stamp(frame.get("delta")))
                 self.last_delta = now
             return
         if kind == "reply" and frame.get("ref") == self.chat_id:
@@ -211,6 +215,14 @@ class Conn(WSListener):
             tally.errors[f"unexpected {kind}"] += 1
         if not self.chat_id and not self.switch_id:
             self._send_next()
+
+
+def _stamp(delta: Any) -> float:
+    """The send time of the first token in a delta of the streaming benchmark's fake."""
+    try:
+        return float(str(delta).split(None, 1)[0][1:])
+    except (ValueError, IndexError):
+        return float("nan")
 
 
 async def connect(
@@ -280,12 +292,13 @@ async def closed_loop(
     switch_every: int,
     before: Callable[[], None] = lambda: None,
     after: Callable[[], None] = lambda: None,
+    tally: Tally | None = None,
 ) -> tuple[Tally, float]:
     """Every connection chats until `duration_s` from now, then the answers in flight are
     waited for (at most DRAIN_TIMEOUT_S). `before` runs just before the first chat and `after`
     once the last answer is in (the CPU counters). Returns the tally and the elapsed time from
     the first chat to the last answer."""
-    tally = Tally()
+    tally = tally or Tally()
     before()
     started = time.perf_counter()
     tally.deadline = started + duration_s
