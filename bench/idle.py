@@ -33,7 +33,6 @@ from bench.run import SERVER_ENV
 from bench.tokens import signer
 from clients.loop import run_async
 
-SETTLE_S = 2.0
 STEP_TIMEOUT_S = 300.0
 PING_TIMEOUT_S = 60.0
 
@@ -46,6 +45,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--workers", type=int, default=4, help="load client processes (4)")
     parser.add_argument("--hold", type=float, default=5.0, help="seconds held after the last")
+    parser.add_argument("--settle", type=float, default=2.0, help="seconds before each reading")
     parser.add_argument("--server-rev", metavar="REV", help="this server from commit REV")
     parser.add_argument("--skip-echo", action="store_true")
     return parser.parse_args(argv)
@@ -163,7 +163,7 @@ def measure(
     crew = Crew(args.workers, proc.url, echo, secret, cores.client)
     try:
         crew.ask("grow", [5] * args.workers)  # first-call costs, then the baseline
-        time.sleep(SETTLE_S)
+        time.sleep(args.settle)
         before = proc.rss_kib()
         points: list[tuple[int, int]] = []
         held, errors = 0, Counter[str]()
@@ -171,7 +171,7 @@ def measure(
             started = time.monotonic()
             held, errors = crew.ask("grow", _share(step, args.workers))
             took = time.monotonic() - started
-            time.sleep(SETTLE_S)
+            time.sleep(args.settle)
             rss = proc.rss_kib()
             points.append((held, rss))
             print(

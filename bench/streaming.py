@@ -53,6 +53,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--streams", default="100,200,500,1000,2000", help="the Ns, ascending")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per N")
+    parser.add_argument("--echo-duration", type=float, default=3.0, help="the echo run (s)")
     parser.add_argument("--budget", type=float, default=600.0, help="no new N after this (s)")
     parser.add_argument("--server-rev", metavar="REV", help="this server from commit REV")
     parser.add_argument("--json", type=Path)
@@ -196,12 +197,12 @@ async def one_n(proc: Proc, streams: int, args: argparse.Namespace, secret: str)
     return result
 
 
-async def echo_per_message(proc: Proc) -> float:
+async def echo_per_message(proc: Proc, duration_s: float) -> float:
     conns = await connect(proc.url, 50, True, None, ["echo"])
     counters: dict[str, float] = {}
     tally, _ = await closed_loop(
         conns,
-        3.0,
+        duration_s,
         0,
         lambda: counters.__setitem__("before", proc.all_cpu_seconds()),
         lambda: counters.__setitem__("after", proc.all_cpu_seconds()),
@@ -232,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         root = ROOT if args.server_rev is None else checkout(args.server_rev, workdir / "tree")
         echo = start_echo(workdir / "echo", cores.server)
         procs.append(echo)
-        echo_us = run_async(echo_per_message(echo))
+        echo_us = run_async(echo_per_message(echo, args.echo_duration))
         echo.stop()
         print(f"{cores.describe()}; the fake at {fake_url} (CPU 1); echo server: {echo_us:.1f}"
               " µs of CPU per message (50 connections, closed loop)", flush=True)  # fmt: skip
