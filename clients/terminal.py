@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import signal
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from prompt_toolkit import PromptSession
-from prompt_toolkit.completion import CompleteEvent, Completer, WordCompleter
+from prompt_toolkit.completion import CompleteEvent, Completer, Completion
+from prompt_toolkit.document import Document
 from prompt_toolkit.formatted_text import FormattedText
 from prompt_toolkit.history import FileHistory
 from prompt_toolkit.key_binding import KeyBindings, KeyPressEvent
@@ -52,7 +54,16 @@ from protocol.frames import (
 DEFAULT_AVATAR = ("Ava", "friendly")
 RATE_LIMIT_RETRIES = 5
 RECENT_ON_START = 6  # messages of the conversation so far shown when the client starts
-LOCAL_HELP = "/quit          leave (Ctrl-D works too; Ctrl-C stops a reply)"
+PAGE_SIZE = 20  # personas that `/personas` shows at a time
+NAMED_IN_PROMPT = 12  # the create-avatar prompt names this many personas at most
+LOCAL_HELP = "\n".join(
+    (
+        "/personas N    page N of the personalities, 20 a page (/personas more: the next page)",
+        "/personas WORD the personalities whose id, name or description has WORD",
+        "/quit          leave (Ctrl-D works too; Ctrl-C stops a reply)",
+    )
+)
+COMMANDS = ("/persona ", "/personas", "/help", "/quit")
 STYLE = Style.from_dict(
     {"persona": "ansicyan bold", "offline": "ansiyellow", "bottom-toolbar": "noreverse ansiyellow"}
 )
@@ -62,19 +73,85 @@ STYLE = Style.from_dict(
 Minter = Callable[[str], str]
 
 
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """A `/personas` list: the words its personas must hold (none: all of them) and a page."""
+
+    words: tuple[str, ...] = ()
+    page: int = 1
+
+
 @dataclass(slots=True)
 class Conversation:
-    """What the client knows: the avatar's name, its current persona, the catalogue."""
+    """What the client knows: the avatar's name, its current persona, the catalogue, and the
+    last `/personas` page shown (for `/personas more`)."""
 
     link: Router
     personas: list[PersonaInfo]
     avatar_name: str = ""
     persona: str = ""
     failures: int = 0
+    listing: Listing = field(default_factory=lambda: Listing(page=0))
 
     def adopt(self, avatar: AvatarInfo) -> None:
         self.avatar_name = avatar.name
         self.persona = avatar.personality
+
+    def list_personas(self, answer: Personas, argument: str) -> str:
+        """The page of the catalogue (just fetched) that `/personas ARGUMENT` asks for."""
+        self.personas = answer.personas
+        self.listing = listing_for(argument, self.listing)
+        return personas_page(self.personas, self.listing)
+
+
+def personas_argument(line: str) -> str | None:
+    """ARGUMENT of a `/personas ARGUMENT` line (empty for a bare `/personas`); None for any
+    other line."""
+    word, _, argument = line.strip().partition(" ")
+    return argument.strip() if word == "/personas" else None
+
+
+def listing_for(argument: str, last: Listing) -> Listing:
+    """What `/personas ARGUMENT` asks for: page 1 of all (no argument), page N (a number), the
+    page after the last one shown (`more`), or page 1 of those that hold every word."""
+    if not argument:
+        return Listing()
+    if argument in ("more", "next"):
+        return Listing(last.words, last.page + 1)
+    if argument.isdigit():
+        return Listing(page=int(argument))
+    return Listing(tuple(argument.lower().split()))
+
+
+def matches(persona: PersonaInfo, words: Sequence[str]) -> bool:
+    text = f"{persona.id} {persona.name} {persona.description}".lower()
+    return all(word in text for word in words)
+
+
+def personas_page(personas: Sequence[PersonaInfo], listing: Listing) -> str:
+    """One page of the personas that match the listing's words: how many there are, which
+    page this is, the page's personas (id and description), and how to see the next page."""
+    chosen = [p for p in personas if matches(p, listing.words)]
+    which = f" match '{' '.join(listing.words)}'" if listing.words else ""
+    if not chosen:
+        return f"no personas{which}"
+    pages = math.ceil(len(chosen) / PAGE_SIZE)
+    counted = f"{len(chosen)} persona{'s' if len(chosen) > 1 else ''}{which}"
+    if not 1 <= listing.page <= pages:
+        last = "page 1" if pages == 1 else f"pages 1 to {pages}"
+        return f"no page {listing.page}: {counted}, {last} (/personas 1)"
+    first = (listing.page - 1) * PAGE_SIZE
+    shown = chosen[first : first + PAGE_SIZE]
+    width = max(13, *(len(p.id) for p in shown))
+    lines = [f"  {p.id:<{width}} {p.description}" for p in shown]
+    if pages == 1:
+        return "\n".join((f"{counted}:", *lines))
+    place = f"page {listing.page} of {pages} ({first + 1}-{first + len(shown)})"
+    header = f"{counted}, {place}:"
+    if listing.page == pages:
+        return "\n".join((header, *lines, "(the last page)"))
+    after = f"/personas more for page {listing.page + 1}"
+    return "\n".join((header, *lines, after))
 
 
 def describe(frame: AnyServerFrame) -> str:
@@ -123,11 +200,13 @@ async def run_batch(conversation: Conversation) -> int:
             break
         if not text.strip():
             continue
-        answer = await chat_with_retry(conversation, text)
+        listing = personas_argument(text)  # `/personas 2` asks for the list, the client pages it
+        sent = text if listing is None else "/personas"
+        answer = await chat_with_retry(conversation, sent)
         if isinstance(answer, Error) and answer.code == "no_avatar":
             await create_default_avatar(conversation)
-            answer = await chat_with_retry(conversation, text)
-        print_batch_answer(conversation, answer)
+            answer = await chat_with_retry(conversation, sent)
+        print_batch_answer(conversation, answer, listing or "")
     return EXIT_FAILED if conversation.failures else EXIT_OK
 
 
@@ -153,8 +232,9 @@ async def chat_with_retry(conversation: Conversation, text: str) -> AnyServerFra
     return await conversation.link.request({"type": "chat", "text": text})
 
 
-def print_batch_answer(conversation: Conversation, answer: AnyServerFrame) -> None:
-    """Replies on stdout; what the user asked for with a command too; the rest on stderr."""
+def print_batch_answer(conversation: Conversation, answer: AnyServerFrame, listing: str) -> None:
+    """Replies on stdout; what the user asked for with a command too; the rest on stderr.
+    `listing` is the argument of a `/personas` line."""
     match answer:
         case Reply(status="completed", text=text):
             write(text)
@@ -165,7 +245,9 @@ def print_batch_answer(conversation: Conversation, answer: AnyServerFrame) -> No
         case PersonaSet(personality=personality):
             conversation.persona = personality
             warn(describe(answer))
-        case Personas() | Notice():
+        case Personas():
+            write(conversation.list_personas(answer, listing))
+        case Notice():
             write(describe(answer))
         case _:
             warn(describe(answer))
@@ -184,14 +266,9 @@ class Terminal:
         self.final: ClientError | None = None  # a close that ends the client
         self.connection = Reconnecting(url, token, self.on_status, self.on_back, self.on_final)
         history.parent.mkdir(parents=True, exist_ok=True)
-        commands = [f"/persona {p.id}" for p in conversation.personas]
-        commands += ["/personas", "/help", "/quit"]
-        completer = WordCompleter(commands, sentence=True)
+        self.completer = CommandCompleter(conversation)
         self.session: PromptSession[str] = PromptSession(
-            history=FileHistory(str(history)),
-            completer=completer,
-            key_bindings=tab_completes(completer),
-            style=STYLE,
+            history=FileHistory(str(history)), style=STYLE
         )
 
     def prompt_text(self) -> FormattedText:
@@ -240,10 +317,16 @@ class Terminal:
             except EOFError:
                 return None
 
-    async def prompt(self, message: Callable[[], FormattedText] | str) -> str:
-        """One prompt; what arrives meanwhile (a push) is printed above it."""
+    async def prompt(
+        self, message: Callable[[], FormattedText] | str, completer: Completer | None = None
+    ) -> str:
+        """One prompt (completing the commands unless another completer is given); what
+        arrives meanwhile (a push) is printed above it."""
+        completer = completer or self.completer
         with patch_stdout():
-            return await self.session.prompt_async(message)
+            return await self.session.prompt_async(
+                message, completer=completer, key_bindings=tab_completes(completer)
+            )
 
     @contextlib.contextmanager
     def ctrl_c_calls(self, callback: Callable[[], None]) -> Iterator[None]:
@@ -273,6 +356,7 @@ class Terminal:
         c.link = router
         router.on_push = self.on_push
         was = c.persona
+        c.personas = welcome.personas
         if welcome.avatar is not None:
             c.adopt(welcome.avatar)
         changed = f"; the persona is now {c.persona}" if c.persona != was else ""
@@ -325,10 +409,15 @@ class Terminal:
 
     async def create_avatar(self) -> None:
         write("You have no avatar yet. Let's create one.")
-        ids = [p.id for p in self.conversation.personas]
-        name = (await self.prompt("Name [Ava]: ")).strip() or "Ava"
+        personas = self.conversation.personas
+        named = ", ".join(p.id for p in personas[:NAMED_IN_PROMPT])
+        if len(personas) > NAMED_IN_PROMPT:
+            named += f" and {len(personas) - NAMED_IN_PROMPT} more: Tab completes"
+        name = (await self.prompt("Name [Ava]: ", NO_COMPLETION)).strip() or "Ava"
         while True:
-            choice = await self.prompt(f"Personality ({', '.join(ids)}) [friendly]: ")
+            choice = await self.prompt(
+                f"Personality ({named}) [friendly]: ", PersonaCompleter(self.conversation)
+            )
             answer = await self.conversation.link.request(
                 {"type": "create_avatar", "name": name, "personality": choice.strip() or "friendly"}
             )
@@ -344,14 +433,20 @@ class Terminal:
         if not line.startswith("/") or line.startswith("//"):
             await self.chat(line)
             return
+        listing = personas_argument(line)  # `/personas 2` asks for the list, the client pages it
         try:
-            answer = await self.conversation.link.request({"type": "chat", "text": line})
+            answer = await self.conversation.link.request(
+                {"type": "chat", "text": line if listing is None else "/personas"}
+            )
         except LinkClosed as closed:
             self.lost(closed, shown=False)
             return
         if isinstance(answer, PersonaSet):
             self.conversation.persona = answer.personality
-        write(describe(answer))
+        if isinstance(answer, Personas):
+            write(self.conversation.list_personas(answer, listing or ""))
+        else:
+            write(describe(answer))
         if line == "/help":
             write(LOCAL_HELP)
 
@@ -403,6 +498,48 @@ class Terminal:
             self.session.app.invalidate()
         elif isinstance(frame, Error) and frame.code != "nothing_to_cancel":
             write(describe(frame))
+
+
+class PersonaCompleter(Completer):
+    """Persona ids that start with the text typed (or whose name does), from the catalogue as
+    the client last heard it; each shown with its name."""
+
+    def __init__(self, conversation: Conversation) -> None:
+        self.conversation = conversation
+
+    def get_completions(
+        self, document: Document, complete_event: CompleteEvent
+    ) -> Iterable[Completion]:
+        return self.completions(document.text_before_cursor)
+
+    def completions(self, typed: str) -> Iterator[Completion]:
+        prefix = typed.lstrip().lower()
+        for persona in self.conversation.personas:
+            if persona.id.startswith(prefix) or persona.name.lower().startswith(prefix):
+                yield Completion(persona.id, -len(typed), display_meta=persona.name)
+
+
+class CommandCompleter(PersonaCompleter):
+    """The commands, and after `/persona ` the persona ids: a catalogue of hundreds is walked
+    once per Tab, with nothing built ahead (so a catalogue that changed is completed too)."""
+
+    def completions(self, typed: str) -> Iterator[Completion]:
+        if typed.startswith("/persona "):
+            yield from super().completions(typed.removeprefix("/persona "))
+        elif typed.startswith("/") and " " not in typed:
+            for command in COMMANDS:
+                if command.startswith(typed):
+                    yield Completion(command, -len(typed))
+
+
+class NoCompletion(Completer):
+    def get_completions(
+        self, document: Document, complete_event: CompleteEvent
+    ) -> Iterable[Completion]:
+        return ()
+
+
+NO_COMPLETION = NoCompletion()
 
 
 def tab_completes(completer: Completer) -> KeyBindings:

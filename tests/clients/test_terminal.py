@@ -13,6 +13,8 @@ from pathlib import Path
 import pexpect
 import pytest
 
+from clients.terminal import PAGE_SIZE, Listing, listing_for, personas_page
+from protocol.frames import PersonaInfo
 from server.app import App
 from server.auth import mint_token
 from tests.client import Client
@@ -29,6 +31,56 @@ def client_env(home: Path) -> dict[str, str]:
     env.pop("DATABASE_URL", None)
     env.update(HOME=str(home), TERM="xterm-256color", PROMPT_TOOLKIT_NO_CPR="1")
     return env
+
+
+# ---------------------------------------------------------------------------- paging
+
+
+def persona(index: int) -> PersonaInfo:
+    return PersonaInfo(id=f"p-{index:02d}", name=f"P {index}", description=f"number {index}")
+
+
+CATALOGUE = [persona(index) for index in range(1, 46)]  # 45: pages of 20, 20 and 5
+
+
+def test_personas_page_says_how_many_and_how_to_see_the_next_page() -> None:
+    first = personas_page(CATALOGUE, Listing()).splitlines()
+    assert first[0] == "45 personas, page 1 of 3 (1-20):"
+    assert first[1] == "  p-01          number 1"
+    assert len(first) == 1 + PAGE_SIZE + 1
+    assert first[-1] == "/personas more for page 2"
+    last = personas_page(CATALOGUE, Listing(page=3)).splitlines()
+    assert last == [
+        "45 personas, page 3 of 3 (41-45):",
+        *(f"  p-{n}          number {n}" for n in range(41, 46)),
+        "(the last page)",
+    ]
+
+
+def test_a_short_catalogue_is_one_page_without_page_numbers() -> None:
+    assert personas_page(CATALOGUE[:2], Listing()).splitlines() == [
+        "2 personas:",
+        "  p-01          number 1",
+        "  p-02          number 2",
+    ]
+
+
+def test_personas_more_continues_the_last_list_and_words_filter_it() -> None:
+    assert listing_for("", Listing(page=0)) == Listing(page=1)
+    assert listing_for("more", Listing(page=0)) == Listing(page=1)
+    assert listing_for("more", Listing(("p-1",), 1)) == Listing(("p-1",), 2)
+    assert listing_for("3", Listing(("p-1",), 1)) == Listing(page=3)
+    assert listing_for("Number 4", Listing(page=2)) == Listing(("number", "4"), 1)
+    found = personas_page(CATALOGUE, Listing(("number", "4"), 1)).splitlines()
+    assert found[0] == "10 personas match 'number 4':"  # 4, 14, 24, 34 and 40 to 45
+    assert personas_page(CATALOGUE, Listing(("nobody",), 1)) == "no personas match 'nobody'"
+
+
+def test_a_page_past_the_end_says_which_pages_there_are() -> None:
+    assert personas_page(CATALOGUE, Listing(page=4)) == (
+        "no page 4: 45 personas, pages 1 to 3 (/personas 1)"
+    )
+    assert personas_page(CATALOGUE, Listing(page=0)).startswith("no page 0: ")
 
 
 # ---------------------------------------------------------------------------- from a pipe
