@@ -8,7 +8,7 @@ import json
 import math
 import re
 import unicodedata
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator
@@ -16,7 +16,6 @@ from pydantic import ValidationError as _ValidationError
 from pydantic_core import PydanticCustomError
 
 from protocol.errors import ClientError
-from protocol.personas import CATALOGUE, PersonaCard
 
 MAX_CARD_BYTES = 256 * 1024  # a card's JSON, encoded as UTF-8
 EXTENSION = "persona_chat"  # the key of the template material in data.extensions
@@ -61,7 +60,7 @@ def field_path(parts: Path) -> str:
             text += f".{part}" if text else part
         else:
             text += f"[{json.dumps(part)}]"
-    return text or "card"
+    return text if text[:1].isalpha() else f"card{text}"  # `card[0]` for a list at the top
 
 
 def _number(value: object) -> int | float:
@@ -228,6 +227,33 @@ class ParsedCard:
     def persona_id(self) -> str:
         """The id the file gave, else a slug of the name."""
         return self.id if self.id is not None else slug_for(self.data.name)
+
+
+@dataclass(frozen=True, slots=True)
+class PersonaCard:
+    """Everything a reply generator needs to speak as one personality."""
+
+    id: str
+    name: str
+    description: str
+    system_prompt: str
+    greeting: str
+    style_rules: tuple[str, ...]
+    example_lines: tuple[str, ...]
+    post_history_instruction: str
+    # The template generator builds a reply from these: an opener, a way to reflect the
+    # user's words back, a follow-up, and a sign-off. Several of each keep it varied. Every
+    # line is whole sentences. "{topic}" and "{earlier}" stand for whole words the user typed
+    # (a statement, a question without its mark, one word, an emoji), so the lines quote
+    # them rather than build a sentence around them.
+    openers: tuple[str, ...]
+    reflections: tuple[str, ...]  # for a statement: "{topic}"
+    questions: tuple[str, ...]  # for a question: "{topic}", the question mark is in the line
+    wordless: tuple[str, ...]  # for a message without words (only punctuation, say)
+    follow_ups: tuple[str, ...]
+    callback: str  # how the persona recalls an earlier message: "{earlier}"
+    sign_off: str
+    switched: str  # opens the first reply after a switch to this persona: "Switching gears: ..."
 
 
 def is_slug(text: str) -> bool:
@@ -484,40 +510,3 @@ def persona_card(parsed: ParsedCard) -> PersonaCard:
 
 def _sections(data: CardData) -> tuple[tuple[str, str], ...]:
     return (("Personality", data.personality), ("Scenario", data.scenario))
-
-
-def material_of(card: PersonaCard) -> dict[str, Any]:
-    """A PersonaCard's material as data.extensions["persona_chat"] holds it."""
-    keys = ("style_rules", "example_lines", *DEFAULT_LINES, "callback", "sign_off", "switched")
-    return {key: list(v) if isinstance(v := getattr(card, key), tuple) else v for key in keys}
-
-
-def card_of(card: PersonaCard) -> dict[str, Any]:
-    """A PersonaCard as a Character Card V3, its template material in the extensions."""
-    examples = "\n".join(f"<START>\n{{{{char}}}}: {line}" for line in card.example_lines)
-    return {
-        "spec": SPEC_V3,
-        "spec_version": "3.0",
-        "data": {
-            "name": card.name,
-            "description": card.description,
-            "personality": "",
-            "scenario": "",
-            "first_mes": card.greeting,
-            "mes_example": examples,
-            "creator_notes": "One of the built-in personas of persona chat.",
-            "system_prompt": card.system_prompt,
-            "post_history_instructions": card.post_history_instruction,
-            "alternate_greetings": [],
-            "tags": ["persona-chat", "built-in"],
-            "creator": "persona chat",
-            "character_version": "1",
-            "extensions": {EXTENSION: material_of(card)},
-            "group_only_greetings": [],
-        },
-    }
-
-
-def builtin_cards() -> tuple[ParsedCard, ...]:
-    """The six personas of protocol/personas.py as V3 cards, with the same ids."""
-    return tuple(replace(parse_card(card_of(card)), id=card.id) for card in CATALOGUE)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from protocol.personas import CATALOGUE
-
 
 @dataclass(frozen=True, slots=True)
 class Message:
@@ -43,9 +41,7 @@ Parsed = Message | SwitchPersona | ListPersonas | ShowHelp | UnknownCommand
 HELP_TEXT = "\n".join(
     (
         "Commands:",
-        "/persona NAME  switch the avatar's personality ("
-        + ", ".join(card.id for card in CATALOGUE)
-        + ")",
+        "/persona NAME  switch the avatar's personality (see /personas)",
         "/personas      list the personalities",
         "/help          show this help",
         "//text         send text that starts with '/'",

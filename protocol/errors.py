@@ -66,6 +66,15 @@ class InvalidPersona(ClientError):
     default_message = "unknown personality"
 
 
+class PersonaUnavailable(ClientError):
+    """The avatar's persona was disabled (or removed) in the catalogue: no reply is rendered
+    with it, and the avatar keeps it until the user switches."""
+
+    code = "persona_unavailable"
+    status = 409
+    default_message = "the avatar's personality is not available now; choose another one"
+
+
 class UnknownCommand(ClientError):
     code = "unknown_command"
     status = 422

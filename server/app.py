@@ -23,6 +23,7 @@ from websockets.http11 import Request, Response
 from protocol.errors import CloseCode
 from server.admission import client_address
 from server.auth import CANNOT_VERIFY, MAX_SUBJECT_CHARS, Verifier, accepts_hs256, mint_token
+from server.catalogue import CatalogueKeeper
 from server.generators import ReplyGenerator, TemplateGenerator
 from server.http_api import attach, create_api
 from server.http_server import HttpServer, bind, page_origins
@@ -173,6 +174,9 @@ class App:
         if settings.run_migrations:
             await store.migrate()
         await self._verifier.start()  # a JWKS that cannot be fetched is tried again later
+        origin = process_tag()
+        catalogue = CatalogueKeeper(store, origin)
+        await catalogue.load()
         self._services = Services(
             settings=settings,
             store=store,
@@ -182,8 +186,9 @@ class App:
             secret=self._secret,
             verifier=self._verifier,
             version=server_version(),
-            origin=process_tag(),
+            origin=origin,
             state=ProcessState(settings),
+            catalogue=catalogue,
         )
         self._listener = ChangeListener(
             self._dsn,
@@ -191,6 +196,7 @@ class App:
             self._on_persona_change,
             self._on_listener_state,
             settings.db_timeout_s,
+            catalogue.notified,
         )
         await self._listener.start()
         self._server = await serve(
@@ -266,6 +272,7 @@ class App:
         await services.verifier.aclose()
         if self._listener is not None:
             await self._listener.stop()
+        await services.catalogue.aclose()
         await services.store.close()
         log.info("stopped")
 
@@ -286,6 +293,7 @@ class App:
         services = self.services
         if services.state.listener_changed(up):
             services.hub.listener_changed(up)  # down: read every time; up: some were missed
+            services.catalogue.listener_changed(up)
         self.metrics.listener_up.set(1 if up else 0)
 
     # ------------------------------------------------------------------ HTTP

@@ -7,10 +7,10 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from protocol.cards import PersonaCard
 from protocol.conversation.records import PastMessage
 from protocol.frames import Usage
-from protocol.personas import PersonaCard
-from server.render import template_reply
+from server.render import Lookup, no_other, template_reply
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +20,9 @@ class TurnContext:
     card: PersonaCard
     text: str
     recent: Sequence[PastMessage]  # oldest first; the current text is not among them
+    others: Lookup = no_other  # the card of another persona of the catalogue (switch markers)
+    avatar_name: str = ""  # what {{char}} stands for ("": the card's own name)
+    user_name: str = ""  # what {{user}} stands for: the user's display name, or id
 
 
 class GeneratorUnavailable(Exception):

@@ -14,13 +14,12 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from protocol.conversation.core import HISTORY_REQUEST_BYTES
 from protocol.conversation.records import SwitchRequest, SwitchResult
-from protocol.errors import AvatarExists, ConnectionRefused, NoAvatar, ProtocolError
+from protocol.errors import AvatarExists, ConnectionRefused, InvalidPersona, NoAvatar, ProtocolError
 from protocol.frames import (
     MAX_HISTORY_LIMIT,
     MAX_MESSAGE_ID,
@@ -33,7 +32,7 @@ from protocol.frames import (
     Text,
     fit_history_page,
 )
-from protocol.personas import CATALOGUE, PERSONA_IDS, is_known
+from protocol.personas import Catalogue
 from server.auth import CannotVerify
 from server.batching import settle
 from server.http_server import BodyLimit, Cors
@@ -41,30 +40,32 @@ from server.services import Services
 
 TITLE = "Persona chat"
 RETRY_AFTER_S = 5  # what a 503 tells a client to wait
-PERSONAS = [PersonaInfo(id=c.id, name=c.name, description=c.description) for c in CATALOGUE]
 
 
 # ---------------------------------------------------------------- models
 
 
-def _known(personality: str) -> str:
-    """The catalogue's rule, as the frames apply it (an `invalid_persona` error type)."""
-    allowed = ", ".join(PERSONA_IDS)
-    if not personality:
-        raise PydanticCustomError(
-            "invalid_persona", "name a personality: {allowed}", {"allowed": allowed}
-        )
-    if not is_known(personality):
-        raise PydanticCustomError(
-            "invalid_persona",
-            "unknown personality '{personality}'; one of: {allowed}",
-            {"personality": personality, "allowed": allowed},
-        )
+def enabled_persona(catalogue: Catalogue, personality: str) -> str:
+    """The live catalogue's rule, as the frames apply it: a 422 whose error type is
+    `invalid_persona` (the field's error, as FastAPI gives one) unless it is enabled."""
+    try:
+        catalogue.require_enabled(personality)
+    except InvalidPersona as exc:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "invalid_persona",
+                    "loc": ("body", "personality"),
+                    "msg": exc.message,
+                    "input": personality,
+                }
+            ]
+        ) from None
     return personality
 
 
 KnownPersonality = Annotated[
-    Personality, AfterValidator(_known), Field(json_schema_extra={"enum": list(PERSONA_IDS)})
+    Personality, Field(description="an enabled persona's id (GET /personas lists them)")
 ]
 
 
@@ -210,6 +211,7 @@ async def get_avatar(user: User, services: ServicesDep) -> AvatarInfo:
 async def create_avatar(body: NewAvatar, user: User, services: ServicesDep) -> JSONResponse:
     """Create the user's avatar (one per user)."""
     store = services.store
+    enabled_persona(services.catalogue.catalogue, body.personality)
     if await store.open_user(user) is not None:  # also creates the user on first sight
         raise AvatarExists()
     avatar = await store.create_avatar(user, body.name, body.personality)
@@ -225,6 +227,7 @@ async def set_persona(body: PersonaChoice, user: User, services: ServicesDep) ->
     """Switch the avatar's persona. Every open session of the user, in every process, is told
     with `persona_changed`, and its next reply uses the new persona; those in this process
     drop their cached avatar before this answers."""
+    enabled_persona(services.catalogue.catalogue, body.personality)
     result = await switch_persona(services, user, body.personality)
     if result is None:
         raise NoAvatar(NO_AVATAR)
@@ -256,9 +259,9 @@ def switch_persona(
 
 
 @router.get("/personas", response_model=list[PersonaInfo])
-async def personas(user: User) -> list[PersonaInfo]:
-    """The persona catalogue."""
-    return PERSONAS
+async def personas(user: User, services: ServicesDep) -> list[PersonaInfo]:
+    """The enabled personas of the catalogue."""
+    return list(services.catalogue.catalogue.listing())
 
 
 @router.get("/avatars/me/messages", response_model=MessagePage)

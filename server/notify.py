@@ -1,4 +1,7 @@
-"""Persona changes between processes: one LISTEN connection per process, kept up with backoff."""
+"""Persona changes between processes: one LISTEN connection per process, kept up with backoff.
+It hears two channels: `persona_changed` (a user's switch) and `persona_catalogue` (an edit of
+the catalogue, see server/catalogue.py). Its application name carries the process's tag, which
+is how `run.py personas` finds the processes that must confirm an edit."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import orjson
 log = logging.getLogger(__name__)
 
 CHANNEL = "persona_changed"
+CATALOGUE_CHANNEL = "persona_catalogue"
 APPLICATION_NAME = "persona-chat-listener"
 BACKOFF_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 
@@ -35,6 +39,11 @@ def process_tag() -> str:
     return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
+def listener_name(origin: str) -> str:
+    """The application name of a process's listener connection (PostgreSQL keeps 63 bytes)."""
+    return f"{APPLICATION_NAME}:{origin}"[:63]
+
+
 def parse_change(payload: str) -> PersonaChange | None:
     """The change in a NOTIFY payload, or None when the payload is not one."""
     try:
@@ -51,7 +60,8 @@ def parse_change(payload: str) -> PersonaChange | None:
 
 
 class ChangeListener:
-    """Listens on `persona_changed`; tells `on_change` and `on_state` (up or down)."""
+    """Listens on `persona_changed` and `persona_catalogue`; tells `on_change`, `on_catalogue`
+    (the raw payload) and `on_state` (up or down)."""
 
     def __init__(
         self,
@@ -60,10 +70,12 @@ class ChangeListener:
         on_change: Callable[[PersonaChange], None],
         on_state: Callable[[bool], None],
         timeout_s: float = 5.0,
+        on_catalogue: Callable[[str], None] | None = None,
     ) -> None:
         self._dsn = dsn
         self._origin = origin
         self._on_change = on_change
+        self._on_catalogue = on_catalogue
         self._on_state = on_state
         self._timeout_s = timeout_s
         self._task: asyncio.Task[None] | None = None
@@ -85,12 +97,14 @@ class ChangeListener:
         conn: asyncpg.Connection = await asyncpg.connect(
             self._dsn,
             timeout=self._timeout_s,
-            server_settings={"application_name": f"{APPLICATION_NAME}:{os.getpid()}"},
+            server_settings={"application_name": listener_name(self._origin)},
         )
         self._lost.clear()
         conn.add_termination_listener(lambda _conn: self._lost.set())
         try:
             await conn.add_listener(CHANNEL, self._notified)
+            if self._on_catalogue is not None:
+                await conn.add_listener(CATALOGUE_CHANNEL, self._catalogue_notified)
         except BaseException:
             conn.terminate()
             raise
@@ -127,3 +141,7 @@ class ChangeListener:
             return
         if change.origin != self._origin:
             self._on_change(change)
+
+    def _catalogue_notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        if self._on_catalogue is not None:
+            self._on_catalogue(str(payload))

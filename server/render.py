@@ -5,12 +5,12 @@ from __future__ import annotations
 import functools
 import re
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 from unicodedata import category
 
+from protocol.cards import PersonaCard
 from protocol.conversation.records import PastMessage
-from protocol.personas import PERSONAS, PersonaCard
 
 TOPIC_WORDS = 8  # at most this many words of the message are quoted back
 TOPIC_CHARS = 60  # ... and at most this many characters
@@ -248,6 +248,13 @@ def persona_system_prompt(card: PersonaCard) -> str:
     return "\n\n".join(sections)
 
 
+Lookup = Callable[[str], PersonaCard | None]  # another persona's card, by id (None: gone)
+
+
+def no_other(_persona_id: str) -> PersonaCard | None:
+    return None
+
+
 class _Switch(NamedTuple):
     """A persona switch between two turns of the prompt's history, to be marked there."""
 
@@ -261,6 +268,7 @@ def build_prompt(
     recent: Sequence[PastMessage],
     text: str,
     other_persona_chars: int = OTHER_PERSONA_CHARS,
+    others: Lookup = no_other,
 ) -> list[ChatMessage]:
     """The OpenAI chat messages for one turn, rendered afresh from the card every time.
 
@@ -299,30 +307,32 @@ def build_prompt(
             pending = entry if pending is None else entry._replace(old=pending.old)
             continue
         if pending is not None:
-            _mark(messages, pending, card)
+            _mark(messages, pending, card, others)
             pending = None
         messages.append(entry)
     if pending is not None:
-        _mark(messages, pending, card)
+        _mark(messages, pending, card, others)
     messages.append({"role": "user", "content": text})
     if card.post_history_instruction:
         messages.append({"role": "system", "content": card.post_history_instruction})
     return messages
 
 
-def _mark(messages: list[ChatMessage], switch: _Switch, card: PersonaCard) -> None:
+def _mark(messages: list[ChatMessage], switch: _Switch, card: PersonaCard, others: Lookup) -> None:
     """Add the marker of `switch`, unless nothing of the old voice is left before it."""
     if len(messages) > 1 and switch.old != switch.new:
-        new = card if switch.new == card.id else PERSONAS.get(switch.new, switch.new)
-        note = switch_note(switch.old, new, switch.examples)
+        new = card if switch.new == card.id else others(switch.new) or switch.new
+        note = switch_note(switch.old, new, switch.examples, others)
         messages.append({"role": "system", "content": note})
 
 
-def switch_note(old: str, new: PersonaCard | str, examples: bool = False) -> str:
+def switch_note(
+    old: str, new: PersonaCard | str, examples: bool = False, others: Lookup = no_other
+) -> str:
     """The system message that marks a switch from persona `old` to `new` at a turn: it names
     both, tells the model to speak only as the new one, and sums the new one up in a line
-    (`examples`: with the new card's example lines)."""
-    old_card = PERSONAS.get(old)
+    (`examples`: with the new card's example lines; `others` finds a persona's card by id)."""
+    old_card = others(old)
     was = old_card.name if old_card is not None else old
     now = new.name if isinstance(new, PersonaCard) else new
     note = (

@@ -10,12 +10,12 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from protocol.cards import PersonaCard
 from protocol.conversation.actions import Action, StartReply
 from protocol.conversation.core import Conversation
 from protocol.conversation.records import PastMessage
-from protocol.errors import Internal, ProtocolError, Unavailable
+from protocol.errors import Internal, PersonaUnavailable, ProtocolError, Unavailable
 from protocol.frames import ReplyStatus, Usage
-from protocol.personas import get_card
 from server.deltas import DeltaCoalescer
 from server.failures import as_protocol_error
 from server.generators import GeneratorUnavailable, TurnContext
@@ -49,10 +49,36 @@ class Replies:
         self._session_id = session_id
         self._feed = feed
         self._stream: _Stream | None = None
+        self._reading: asyncio.Task[None] | None = None
 
     def start(self, job: StartReply) -> None:
+        """Generate the reply, from the persona's card as the catalogue has it now: read again
+        first when an edit of it was notified and not read yet (or edits may have been
+        missed); `persona_unavailable` when it is disabled or removed."""
+        if self._services.catalogue.fresh(job.persona):
+            self._start(job)
+        else:
+            self._reading = asyncio.create_task(self._read_then_start(job))
+
+    async def _read_then_start(self, job: StartReply) -> None:
+        try:
+            await self._services.catalogue.refresh(job.persona)
+        except Exception as exc:
+            self._reading = None
+            error = as_protocol_error(exc, self._session_id)
+            self._feed(self._conversation.chat_failed(job.key, error))
+            return
+        self._reading = None
+        self._start(job)
+
+    def _start(self, job: StartReply) -> None:
         conversation = self._conversation
-        turn = TurnContext(card=get_card(job.persona), text=job.text, recent=job.recent)
+        try:
+            card = self._services.catalogue.catalogue.card(job.persona)
+        except PersonaUnavailable as exc:
+            self._feed(conversation.chat_failed(job.key, exc))
+            return
+        turn = self._turn(card, job, job.recent)
         try:
             text = self._services.generator.render(turn)
         except Exception:
@@ -63,7 +89,19 @@ class Replies:
             self._feed(conversation.reply_ended(job.key, text, "completed"))
             return
         stream = self._stream = _Stream(job.key)
-        stream.task = asyncio.create_task(self._generate(stream, job))
+        stream.task = asyncio.create_task(self._generate(stream, job, card))
+
+    def _turn(
+        self, card: PersonaCard, job: StartReply, recent: tuple[PastMessage, ...]
+    ) -> TurnContext:
+        return TurnContext(
+            card=card,
+            text=job.text,
+            recent=recent,
+            others=self._services.catalogue.catalogue.card_or_none,
+            avatar_name=job.avatar_name,
+            user_name=self._conversation.user_id,
+        )
 
     def cancel(self, key: int) -> None:
         stream = self._stream
@@ -73,7 +111,7 @@ class Replies:
         if stream.started and stream.task is not None:
             stream.task.cancel()  # wherever it waits; before it started, it checks the flag
 
-    async def _generate(self, stream: _Stream, job: StartReply) -> None:
+    async def _generate(self, stream: _Stream, job: StartReply, card: PersonaCard) -> None:
         """Reserve the reply's ids (its deltas carry one), then stream it; always ends with
         `reply_ended` or `chat_failed`."""
         conversation, store = self._conversation, self._services.store
@@ -84,12 +122,12 @@ class Replies:
             self._feed(conversation.chat_failed(job.key, as_protocol_error(exc, self._session_id)))
             return
         self._feed(conversation.reply_started(job.key, message_id, reply_id))
-        status, usage, failure = await self._run(stream, job)
+        status, usage, failure = await self._run(stream, job, card)
         self._stream = None
         self._feed(conversation.reply_ended(job.key, "".join(stream.parts), status, usage, failure))
 
     async def _run(
-        self, stream: _Stream, job: StartReply
+        self, stream: _Stream, job: StartReply, card: PersonaCard
     ) -> tuple[ReplyStatus, Usage | None, ProtocolError | None]:
         if stream.cancel_requested:
             return "cancelled", None, None
@@ -102,9 +140,7 @@ class Replies:
         )
         usage: Usage | None = None
         try:
-            turn = TurnContext(
-                card=get_card(job.persona), text=job.text, recent=await self._recent(job)
-            )
+            turn = self._turn(card, job, await self._recent(job))
             async with contextlib.aclosing(self._services.generator.stream(turn)) as pieces:
                 async for piece in pieces:
                     if isinstance(piece, Usage):

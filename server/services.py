@@ -9,6 +9,7 @@ from protocol.conversation.chats import Claims
 from protocol.conversation.limits import UserBudgets
 from server.admission import Admission
 from server.auth import Verifier
+from server.catalogue import CatalogueKeeper
 from server.generators import ReplyGenerator
 from server.hub import Hub
 from server.metrics import Metrics
@@ -60,3 +61,4 @@ class Services:
     version: str
     origin: str  # this process's tag on the persona changes it notifies
     state: ProcessState
+    catalogue: CatalogueKeeper  # this process's copy of the persona catalogue, kept current

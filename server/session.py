@@ -34,8 +34,7 @@ from protocol.conversation.base import Phase, Terms
 from protocol.conversation.core import Conversation
 from protocol.conversation.records import SwitchRequest
 from protocol.errors import CloseCode
-from protocol.frames import Limits, PersonaInfo, encode
-from protocol.personas import CATALOGUE
+from protocol.frames import Limits, encode
 from server.effects import Effects
 from server.outbox import Outbox
 from server.replies import Replies
@@ -43,17 +42,13 @@ from server.services import Services
 
 log = logging.getLogger(__name__)
 
-PERSONA_LIST = tuple(
-    PersonaInfo(id=c.id, name=c.name, description=c.description) for c in CATALOGUE
-)
-
 
 def terms_for(services: Services, session_id: str) -> Terms:
     settings = services.settings
     return Terms(
         session_id=session_id,
         server_version=services.version,
-        personas=PERSONA_LIST,
+        catalogue=services.catalogue.catalogue,
         limits=Limits(
             max_frame_bytes=settings.max_frame_bytes,
             max_text_chars=settings.max_text_chars,

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 
 from websockets.exceptions import ConnectionClosed
 
-from protocol.personas import PERSONA_IDS
 from server.auth import mint_token
 from tests.client import Client
+from tests.personas import BUILTIN_IDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +53,7 @@ async def chatter(
             ledger.acked_persona[user] = created["avatar"]["personality"]
         else:
             ledger.acked_persona[user] = client.welcome["avatar"]["personality"]
-        personas = itertools.cycle(PERSONA_IDS)
+        personas = itertools.cycle(BUILTIN_IDS)
         for turn in itertools.count(1):
             if stop.is_set():
                 break

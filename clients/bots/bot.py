@@ -19,7 +19,6 @@ from clients.bots.propagation import Propagation
 from clients.bots.reading import MAX_FRAMES_PER_ANSWER, BotFailed, Reading
 from clients.bots.report import Stats
 from clients.link import Link
-from protocol.personas import PERSONA_IDS
 
 INVALID_PERSONA = "no-such-persona"
 PUSH_GRACE_S = 0.5  # how long a reply may precede the push of the switch it was rendered after
@@ -78,6 +77,7 @@ class Bot(Reading):
         self._link: Link | None = None
         self._pending: dict[str, Pending] = {}
         self._current: set[str] = set()  # personas that may be the avatar's right now
+        self._personas: tuple[str, ...] = ()  # the enabled catalogue, as welcome listed it
         self._seq = 0
         self._switches = 0
         self._suspects: list[tuple[float, dict[str, Any]]] = []  # (grace deadline, stale example)
@@ -201,6 +201,10 @@ class Bot(Reading):
         rate = float((welcome.get("limits") or {}).get("rate_per_s") or 0.0)
         if rate > 0:
             self._pacer = Pacer(rate * CLIENT_PACE, PACE_BURST)
+        listed = welcome.get("personas") or ()
+        self._personas = tuple(str(p["id"]) for p in listed if isinstance(p, dict) and "id" in p)
+        if not self._personas:
+            raise BotFailed("welcome listed no persona")  # counted by _check
         avatar = welcome.get("avatar")
         if avatar is not None:
             self._current = {str(avatar["personality"])}
@@ -208,7 +212,7 @@ class Bot(Reading):
     async def _ensure_avatar(self) -> None:
         if self._current:  # welcome had the avatar, or a push told of it meanwhile
             return
-        first = PERSONA_IDS[self.index % len(PERSONA_IDS)]
+        first = self._personas[self.index % len(self._personas)]
         frame = {"type": "create_avatar", "name": f"Bot {self.index}", "personality": first}
         answer = await self._request(frame, "create")
         if answer.get("type") == "avatar":
@@ -300,8 +304,12 @@ class Bot(Reading):
 
     def _pick_target(self) -> str:
         """A persona the avatar surely does not have (any, if every one may be current)."""
-        choices = [p for p in PERSONA_IDS if p not in self._current] or list(PERSONA_IDS)
-        return choices[(self.index + self._switches) % len(choices)]
+        personas, start = self._personas, self.index + self._switches
+        for step in range(len(personas)):
+            target = personas[(start + step) % len(personas)]
+            if target not in self._current:
+                return target
+        return personas[start % len(personas)]
 
     # ------------------------------------------------------------------ switching over HTTP
 

@@ -88,6 +88,7 @@ class StartReply(NamedTuple):
     persona: str
     text: str
     recent: tuple[PastMessage, ...]
+    avatar_name: str = ""  # {{char}} in the card ("" before the avatar was seen)
 
 
 class CancelReply(NamedTuple):

@@ -46,6 +46,7 @@ class AvatarView:
         "cached",
         "epoch",
         "in_flight",
+        "name",
         "newest",
         "seen",
         "told",
@@ -56,6 +57,7 @@ class AvatarView:
 
     def __init__(self, trusted: bool) -> None:
         self.cached: Avatar | None = None
+        self.name = ""  # the avatar's name, as last seen ({{char}} in a card)
         self.epoch = 0  # bumped whenever the cache is emptied
         self.seen = 0
         self.told = 0
@@ -78,6 +80,7 @@ class AvatarView:
 
     def saw(self, avatar: Avatar) -> None:
         self.seen = max(self.seen, avatar.version)
+        self.name = avatar.name
 
     def tell(self, version: int, personality: str) -> None:
         """The client now knows this personality, at this version."""

@@ -9,7 +9,8 @@ from typing import Protocol
 
 from protocol.conversation.actions import Action, Close, Send
 from protocol.errors import CloseCode, ProtocolError
-from protocol.frames import Limits, PersonaInfo, ServerFrame, error_frame
+from protocol.frames import Limits, ServerFrame, error_frame
+from protocol.personas import Catalogue
 
 
 class Phase(Enum):
@@ -48,7 +49,7 @@ class Terms:
 
     session_id: str
     server_version: str
-    personas: tuple[PersonaInfo, ...]
+    catalogue: Catalogue  # the process's copy, kept current by its shell
     limits: Limits
     abuse_close_after: int
     chat_queue_depth: int

@@ -74,7 +74,6 @@ from protocol.frames import (
     salvage_ref,
 )
 from protocol.frames import Avatar as AvatarFrame
-from protocol.personas import require_known
 
 HISTORY_REQUEST_BYTES = 1024  # what a history request costs its user's budget besides its page
 
@@ -361,7 +360,7 @@ class Conversation(ChatRules):
                 if avatar is not None:
                     self._send(AvatarFrame(ref=ref, avatar=avatar.info()))
             case CreateAvatar():
-                require_known(frame.personality)
+                self.terms.catalogue.require_enabled(frame.personality)
                 if not self._held_for_switches(frame, now):
                     self._hold(frame, now, Wait.CREATE)
                     self._out.append(CreateAvatarAction(frame.name, frame.personality))
@@ -380,7 +379,7 @@ class Conversation(ChatRules):
             case commands.SwitchPersona(name=name):
                 self._set_persona(frame, name, now)
             case commands.ListPersonas():
-                self._send(Personas(ref=ref, personas=list(self.terms.personas)))
+                self._send(Personas(ref=ref, personas=list(self.terms.catalogue.listing())))
             case commands.ShowHelp():
                 self._send(Notice(ref=ref, text=commands.HELP_TEXT))
             case commands.UnknownCommand(word=word):
@@ -409,7 +408,7 @@ class Conversation(ChatRules):
         """The one persona switch, for `set_persona` and `/persona` alike: validate, empty the
         cache, and hand it to the store without waiting; the chats read behind it are rendered
         with its personality, and written once it has committed."""
-        require_known(personality)
+        self.terms.catalogue.require_enabled(personality)
         view = self._avatar
         if view.full and self._held_for_switches(frame, now):
             return
@@ -462,7 +461,7 @@ class Conversation(ChatRules):
                 session_id=terms.session_id,
                 user_id=self.user_id,
                 avatar=avatar.info() if avatar is not None else None,
-                personas=list(terms.personas),
+                personas=list(terms.catalogue.listing()),
                 server=terms.server_version,
                 limits=terms.limits,
             )

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections import deque
 
 from protocol.conversation.actions import Action, CancelReply, CommitTurn, Replay, StartReply
-from protocol.conversation.avatar import PendingSwitch
+from protocol.conversation.avatar import AvatarView, PendingSwitch
 from protocol.conversation.base import Outputs, Phase, Terms
 from protocol.conversation.chats import Claims, PendingChat, Step, StoredIds
 from protocol.conversation.records import PastMessage, PastTurn, StoredTurn, Turn
@@ -22,6 +22,7 @@ class ChatRules(Outputs):
 
     terms: Terms
     user_id: str
+    _avatar: AvatarView
     _keys: int
     _claims: Claims
 
@@ -203,7 +204,9 @@ class ChatRules(Outputs):
             self._commit(chat, "", "cancelled", None, None)
             return
         chat.step = Step.GENERATING
-        self._out.append(StartReply(chat.key, chat.persona, chat.text, tuple(self._recent)))
+        self._out.append(
+            StartReply(chat.key, chat.persona, chat.text, tuple(self._recent), self._avatar.name)
+        )
 
     def _request_cancel(self, chat: PendingChat) -> None:
         chat.cancel_requested = True

@@ -6,14 +6,21 @@ AVATAR_COLUMNS = "id, user_id, name, personality, version, created_at, updated_a
 # to its last switch in it, and rows are locked in user order, so that two processes' statements
 # cannot deadlock. Each switch still gets its own result (the personality it replaced, the
 # version it made) and its own notification, delivered on commit, so that every process can
-# tell the user's other connections.
+# tell the user's other connections. A switch to a persona that is not in the catalogue, or is
+# disabled, is written nowhere and comes back `refused` (it was valid when the session checked
+# its copy of the catalogue, and an edit landed meanwhile).
 SET_PERSONAS = """
-WITH wanted AS MATERIALIZED (
+WITH asked AS MATERIALIZED (
+    SELECT w.ord, w.user_id, w.personality,
+           EXISTS (SELECT 1 FROM personas p WHERE p.id = w.personality AND p.enabled) AS allowed
+    FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS w(user_id, personality, ord)
+),
+wanted AS MATERIALIZED (
     SELECT w.ord, w.user_id, w.personality,
            row_number() OVER mine AS k,
            count(*) OVER (PARTITION BY w.user_id) AS n,
            lag(w.personality) OVER mine AS before
-    FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS w(user_id, personality, ord)
+    FROM asked w WHERE w.allowed
     WINDOW mine AS (PARTITION BY w.user_id ORDER BY w.ord)
 ),
 old AS MATERIALIZED (
@@ -36,8 +43,12 @@ switched AS MATERIALIZED (
 )
 SELECT s.*, pg_notify('persona_changed', json_build_object(
     'user_id', s.user_id, 'personality', s.personality, 'previous', s.previous,
-    'version', s.version, 'origin', $3::text)::text)
-FROM switched s ORDER BY s.ord
+    'version', s.version, 'origin', $3::text)::text), false AS refused
+FROM switched s
+UNION ALL
+SELECT a.ord, NULL, a.user_id, NULL, a.personality, NULL, NULL, NULL, NULL, NULL, NULL, true
+FROM asked a WHERE NOT a.allowed
+ORDER BY ord
 """
 
 # A batch of turns: each chat and its reply, two rows, in one statement. `$1` is one JSON array

@@ -20,7 +20,7 @@ from protocol.conversation.records import (
     SwitchResult,
     Turn,
 )
-from protocol.errors import AvatarExists, Unavailable
+from protocol.errors import AvatarExists, InvalidPersona, Unavailable
 from protocol.frames import HistoryEntry
 from server.batching import Batcher, Done, StaleResource
 from server.store.connections import (
@@ -194,16 +194,40 @@ class Store:
     async def create_avatar(self, user_id: str, name: str, personality: str) -> Avatar:
         async with self._connection() as conn:
             row = await conn.fetchrow(
-                "INSERT INTO avatars (user_id, name, personality) VALUES ($1, $2, $3)"
+                "INSERT INTO avatars (user_id, name, personality) SELECT $1, $2, $3"
+                " WHERE EXISTS (SELECT 1 FROM personas WHERE id = $3 AND enabled)"
                 f" ON CONFLICT (user_id) DO NOTHING RETURNING {AVATAR_COLUMNS}",
                 user_id,
                 name,
                 personality,
             )
-        avatar = avatar_or_none(row)
-        if avatar is None:
-            raise AvatarExists()
+            avatar = avatar_or_none(row)
+            if avatar is None:
+                allowed = await conn.fetchval(
+                    "SELECT enabled FROM personas WHERE id = $1", personality
+                )
+                if not allowed:
+                    raise InvalidPersona(f"the personality {personality!r} is not available now")
+                raise AvatarExists()
         return avatar
+
+    # ------------------------------------------------------------------ the persona catalogue
+
+    async def personas(self, ids: Sequence[str] | None = None) -> list[asyncpg.Record]:
+        """The catalogue's rows (all of them, or those of `ids`), in catalogue order."""
+        async with self._connection() as conn:
+            return list(
+                await conn.fetch(
+                    "SELECT id, card, version, enabled FROM personas"
+                    " WHERE $1::text[] IS NULL OR id = ANY($1::text[])"
+                    " ORDER BY created_at, id",
+                    None if ids is None else list(ids),
+                )
+            )
+
+    async def notify(self, channel: str, payload: str) -> None:
+        async with self._connection() as conn:
+            await conn.execute("SELECT pg_notify($1, $2)", channel, payload)
 
     def add_switch(self, switch: SwitchRequest, done: Done[SwitchResult | None]) -> None:
         """Commit a new personality, batched with other sessions' switches (group commit);
@@ -213,7 +237,7 @@ class Store:
 
     async def _commit_switches(
         self, conn: Conn, switches: Sequence[SwitchRequest]
-    ) -> list[SwitchResult | None]:
+    ) -> list[SwitchResult | BaseException | None]:
         rows = await self._fetch(
             conn,
             SET_PERSONAS,
@@ -221,8 +245,13 @@ class Store:
             [switch.personality for switch in switches],
             switches[0].origin,
         )
-        results: list[SwitchResult | None] = [None] * len(switches)
+        results: list[SwitchResult | BaseException | None] = [None] * len(switches)
         for row in rows:
+            if row["refused"]:
+                results[row["ord"] - 1] = InvalidPersona(
+                    f"the personality {row['personality']!r} is not available now"
+                )
+                continue
             avatar = record(Avatar, row)
             results[row["ord"] - 1] = SwitchResult(avatar, row["previous"], row["newest"])
         return results

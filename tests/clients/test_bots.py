@@ -14,10 +14,10 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from clients.bots.load import LoadConfig, run_load
 from clients.bots.plan import BotPlan
-from protocol.personas import PERSONA_IDS
 from run import build_parser, cmd_bots
 from server.auth import mint_token
 from tests.conftest import SECRET, AppFactory
+from tests.personas import BUILTIN_IDS
 
 TOKEN_FOR = functools.partial(mint_token, SECRET)
 
@@ -177,7 +177,7 @@ class PushThenFailServer(StaleServer):
             if frame["type"] == "set_persona" or text.startswith("/persona "):
                 wanted = frame.get("personality") or text.removeprefix("/persona ")
                 if wanted != "no-such-persona":
-                    pushed = next(p for p in PERSONA_IDS if p not in (current, wanted))
+                    pushed = next(p for p in BUILTIN_IDS if p not in (current, wanted))
                     push = {"type": "persona_changed", "personality": pushed, "previous": current}
                     await ws.send(orjson.dumps(push).decode())
                     before, current = current, pushed

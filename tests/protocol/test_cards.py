@@ -22,7 +22,6 @@ from protocol.cards import (
     SPEC_V3,
     CardError,
     backfill_v2,
-    builtin_cards,
     export_card,
     export_project,
     field_path,
@@ -32,7 +31,7 @@ from protocol.cards import (
     slug_for,
 )
 from protocol.errors import ClientError
-from protocol.personas import CATALOGUE, PERSONAS
+from tests.personas import builtin_cards, get_card
 
 CARDS = Path(__file__).parent.parent / "fixtures" / "cards"
 
@@ -348,26 +347,10 @@ def test_random_values_parse_or_fail_with_a_field_path(value: object) -> None:
 # --- the six built-in personas as cards ---
 
 
-def test_builtin_cards_are_the_six_personas_with_their_ids() -> None:
-    cards = builtin_cards()
-    assert [card.persona_id for card in cards] == [card.id for card in CATALOGUE]
-    assert all(card.spec == "v3" and card.material is not None for card in cards)
-
-
-def test_builtin_cards_carry_the_texts_of_protocol_personas() -> None:
-    for parsed in builtin_cards():
-        persona = PERSONAS[parsed.persona_id]
-        data = parsed.data
-        assert (data.name, data.description) == (persona.name, persona.description)
-        assert (data.system_prompt, data.first_mes) == (persona.system_prompt, persona.greeting)
-        assert data.post_history_instructions == persona.post_history_instruction
-        assert persona_card(parsed) == persona  # the template material too, field by field
-
-
 def test_builtin_cards_export_as_v3_json_and_parse_again() -> None:
     for parsed in builtin_cards():
         exported = json.loads(json.dumps(export_card(parsed, "v3")))
-        assert persona_card(parse_card(exported)).openers == PERSONAS[parsed.persona_id].openers
+        assert persona_card(parse_card(exported)).openers == get_card(parsed.persona_id).openers
 
 
 # --- a card without this project's material ---

@@ -15,7 +15,6 @@ from protocol.commands import (
     UnknownCommand,
     parse_chat_text,
 )
-from protocol.personas import PERSONA_IDS
 
 
 @pytest.mark.parametrize(
@@ -40,8 +39,9 @@ def test_chat_text_is_classified(text: str, parsed: object) -> None:
     assert parse_chat_text(text) == parsed
 
 
-def test_help_lists_every_command_and_persona() -> None:
-    for needle in ("/persona", "/personas", "/help", "//", *PERSONA_IDS):
+def test_help_lists_every_command_and_points_to_the_personas() -> None:
+    # the catalogue is data that changes: /personas lists it, the help does not
+    for needle in ("/persona NAME", "/personas", "/help", "//", "see /personas"):
         assert needle in HELP_TEXT
 
 

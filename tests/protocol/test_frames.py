@@ -29,7 +29,7 @@ from protocol.frames import (
     fit_history_page,
     salvage_ref,
 )
-from protocol.personas import PERSONA_IDS
+from tests.personas import BUILTIN_IDS
 
 
 def test_chat_frame_decodes_with_its_id() -> None:
@@ -157,7 +157,7 @@ def test_encode_includes_usage_when_known() -> None:
 @given(
     ref=st.one_of(st.none(), st.text(max_size=64)),
     ids=st.tuples(st.integers(0, 2**63 - 1), st.integers(0, 2**63 - 1)),
-    persona=st.sampled_from(PERSONA_IDS),
+    persona=st.sampled_from(BUILTIN_IDS),
     text=st.text(st.characters(exclude_categories=["Cs"]), max_size=300),
     status=st.sampled_from(["completed", "cancelled", "failed"]),
 )

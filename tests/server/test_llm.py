@@ -13,12 +13,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from protocol.frames import Usage
-from protocol.personas import get_card
 from server.app import App
 from server.llm import SseDecoder, StreamError, display_url, parse_chunk
 from server.render import persona_system_prompt, switch_note
 from tests.client import Client
 from tests.conftest import AppFactory, ClientFactory, with_avatar
+from tests.personas import get_card
 from tests.server.fake_llm import FakeLLM, Received, Script
 
 FAST = {

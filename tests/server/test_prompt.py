@@ -15,8 +15,8 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from protocol.cards import PersonaCard
 from protocol.conversation.records import PastMessage
-from protocol.personas import CATALOGUE, PERSONA_IDS, PersonaCard, get_card
 from server.render import (
     OTHER_PERSONA_CHARS,
     ChatMessage,
@@ -26,6 +26,7 @@ from server.render import (
     shorten,
     switch_note,
 )
+from tests.personas import BUILTIN_CARDS, BUILTIN_IDS, get_card
 
 FRIENDLY = get_card("friendly")
 WITTY = get_card("witty")
@@ -64,12 +65,12 @@ def test_system_prompt_holds_description_style_rules_and_example_lines() -> None
 
 
 def test_every_persona_gets_its_own_system_prompt() -> None:
-    prompts = {persona_system_prompt(card) for card in CATALOGUE}
-    assert len(prompts) == len(CATALOGUE)
+    prompts = {persona_system_prompt(card) for card in BUILTIN_CARDS}
+    assert len(prompts) == len(BUILTIN_CARDS)
 
 
 def test_post_history_instruction_is_the_last_message() -> None:
-    for card in CATALOGUE:
+    for card in BUILTIN_CARDS:
         assert build_prompt(card, HISTORY, "hi")[-1] == {
             "role": "system",
             "content": card.post_history_instruction,
@@ -249,7 +250,7 @@ class AssistantMessage(SystemMessage):
 OPENAI_MESSAGES = TypeAdapter(
     list[Annotated[SystemMessage | UserMessage | AssistantMessage, Field(discriminator="role")]]
 )
-PERSONA_OR_NONE = st.sampled_from(("", *PERSONA_IDS))
+PERSONA_OR_NONE = st.sampled_from(("", *BUILTIN_IDS))
 past = st.builds(
     PastMessage,
     st.sampled_from(("user", "assistant")),
@@ -269,7 +270,7 @@ def assert_valid_shape(messages: list[ChatMessage]) -> None:
 @settings(max_examples=300, deadline=None)
 @given(
     recent=st.lists(past, max_size=14),
-    card=st.sampled_from(CATALOGUE),
+    card=st.sampled_from(BUILTIN_CARDS),
     limit=st.sampled_from((0, 1, 5, 400)),
 )
 def test_any_history_gives_a_valid_prompt_with_a_marker_before_every_new_voice(

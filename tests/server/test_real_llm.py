@@ -26,11 +26,11 @@ from typing import Any
 import httpx
 import pytest
 
-from protocol.personas import get_card
 from server.app import App
 from server.render import persona_system_prompt, switch_note
 from tests.client import Client
 from tests.conftest import AppFactory, ClientFactory, with_avatar
+from tests.personas import get_card
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("REAL_LLM") != "1",

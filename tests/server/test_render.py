@@ -9,8 +9,8 @@ from typing import Any
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from protocol.cards import PersonaCard
 from protocol.conversation.records import PastMessage
-from protocol.personas import CATALOGUE, PERSONA_IDS, PersonaCard, get_card
 from server.render import (
     NO_TOPIC,
     TOPIC_CHARS,
@@ -21,6 +21,7 @@ from server.render import (
 )
 from tests.client import Client
 from tests.conftest import ClientFactory, with_avatar
+from tests.personas import BUILTIN_CARDS, BUILTIN_IDS, get_card
 
 FRIENDLY = get_card("friendly")
 WITTY = get_card("witty")
@@ -39,8 +40,8 @@ def test_same_input_gives_the_same_reply() -> None:
 
 
 def test_every_persona_answers_the_same_text_differently() -> None:
-    replies = {reply_to(card, "I lost my keys") for card in CATALOGUE}
-    assert len(replies) == len(CATALOGUE)
+    replies = {reply_to(card, "I lost my keys") for card in BUILTIN_CARDS}
+    assert len(replies) == len(BUILTIN_CARDS)
 
 
 def test_long_request_is_quoted_up_to_a_whole_phrase() -> None:
@@ -74,7 +75,7 @@ def test_message_without_words_gets_a_wordless_line() -> None:
 
 
 def test_topic_opening_a_sentence_is_capitalised_and_quoted_as_typed_inside_one() -> None:
-    for card in CATALOGUE:
+    for card in BUILTIN_CARDS:
         reply = reply_to(card, "it rained all day")
         assert '"It rained all day"' in reply or '"it rained all day"' in reply, reply
         assert '. "it' not in reply and not reply.startswith('"it'), reply
@@ -114,8 +115,8 @@ def test_later_replies_and_replies_without_a_switch_do_not_say_so() -> None:
 
 
 def test_every_persona_announces_a_switch_in_its_own_words() -> None:
-    lines = {card.switched for card in CATALOGUE}
-    assert len(lines) == len(CATALOGUE)
+    lines = {card.switched for card in BUILTIN_CARDS}
+    assert len(lines) == len(BUILTIN_CARDS)
     for line in lines:
         assert line.startswith("Switching gears: ") and line[-1] in ".!?", line
 
@@ -226,8 +227,8 @@ def is_wordish(char: str) -> bool:
 @given(
     text=messages,
     earlier=messages,
-    card=st.sampled_from(CATALOGUE),
-    voice=st.sampled_from(("", *PERSONA_IDS)),
+    card=st.sampled_from(BUILTIN_CARDS),
+    voice=st.sampled_from(("", *BUILTIN_IDS)),
 )
 @example(text="Tell me a long story about dragons and castles", earlier="", card=WITTY, voice="")
 @example(text="Hi Ava I baked sourdough bread today", earlier="", card=FRIENDLY, voice="")

@@ -84,12 +84,12 @@ async def test_reply_stays_correct_while_the_listener_is_down_and_it_comes_back(
     two_servers: tuple[Served, Served], database_url: str
 ) -> None:
     on_a, on_b = await _pair(two_servers)
-    listener = f"{APPLICATION_NAME}:{two_servers[1].pid}"
+    listener = f"{APPLICATION_NAME}:{two_servers[1].pid}-%"  # the process's tag
     conn = await asyncpg.connect(database_url)
     try:
         killed = await conn.fetchval(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
-            " WHERE application_name = $1",
+            " WHERE application_name LIKE $1",
             listener,
         )
         assert killed == 1
@@ -106,7 +106,7 @@ async def test_reply_stays_correct_while_the_listener_is_down_and_it_comes_back(
         ]
         async with asyncio.timeout(10):
             while not await conn.fetchval(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", listener
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE $1", listener
             ):
                 await asyncio.sleep(0.05)
         await asyncio.sleep(0.2)

@@ -14,13 +14,13 @@ import pytest
 from pydantic import ValidationError
 
 from protocol.conversation.records import StoredTurn, SwitchRequest, SwitchResult, Turn
-from protocol.errors import Unavailable
-from protocol.personas import PERSONA_IDS
+from protocol.errors import AvatarExists, InvalidPersona, Unavailable
 from server.batching import Batcher, settle
 from server.logs import Throttled
 from server.settings import Settings
 from server.store import Store, connections
 from server.store.connections import Conn, PoolConnection, unreachable_is_unavailable, usable
+from tests.personas import BUILTIN_IDS, add_personas
 
 BATCHES: list[int] = []  # the size of every batch of turns the `store` fixture wrote
 
@@ -53,24 +53,58 @@ def _user() -> str:
 
 
 async def test_database_accepts_every_catalogue_persona(store: Store) -> None:
-    for persona in PERSONA_IDS:
+    for persona in BUILTIN_IDS:
         user = _user()
         await store.open_user(user)
         avatar = await store.create_avatar(user, "Ava", persona)
         assert avatar.personality == persona
 
 
-async def test_database_refuses_a_persona_the_catalogue_does_not_know(
+async def test_an_avatar_is_created_only_with_an_enabled_persona(
     store: Store, database_url: str
 ) -> None:
+    [extra] = await add_personas(database_url, 1, f"c{uuid.uuid4().hex[:8]}")
+    await _set_enabled(database_url, extra, False)
+    for persona in ("grumpy", extra):
+        user = _user()
+        await store.open_user(user)
+        with pytest.raises(InvalidPersona, match="not available"):
+            await store.create_avatar(user, "Ava", persona)
+        assert await store.get_avatar(user) is None
     user = _user()
     await store.open_user(user)
-    conn = await asyncpg.connect(database_url)
+    await store.create_avatar(user, "Ava", "witty")
+    with pytest.raises(AvatarExists):  # still told apart from a refused persona
+        await store.create_avatar(user, "Ava", "witty")
+
+
+async def test_a_switch_to_a_persona_not_enabled_is_refused_and_the_batch_goes_on(
+    store: Store, database_url: str
+) -> None:
+    """A switch checked against an old copy of the catalogue: the statement refuses it, alone."""
+    [extra] = await add_personas(database_url, 1, f"s{uuid.uuid4().hex[:8]}")
+    users = [_user() for _ in range(3)]
+    for user in users:
+        await store.open_user(user)
+        await store.create_avatar(user, "Ava", "friendly")
+    await _set_enabled(database_url, extra, False)
+    answers, done = _answers()
+    for user, persona in zip(users, ("witty", extra, "grumpy"), strict=True):
+        store.add_switch(SwitchRequest(user, persona, ""), done)
+    await store.drain()
+    assert isinstance(answers[0], SwitchResult) and answers[0].avatar.personality == "witty"
+    assert all(isinstance(answer, InvalidPersona) for answer in answers[1:])
+    assert [(await store.get_avatar(u)).personality for u in users[1:]] == ["friendly"] * 2  # type: ignore[union-attr]
+
+
+async def _set_enabled(dsn: str, persona: str, enabled: bool) -> None:
+    conn = await asyncpg.connect(dsn)
     try:
-        with pytest.raises(asyncpg.CheckViolationError):
-            await conn.execute(
-                "INSERT INTO avatars (user_id, name, personality) VALUES ($1, 'x', 'grumpy')", user
-            )
+        await conn.execute(
+            "UPDATE personas SET enabled = $2, version = version + 1 WHERE id = $1",
+            persona,
+            enabled,
+        )
     finally:
         await conn.close()
 
@@ -263,13 +297,13 @@ def _turn(user: str, persona: str, text: str = "hi") -> Turn:
 
 async def test_concurrent_avatar_loads_each_get_their_own(store: Store) -> None:
     users = [_user() for _ in range(4)]
-    for user, persona in zip(users, PERSONA_IDS, strict=False):
+    for user, persona in zip(users, BUILTIN_IDS, strict=False):
         await store.open_user(user)
         await store.create_avatar(user, "Ava", persona)
     loaded = await asyncio.gather(*(store.get_avatar(u) for u in [*users, users[0], "nobody"]))
     assert [a.personality if a else None for a in loaded] == [
-        *PERSONA_IDS[:4],
-        PERSONA_IDS[0],
+        *BUILTIN_IDS[:4],
+        BUILTIN_IDS[0],
         None,
     ]
 

@@ -15,12 +15,11 @@ from protocol.conversation.chats import Claims
 from protocol.conversation.core import Conversation
 from protocol.conversation.limits import UserBudgets
 from protocol.conversation.records import Avatar, StoredTurn, SwitchResult
-from protocol.frames import Limits, PersonaInfo, encode
-from protocol.personas import CATALOGUE
+from protocol.frames import Limits, encode
+from tests.personas import builtin_catalogue
 
 USER = "ann"
 LIMITS = Limits(max_frame_bytes=65536, max_text_chars=4000, rate_per_s=20.0, rate_burst=40)
-PERSONAS = tuple(PersonaInfo(id=c.id, name=c.name, description=c.description) for c in CATALOGUE)
 A = TypeVar("A")
 
 
@@ -47,7 +46,7 @@ def terms(**changes: Any) -> Terms:
     values: dict[str, Any] = {
         "session_id": "s1",
         "server_version": "test",
-        "personas": PERSONAS,
+        "catalogue": builtin_catalogue(),
         "limits": LIMITS,
         "abuse_close_after": 50,
         "chat_queue_depth": 8,
