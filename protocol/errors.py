@@ -139,6 +139,7 @@ ERROR_CLASSES: tuple[type[ProtocolError], ...] = (
     Busy,
     NothingToCancel,
     DuplicateId,
+    PersonaUnavailable,
     RateLimited,
     Unavailable,
     Internal,
