@@ -113,7 +113,7 @@ class Conn(WSListener):
         """hello, and an avatar when the user has none; the persona is then the avatar's."""
         welcome = await self.request({"type": "hello", "id": "h", "token": token})
         if welcome.get("type") != "welcome":
-            raise RuntimeError(f"hello answered {welcome}")
+            raise RuntimeError(f"hello answered {welcome.get('type')} {welcome.get('code')}")
         avatar = welcome.get("avatar")
         if avatar is None:
             create = {"type": "create_avatar", "id": "a", "name": name, "personality": "friendly"}
@@ -122,6 +122,9 @@ class Conn(WSListener):
                 avatar = answer["avatar"]
             else:
                 got = await self.request({"type": "get_avatar", "id": "g"})
+                if got.get("type") != "avatar":
+                    raise RuntimeError(f"create_avatar: {answer.get('code')}, get_avatar: "
+                                       f"{got.get('code')}")  # fmt: skip
                 avatar = got["avatar"]
         self.persona = avatar["personality"]
 
@@ -267,7 +270,7 @@ async def connect(
         raise failures[0]
     for failure in failures:
         assert errors is not None
-        errors[type(failure).__name__] += 1
+        errors[f"{type(failure).__name__}: {str(failure)[:80]}"] += 1
     return conns
 
 

@@ -12,14 +12,15 @@ from pathlib import Path
 class Profiler:
     """`py-spy record` attached to a running process, writing collapsed stacks."""
 
-    def __init__(self, pid: int, out: Path, seconds: float) -> None:
+    def __init__(self, pid: int, out: Path, seconds: float, native: bool = False) -> None:
         exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
         if not Path(exe).exists():
             raise RuntimeError("py-spy is not installed: pip install py-spy")
         self.out = out
         duration = str(max(1, round(seconds)))
         argv = [exe, "record", "--pid", str(pid), "--duration", duration, "--rate", "200"]
-        argv += ["--format", "raw", "--output", str(out), "--nonblocking"]
+        argv += ["--format", "raw", "--output", str(out)]
+        argv += ["--native"] if native else ["--nonblocking"]
         self._popen = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
@@ -65,3 +66,45 @@ def _short(frame: str) -> str:
     parts = Path(path).parts
     module = "/".join(parts[-2:]) if parts else path
     return f"{name} ({module})"
+
+
+AREAS = (
+    ("system calls (socket read/write, epoll)", ("(libc.so", "(libpthread")),
+    ("websockets", ("websockets/",)),
+    ("asyncpg", ("asyncpg/", "protocol.c:", "asyncpg-")),
+    ("pydantic", ("pydantic",)),
+    ("prometheus-client", ("prometheus_client/",)),
+    ("orjson", ("orjson",)),
+    ("this server: server/", ("(server/",)),
+    ("this server: protocol/", ("(protocol/", "(conversation/")),
+    ("asyncio (streams, tasks, queues)", ("asyncio/", "_asynciomodule.c")),
+    ("uvloop", ("uvloop/", "loop.c:", "core.c:", "libuv")),
+)
+
+
+def by_area(collapsed: Path) -> list[tuple[str, float]]:
+    """Share of samples per area: the innermost frame that belongs to a known area decides
+    (a system call at the leaf counts as a system call)."""
+    counts: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        counts[_area(stack.split(";"))] += count
+    if not total:
+        return []
+    return [(area, 100.0 * hits / total) for area, hits in counts.most_common()]
+
+
+def _area(frames: list[str]) -> str:
+    leaf = frames[-1]
+    if any(mark in leaf for mark in AREAS[0][1]):
+        return AREAS[0][0]
+    for frame in reversed(frames):
+        for area, marks in AREAS[1:]:
+            if any(mark in frame for mark in marks):
+                return area
+    return "other (interpreter, gc, ...)"

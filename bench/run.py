@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--skip-peer", action="store_true", help="no FastAPI peer")
     parser.add_argument("--py-spy", type=Path, help="profile this server at the largest load")
+    parser.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
     parser.add_argument("--json", type=Path, help="write every run and the table as JSON")
     parser.add_argument("--markdown", type=Path, help="write the tables as Markdown")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -169,6 +170,7 @@ async def run_all(
     switch_every: int,
     secret: str,
     py_spy: Path | None,
+    native: bool = False,
 ) -> list[dict[str, Any]]:
     for target in targets:  # users and avatars created, first-call costs paid
         await measure(target, max(loads), WARMUP_S, switch_every, secret)
@@ -182,7 +184,7 @@ async def run_all(
                 profiler = None
                 first = rep == 0 and clients == max(loads)
                 if py_spy is not None and target.name == "server" and first:
-                    profiler = Profiler(target.proc.pid, py_spy, chosen["duration"])
+                    profiler = Profiler(target.proc.pid, py_spy, chosen["duration"], native)
                 report = await measure(target, clients, chosen["duration"], switch_every, secret)
                 if profiler is not None:
                     await asyncio.to_thread(profiler.wait)
@@ -200,9 +202,9 @@ async def run_all(
 
 
 def start_all(
-    workdir: Path, cores: Cores, secret: str, args: argparse.Namespace
-) -> tuple[list[Proc], list[Target], Proc]:
-    procs: list[Proc] = []
+    workdir: Path, cores: Cores, secret: str, args: argparse.Namespace, procs: list[Proc]
+) -> tuple[list[Target], Proc]:
+    """Start the servers; each goes into `procs` as soon as it runs, for the caller to stop."""
     echo = start_echo(workdir / "echo", cores.server)
     procs.append(echo)
     root = ROOT if args.server_rev is None else checkout(args.server_rev, workdir / "server-tree")
@@ -225,7 +227,7 @@ def start_all(
         say(f"baseline {args.baseline} at {old.url}")
     for target in targets:
         say(f"{target.name} at {target.proc.url} (pid {target.proc.pid})")
-    return procs, targets, chat
+    return targets, chat
 
 
 async def database_facts(proc: Proc) -> dict[str, Any]:
@@ -279,8 +281,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     procs: list[Proc] = []
     facts: dict[str, Any] = {}
     try:
-        procs, targets, chat = start_all(workdir, cores, secret, args)
-        runs = run_async(run_all(targets, loads, chosen, args.switch_every, secret, args.py_spy))
+        targets, chat = start_all(workdir, cores, secret, args, procs)
+        measured = run_all(
+            targets, loads, chosen, args.switch_every, secret, args.py_spy, args.native
+        )
+        runs = run_async(measured)
         facts = run_async(database_facts(chat))
     finally:
         for proc in reversed(procs):
