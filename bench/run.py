@@ -42,7 +42,7 @@ from bench.procs import (
     start_echo,
     start_peer,
 )
-from bench.profile import Profiler, top_functions
+from bench.profile import Profiler, by_area, top_functions
 from bench.tokens import signer
 from clients.loop import run_async
 
@@ -297,11 +297,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     show(rows, found)
     console.print(f"PostgreSQL: {facts}", highlight=False)
     profile = top_functions(args.py_spy) if args.py_spy and args.py_spy.exists() else []
+    areas = by_area(args.py_spy) if args.py_spy and args.py_spy.exists() else []
+    for area, share in areas:
+        console.print(f"  {share:5.1f}%  {area}", highlight=False)
     for name, own, inclusive in profile:
         console.print(f"  {own:5.1f}% self {inclusive:5.1f}% total  {name}", highlight=False)
     summary = {"machine": machine(), "cores": cores.describe(), "settings": chosen,
                "switch_every": args.switch_every, "server_env": SERVER_ENV, "table": rows,
-               "database": facts, "targets": found, "profile": profile}  # fmt: skip
+               "database": facts, "targets": found, "profile": profile,
+               "profile_areas": areas}  # fmt: skip
     if args.json:
         args.json.write_bytes(orjson.dumps({**summary, "runs": runs}, option=orjson.OPT_INDENT_2))
     if args.markdown:
