@@ -11,7 +11,13 @@ import pytest
 
 from protocol.cards import PersonaCard
 from protocol.errors import InvalidPersona, PersonaUnavailable
-from protocol.personas import MAX_CHOICES_LISTED, Catalogue, Persona
+from protocol.personas import (
+    LISTED_DESCRIPTION_CHARS,
+    MAX_CHOICES_LISTED,
+    Catalogue,
+    Persona,
+    listed_description,
+)
 from tests.personas import BUILTIN_CARDS, BUILTIN_IDS, builtin_catalogue, get_card
 
 
@@ -161,3 +167,12 @@ def test_the_listing_is_rebuilt_after_an_edit() -> None:
     catalogue.put(edited(get_card("caring"), 2, description="Kind, and now edited."))
     after = {info.id: info.description for info in catalogue.listing()}
     assert after["caring"] == "Kind, and now edited."
+
+
+def test_a_listing_shows_a_short_description_with_its_macros_filled_in() -> None:
+    long = "{{char}} keeps the lighthouse and waits for {{user}}. " + "Waves. " * 100
+    card = replace(get_card("caring"), name="Wren", description=long + "\n\nSecond paragraph.")
+    listed = listed_description(card)
+    assert listed.startswith("Wren keeps the lighthouse and waits for you. Waves.")
+    assert len(listed) <= LISTED_DESCRIPTION_CHARS and listed.endswith("Waves…")
+    assert listed_description(replace(card, description="Short.\n\nMore.")) == "Short."
