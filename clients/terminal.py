@@ -157,6 +157,8 @@ def personas_page(personas: Sequence[PersonaInfo], listing: Listing) -> str:
 def describe(frame: AnyServerFrame) -> str:
     """A command's answer (or an error) as text for the terminal."""
     match frame:
+        case Error(code="invalid_persona", message=message) if "one of:" in message:
+            return f"error: {message}"  # a server with a catalogue names the choices itself
         case Error(code="invalid_persona", message=message, details=details):
             allowed = ", ".join((details or {}).get("allowed", []))
             return f"error: {message}; choose one of: {allowed}"

@@ -10,8 +10,11 @@ const SEARCH_ABOVE = 12; // a persona chooser shows a search field past this man
 // Plainer words for errors whose server message says less than these; any other error shows
 // the server's own message, which names the cause ("cannot connect to the LLM endpoint …").
 const ERROR_TEXT = {
+  // a server with a catalogue names the choices (at most 20, "and N more") in its message
   invalid_persona: (frame) =>
-    `${sentence(frame.message)} Choose one of: ${(frame.details?.allowed ?? []).join(", ")}.`,
+    /one of:/i.test(frame.message ?? "")
+      ? sentence(frame.message)
+      : `${sentence(frame.message)} Choose one of: ${(frame.details?.allowed ?? []).join(", ")}.`,
   rate_limited: () => "You are sending too fast. Wait a moment, then try again.",
   busy: () => "Too many messages are waiting for a reply. Wait for one first.",
 };

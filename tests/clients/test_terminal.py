@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import pexpect
 import pytest
 
@@ -17,8 +18,10 @@ from clients.terminal import PAGE_SIZE, Listing, listing_for, personas_page
 from protocol.frames import PersonaInfo
 from server.app import App
 from server.auth import mint_token
+from server.store import Store
 from tests.client import Client
 from tests.conftest import SECRET, AppFactory, ClientFactory, with_avatar
+from tests.personas import add_personas
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_PY = str(ROOT / "run.py")
@@ -31,6 +34,33 @@ def client_env(home: Path) -> dict[str, str]:
     env.pop("DATABASE_URL", None)
     env.update(HOME=str(home), TERM="xterm-256color", PROMPT_TOOLKIT_NO_CPR="1")
     return env
+
+
+ExtraPersonas = Callable[[int], Awaitable[list[str]]]
+
+
+@pytest.fixture
+async def extra_personas(database_url: str) -> AsyncIterator[ExtraPersonas]:
+    """Add N enabled personas to the catalogue (`extra-0001`, ...; start the server after, so
+    that it loads them); they are removed after the test (the database is shared by the run)."""
+    added: list[str] = []
+    store = await Store.connect(database_url, min_size=1, max_size=1)
+    try:
+        await store.migrate()  # the catalogue's table, should this test be the run's first
+    finally:
+        await store.close()
+
+    async def add(count: int) -> list[str]:
+        added.extend(await add_personas(database_url, count, "extra"))
+        return added
+
+    yield add
+    if added:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute("DELETE FROM personas WHERE id = ANY($1::text[])", added)
+        finally:
+            await conn.close()
 
 
 # ---------------------------------------------------------------------------- paging
@@ -166,7 +196,51 @@ async def test_piped_error_answer_is_reported_and_exits_1(
     result = await run_piped(tmp_path, ["--url", app.url, "--token", token], "/persona grumpy\n")
     assert result.code == 1
     assert "unknown personality 'grumpy'" in result.stderr
+    assert result.stderr.count("choose one of") == 1
     assert result.stdout == ""
+
+
+async def test_piped_personas_pages_the_catalogue(
+    make_app: AppFactory,
+    connect: ClientFactory,
+    user: str,
+    tmp_path: Path,
+    extra_personas: ExtraPersonas,
+) -> None:
+    await extra_personas(45)  # 51 with the six built-in ones: pages of 20, 20 and 11
+    app = await make_app()
+    await with_avatar(await connect(user, target=app))
+    token = mint_token(SECRET, user)
+    lines = "/personas\n/personas more\n/personas 3\n/personas 4\n/personas extra-004\n"
+    result = await run_piped(tmp_path, ["--url", app.url, "--token", token], lines)
+    assert result.code == 0, result.stderr
+    out = result.stdout.splitlines()
+    assert out[0] == "51 personas, page 1 of 3 (1-20):"
+    assert out[1].split() == [
+        "friendly",
+        "Warm,",
+        "upbeat",
+        "and",
+        "easy",
+        "to",
+        "talk",
+        "to,",
+        "like",
+        "a",
+        "good",
+        "neighbour.",
+    ]
+    assert out[20].split()[0] == "extra-0014"
+    assert out[21] == "/personas more for page 2"
+    assert out[22] == "51 personas, page 2 of 3 (21-40):"
+    assert out[23] == "  extra-0015    Extra 15, a test persona."
+    assert out[43] == "/personas more for page 3"
+    assert out[44] == "51 personas, page 3 of 3 (41-51):"
+    assert out[55] == "  extra-0045    Extra 45, a test persona."
+    assert out[56] == "(the last page)"
+    assert out[57] == "no page 4: 51 personas, pages 1 to 3 (/personas 1)"
+    assert out[58] == "6 personas match 'extra-004':"
+    assert [line.split()[0] for line in out[59:]] == [f"extra-004{n}" for n in range(6)]
 
 
 async def test_user_flag_signs_with_the_secret_in_the_data_dir(
@@ -414,6 +488,52 @@ async def test_tab_completes_persona_prefix_to_the_single_match(
     tty.send("/persona w\t\r")  # Tab and Enter at once: no menu needs to be drawn first
     await tty.expect("persona: witty \\(was friendly\\)")
     await tty.expect("\\[witty\\]")
+
+
+async def test_personas_pages_a_long_catalogue(
+    make_app: AppFactory,
+    connect: ClientFactory,
+    user: str,
+    terminal: TerminalFactory,
+    extra_personas: ExtraPersonas,
+) -> None:
+    await extra_personas(45)  # 51 with the six built-in ones
+    app = await make_app()
+    await with_avatar(await connect(user, target=app))
+    tty = await terminal(app, user)
+    await tty.expect("\\[friendly\\]")
+    tty.sendline("/personas")
+    await tty.expect("51 personas, page 1 of 3 \\(1-20\\):")
+    await tty.expect("extra-0014 ")
+    await tty.expect("/personas more for page 2")
+    tty.sendline("/personas more")
+    await tty.expect("51 personas, page 2 of 3 \\(21-40\\):")
+    await tty.expect("extra-0034 ")
+    await tty.expect("/personas more for page 3")
+    tty.sendline("/personas 3")
+    await tty.expect("51 personas, page 3 of 3 \\(41-51\\):")
+    await tty.expect("extra-0045 ")
+    await tty.expect("\\(the last page\\)")
+
+
+async def test_tab_completes_a_persona_among_hundreds(
+    make_app: AppFactory,
+    connect: ClientFactory,
+    user: str,
+    terminal: TerminalFactory,
+    extra_personas: ExtraPersonas,
+) -> None:
+    await extra_personas(300)
+    app = await make_app()
+    await with_avatar(await connect(user, target=app), "friendly")
+    tty = await terminal(app, user)
+    await tty.expect("\\[friendly\\]")
+    tty.send("/persona w\t\r")  # still the one match
+    await tty.expect("persona: witty \\(was friendly\\)")
+    await tty.expect("\\[witty\\]")
+    tty.send("/persona extra-030\t\r")  # extra-0300 alone among extra-0001 to extra-0300
+    await tty.expect("persona: extra-0300 \\(was witty\\)")
+    await tty.expect("\\[extra-0300\\]")
 
 
 async def test_reconnects_after_a_server_restart_keeping_the_typed_text(

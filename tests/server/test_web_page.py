@@ -6,13 +6,16 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 from playwright.async_api import Browser, Locator, Page, ViewportSize, async_playwright, expect
 
 from server.app import App
 from server.auth import mint_token
+from server.store import Store
 from tests.chromium import CHROMIUM, MANUAL, PROBLEM, ensure_chromium
 from tests.conftest import SECRET, AppFactory
+from tests.personas import add_personas
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -27,6 +30,7 @@ CHROMIUM_ARGS = [
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 DESKTOP = ViewportSize(width=900, height=680)
 PHONE = ViewportSize(width=375, height=740)
+GUESTS = 30  # personas added to the six built-in ones: more than 12, so the lists get a search
 
 
 @pytest.fixture
@@ -44,6 +48,26 @@ async def browser(pytestconfig: pytest.Config) -> AsyncIterator[Browser]:
             yield launched
         finally:
             await launched.close()
+
+
+@pytest.fixture
+async def guests(database_url: str) -> AsyncIterator[list[str]]:
+    """GUESTS more enabled personas in the catalogue (`guest-0001`, named "Guest 1", ...), added
+    before the test starts its server and removed after it (the database is shared by the run)."""
+    store = await Store.connect(database_url, min_size=1, max_size=1)
+    try:
+        await store.migrate()  # the catalogue's table, should this test be the run's first
+    finally:
+        await store.close()
+    ids = await add_personas(database_url, GUESTS, "guest")
+    try:
+        yield ids
+    finally:
+        conn = await asyncpg.connect(database_url)
+        try:
+            await conn.execute("DELETE FROM personas WHERE id = ANY($1::text[])", ids)
+        finally:
+            await conn.close()
 
 
 async def open_page(
@@ -211,8 +235,8 @@ async def test_invalid_persona_is_shown_plainly(browser: Browser, make_app: AppF
     await send(page, "/persona grumpy")
     error = page.locator(".note.error")
     await expect(error).to_have_text(
-        "Unknown personality 'grumpy'. "
-        "Choose one of: friendly, playful, caring, witty, professional, romantic."
+        "Unknown personality 'grumpy'; "
+        "choose one of: friendly, playful, caring, witty, professional, romantic."
     )
 
 
@@ -305,6 +329,84 @@ async def test_page_fits_a_phone_screen(browser: Browser, make_app: AppFactory) 
     await assert_fits_the_screen(page, PHONE)
     await page.click("#sign-out")
     await expect(page.locator("#signin")).to_be_visible()
+
+
+async def test_six_personas_are_listed_with_descriptions_and_no_search(
+    browser: Browser, make_app: AppFactory
+) -> None:
+    app = await make_app(database_url=None)
+    page = await open_page(browser, app)
+    await sign_in(page, new_user())
+    form_options = page.locator("#avatar-persona [role=option]")
+    await expect(form_options).to_have_count(6)
+    await expect(form_options.nth(3)).to_contain_text("Witty")
+    await expect(form_options.nth(3).locator(".option-description")).to_have_text(
+        "Quick, dry and clever; answers with a raised eyebrow and a wry line."
+    )
+    await expect(page.locator("#avatar-search")).to_be_hidden()
+    await create_avatar(page, "Ava", "caring")
+    await page.click("#persona-button")
+    await expect(page.locator("#persona-picker [role=option]")).to_have_count(6)
+    await expect(page.locator("#persona-search")).to_be_hidden()
+    await expect(page.locator('#persona-picker [aria-selected="true"]')).to_contain_text("Caring")
+    await page.keyboard.press("ArrowDown")  # the list has the focus, on the current persona
+    await page.keyboard.press("Enter")
+    await expect(page.locator(".note.notice").last).to_have_text("Now speaking as Witty.")
+    await expect_persona(page, "witty", "Witty")
+
+
+async def test_many_personas_are_searched_and_switched_to_on_a_phone(
+    browser: Browser, make_app: AppFactory, guests: list[str]
+) -> None:
+    app = await make_app(database_url=None)
+    errors: list[str] = []
+    page = await open_page(browser, app, errors, viewport=PHONE)
+    await sign_in(page, new_user())
+    total = 6 + GUESTS
+    await expect(page.locator("#avatar-persona [role=option]")).to_have_count(total)
+    await expect(page.locator("#avatar-search")).to_be_visible()
+    await expect(page.locator("#avatar-status")).to_have_text(f"{total} personas")
+    # every word counts, in the id, the name or the description: guest-0002, 0012, 0020 to 0029
+    await page.fill("#avatar-search", "guest 2")
+    await expect(page.locator("#avatar-status")).to_have_text(f"12 of {total} match “guest 2”")
+    await expect(page.locator("#avatar-persona [role=option]:visible")).to_have_count(12)
+    await page.fill("#avatar-search", "")
+    await create_avatar(page, "Ava", "friendly")
+
+    await page.click("#persona-button")
+    search = page.locator("#persona-search")
+    await expect(search).to_be_focused()
+    await page.keyboard.type("guest 1")  # guest-0001, 0010 to 0019, 0021
+    await expect(page.locator("#persona-status")).to_have_text(f"12 of {total} match “guest 1”")
+    shown = page.locator("#persona-picker [role=option]:visible")
+    await expect(shown).to_have_count(12)
+    await expect(shown.first).to_contain_text("Guest 1")
+    # the current persona is filtered out of sight, and still the one picked
+    await expect(option(page, "#persona-picker", "friendly")).to_be_hidden()
+    await expect_persona(page, "friendly", "Friendly")
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "web_page_phone_personas.png"))
+    panel = await page.locator("#persona-panel").bounding_box()
+    assert panel is not None
+    assert panel["x"] >= 0 and panel["x"] + panel["width"] <= PHONE["width"], panel
+    assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+
+    await page.keyboard.type("2")  # "guest 12" leaves one
+    await expect(shown).to_have_count(1)
+    await page.keyboard.press("Enter")
+    await expect(page.locator("#persona-panel")).to_be_hidden()
+    await expect(page.locator(".note.notice").last).to_have_text("Now speaking as Guest 12.")
+    await expect_persona(page, "guest-0012", "Guest 12")
+    reply = await chat(page, "who are you today?")
+    assert await reply.get_attribute("data-persona") == "guest-0012"
+    assert await reply.locator(".persona").inner_text() == "Guest 12"
+
+    await pick_persona(page, "witty")  # a click on a persona, the search field empty again
+    await expect(page.locator(".note.notice").last).to_have_text("Now speaking as Witty.")
+    reply = await chat(page, "and now?")
+    assert await reply.get_attribute("data-persona") == "witty"
+    await assert_fits_the_screen(page, PHONE)
+    assert errors == []
 
 
 async def test_help_is_shown_in_a_monospace_block(browser: Browser, make_app: AppFactory) -> None:
