@@ -1,4 +1,4 @@
-"""The command line: serve (default), token, chat, bots, schema, migrate."""
+"""The command line: serve (default), token, chat, bots, schema, migrate, personas."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from server.app import App, run_async, serve_until_signalled
 from server.auth import MAX_SUBJECT_CHARS, accepts_hs256, load_or_create_secret, mint_token
 from server.embedded import Database, Keeper
 from server.logs import OneLineError
+from server.personas_cli import add_parser as add_personas_parser
 from server.settings import ConfigError, Settings, load_settings
 from server.startup import (
     check_data_dir,
@@ -76,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-dir", default=None, help="where the embedded PostgreSQL lives (default .data)"
     )
     migrate.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR")
+
+    add_personas_parser(commands)
 
     commands.add_parser("schema", help="print the JSON Schema of every frame")
     commands.add_parser("openapi", help="print the OpenAPI document of the HTTP API")
@@ -411,6 +414,12 @@ def _existing_secret(settings: Settings) -> str | None:
     return path.read_text(encoding="utf-8").strip() if path.is_file() else None
 
 
+def cmd_personas(args: argparse.Namespace) -> int:
+    from server.personas_cli import main as personas_main
+
+    return personas_main(args, settings_from(args))
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": cmd_serve,
     "token": cmd_token,
@@ -419,6 +428,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "openapi": cmd_openapi,
     "chat": cmd_chat,
     "bots": cmd_bots,
+    "personas": cmd_personas,
 }
 
 
