@@ -117,22 +117,27 @@ class ChangeListener:
                 await self._lost.wait()
                 self._on_state(False)
                 log.warning("persona listener lost its connection; reconnecting")
-                conn = await self._reconnect()
+                lost_at = asyncio.get_running_loop().time()
+                conn, attempts = await self._reconnect()
                 self.reconnects += 1
-                log.info("persona listener is back")
+                down_s = asyncio.get_running_loop().time() - lost_at
+                log.info("persona listener is back after %.1f s (%d attempts)", down_s, attempts)
         finally:
             if not conn.is_closed():
                 await conn.close(timeout=self._timeout_s)
 
-    async def _reconnect(self) -> asyncpg.Connection:
+    async def _reconnect(self) -> tuple[asyncpg.Connection, int]:
+        """Connect again, with backoff; one line for the first failure (the database is down,
+        most likely, and the keeper of an embedded one says so), the others at DEBUG."""
         attempt = 0
         while True:
             await asyncio.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S) - 1)])
             try:
-                return await self._connect()
+                return await self._connect(), attempt + 1
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 attempt += 1
-                log.warning("persona listener reconnect %d failed: %s", attempt, exc)
+                level = logging.WARNING if attempt == 1 else logging.DEBUG
+                log.log(level, "persona listener reconnect %d failed: %s", attempt, exc)
 
     def _notified(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         change = parse_change(str(payload))
