@@ -8,7 +8,7 @@ import json
 import math
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator
@@ -231,15 +231,18 @@ class ParsedCard:
 
 @dataclass(frozen=True, slots=True)
 class PersonaCard:
-    """Everything a reply generator needs to speak as one personality."""
+    """Everything a reply generator needs to speak as one personality.
+
+    Every text keeps its macros as written (`{{char}}`, `{{user}}`, `<BOT>`, `<USER>`): they
+    are filled at render time (`fill_macros`), with the avatar's name and the user's."""
 
     id: str
     name: str
     description: str
-    system_prompt: str
-    greeting: str
+    system_prompt: str  # the card's own, or DEFAULT_SYSTEM_PROMPT ({{original}} filled)
+    greeting: str  # first_mes, as written (see `greeting_for`)
     style_rules: tuple[str, ...]
-    example_lines: tuple[str, ...]
+    example_lines: tuple[str, ...]  # what {{char}} says, one line each
     post_history_instruction: str
     # The template generator builds a reply from these: an opener, a way to reflect the
     # user's words back, a follow-up, and a sign-off. Several of each keep it varied. Every
@@ -254,6 +257,55 @@ class PersonaCard:
     callback: str  # how the persona recalls an earlier message: "{earlier}"
     sign_off: str
     switched: str  # opens the first reply after a switch to this persona: "Switching gears: ..."
+    personality: str = ""
+    scenario: str = ""
+    example_blocks: tuple[str, ...] = ()  # mes_example split on <START>, each block as written
+    # Whether a template line holds a macro (else a template reply fills none): set from the
+    # lines, so that a card changed with dataclasses.replace is right too.
+    line_macros: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        lines = (
+            *self.openers,
+            *self.reflections,
+            *self.questions,
+            *self.wordless,
+            *self.follow_ups,
+            self.callback,
+            self.sign_off,
+            self.switched,
+        )
+        object.__setattr__(self, "line_macros", any(map(has_macros, lines)))
+
+
+DEFAULT_SYSTEM_PROMPT = (
+    "Write {{char}}'s next reply in a fictional chat between {{char}} and {{user}}."
+)
+DEFAULT_USER_NAME = "User"  # what {{user}} becomes when the user's name is not known
+# {{char}} or <BOT> (group 1 or 2: the character), {{user}} or <USER>, in any case.
+_MACRO = re.compile(r"\{\{(?:(char)|user)\}\}|<(?:(bot)|user)>", re.IGNORECASE)
+_ORIGINAL = re.compile(r"\{\{original\}\}", re.IGNORECASE)
+
+
+def has_macros(text: str) -> bool:
+    """Whether `text` holds {{char}}, {{user}}, <BOT> or <USER> (in any case)."""
+    return ("{{" in text or "<" in text) and _MACRO.search(text) is not None
+
+
+def fill_macros(text: str, char: str, user: str) -> str:
+    """`text` with {{char}} and <BOT> as `char`, {{user}} and <USER> as `user` (any case), in
+    one pass: a name that looks like a macro stays as it is."""
+    if "{{" not in text and "<" not in text:
+        return text
+    return _MACRO.sub(lambda found: char if found.group(1) or found.group(2) else user, text)
+
+
+def greeting_for(card: PersonaCard, avatar_name: str, user_name: str) -> str:
+    """The card's greeting (first_mes) as the avatar `avatar_name` says it to `user_name`
+    (the card's name and DEFAULT_USER_NAME when empty); "" when the card has none."""
+    return fill_macros(
+        card.greeting, avatar_name or card.name, user_name or DEFAULT_USER_NAME
+    ).strip()
 
 
 def is_slug(text: str) -> bool:
@@ -455,58 +507,74 @@ DEFAULT_LINES: dict[str, tuple[str, ...]] = {  # material a card does not give
     "wordless": ("I'm listening.",),
     "follow_ups": ("What happened next?", "How do you feel about it?"),
 }
-_CHAR = re.compile(r"\{\{char\}\}|<bot>", re.IGNORECASE)
-_USER = re.compile(r"\{\{user\}\}|<user>", re.IGNORECASE)
-
-
-def _macros(text: str, name: str) -> str:
-    """`text` with {{char}} (or <BOT>) as the name and {{user}} (or <USER>) as "the user"."""
-    return _USER.sub("the user", _CHAR.sub(lambda _: name, text))
+DEFAULT_CALLBACK = 'Earlier you said "{earlier}".'
+DEFAULT_SWITCHED = "Switching gears: {{char}} is here now."
+LEAD_CHARS = 240  # a line taken from first_mes, mes_example or the description: at most this
+_START = re.compile(r"<start>", re.IGNORECASE)
+# The end of a sentence: its mark, closing quotes or brackets, then a space or the end.
+_SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]*]*(?=\s|$)")  # noqa: RUF001
 
 
 def _example_lines(mes_example: str, name: str) -> tuple[str, ...]:
-    """The lines the character says in a V1-style mes_example ("{{char}}: ...")."""
+    """The lines the character says in a mes_example ("{{char}}: ..."), as written."""
     speaker = re.compile(rf"\s*(?:\{{\{{char\}}\}}|<bot>|{re.escape(name)}):\s*(.+)", re.I)
     return tuple(m.group(1).strip() for m in map(speaker.match, mes_example.splitlines()) if m)
 
 
+def _lead(text: str) -> str:
+    """The first whole sentences of `text`, at most LEAD_CHARS characters on one line ("" when
+    its first sentence is longer, or does not end)."""
+    head = " ".join(text[: LEAD_CHARS * 2].split())[: LEAD_CHARS + 1]
+    end = 0
+    for found in _SENTENCE_END.finditer(head):
+        if found.end() > LEAD_CHARS:
+            break
+        end = found.end()
+    return head[:end]
+
+
 def persona_card(parsed: ParsedCard) -> PersonaCard:
-    """The card as the reply generators use it (protocol/personas.py's PersonaCard): the
-    material from data.extensions["persona_chat"], the defaults above where it gives none."""
+    """The card as the reply generators use it: its texts with their macros as written (filled
+    at render time), the template material from data.extensions["persona_chat"] and, where that
+    gives none, material built from the card itself (see docs/cards.md, "Rendering")."""
     data, name = parsed.data, parsed.data.name
     found = parsed.material or PersonaMaterial()
+    written = _example_lines(data.mes_example, name)
+    given_examples = found.example_lines
+    example_lines = tuple(given_examples) if given_examples is not None else written
 
-    def text(value: str) -> str:
-        return _macros(value, name)
-
-    def lines(key: str) -> tuple[str, ...]:
+    def lines(key: str, fallback: tuple[str, ...] = ()) -> tuple[str, ...]:
         given: list[str] | None = getattr(found, key)
-        return tuple(map(text, given)) if given else DEFAULT_LINES[key]
+        kept = tuple(line.strip() for line in given or () if line.strip())
+        return kept or fallback or DEFAULT_LINES[key]
 
-    system = [text(data.system_prompt) or f"You are {name}."]
-    system += [f"{label}: {text(value)}" for label, value in _sections(data) if value]
-    examples = found.example_lines
+    blocks = tuple(block.strip() for block in _START.split(data.mes_example) if block.strip())
+    if not blocks and example_lines:
+        blocks = ("\n".join(f"{{{{char}}}}: {line}" for line in example_lines),)
+    voice = tuple(line for line in written if len(line) <= LEAD_CHARS)
+    switched = (found.switched or "").strip()
+    if not switched:  # said once, on arrival: the greeting's first words, else the description's
+        arrival = _lead(data.first_mes) or _lead(data.description)
+        switched = f"{DEFAULT_SWITCHED} {arrival}" if arrival else DEFAULT_SWITCHED
+    system = data.system_prompt.strip()
     return PersonaCard(
         id=parsed.persona_id,
         name=name,
-        description=text(data.description),
-        system_prompt="\n\n".join(system),
-        greeting=text(data.first_mes),
-        style_rules=tuple(map(text, found.style_rules or ())),
-        example_lines=tuple(map(text, examples))
-        if examples is not None
-        else _example_lines(data.mes_example, name),
-        post_history_instruction=text(data.post_history_instructions),
+        description=data.description.strip(),
+        system_prompt=_ORIGINAL.sub(DEFAULT_SYSTEM_PROMPT, system) or DEFAULT_SYSTEM_PROMPT,
+        greeting=data.first_mes,
+        style_rules=tuple(rule.strip() for rule in found.style_rules or () if rule.strip()),
+        example_lines=example_lines,
+        post_history_instruction=_ORIGINAL.sub("", data.post_history_instructions).strip(),
         openers=lines("openers"),
         reflections=lines("reflections"),
         questions=lines("questions"),
         wordless=lines("wordless"),
-        follow_ups=lines("follow_ups"),
-        callback=text(found.callback or 'Earlier you said "{earlier}".'),
-        sign_off=text(found.sign_off if found.sign_off is not None else ""),
-        switched=text(found.switched or f"Switching gears: {name} is here now."),
+        follow_ups=lines("follow_ups", voice),
+        callback=(found.callback or "").strip() or DEFAULT_CALLBACK,
+        sign_off=(found.sign_off or "").strip(),
+        switched=switched,
+        personality=data.personality.strip(),
+        scenario=data.scenario.strip(),
+        example_blocks=blocks,
     )
-
-
-def _sections(data: CardData) -> tuple[tuple[str, str], ...]:
-    return (("Personality", data.personality), ("Scenario", data.scenario))

@@ -54,6 +54,10 @@ class ReplyGenerator(Protocol):
     async def aclose(self) -> None: ...
 
 
+def _template_pieces(turn: TurnContext) -> list[str]:
+    return template_reply(turn.card, turn.text, turn.recent, turn.avatar_name, turn.user_name)
+
+
 class TemplateGenerator:
     """Deterministic, offline replies from the persona card; microseconds per reply.
 
@@ -75,10 +79,10 @@ class TemplateGenerator:
     def render(self, turn: TurnContext) -> str | None:
         if self._delay_s:
             return None
-        return "".join(template_reply(turn.card, turn.text, turn.recent))
+        return "".join(_template_pieces(turn))
 
     async def stream(self, turn: TurnContext) -> AsyncGenerator[str | Usage, None]:
-        pieces = template_reply(turn.card, turn.text, turn.recent)
+        pieces = _template_pieces(turn)
         for index, piece in enumerate(pieces):
             if index:
                 await asyncio.sleep(self._delay_s)

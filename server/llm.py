@@ -251,7 +251,13 @@ class OpenAIGenerator:
         """
         settings = self._settings
         messages = build_prompt(
-            turn.card, turn.recent, turn.text, settings.history_other_persona_chars, turn.others
+            turn.card,
+            turn.recent,
+            turn.text,
+            settings.history_other_persona_chars,
+            turn.others,
+            turn.avatar_name,
+            turn.user_name,
         )
         if settings.llm_notes_as == "user":
             messages = notes_in_user_turns(messages)

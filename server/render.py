@@ -9,7 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 from unicodedata import category
 
-from protocol.cards import PersonaCard
+from protocol.cards import DEFAULT_USER_NAME, PersonaCard, fill_macros
 from protocol.conversation.records import PastMessage
 
 TOPIC_WORDS = 8  # at most this many words of the message are quoted back
@@ -171,50 +171,86 @@ def _topic(words: list[str], question: bool, longer: bool) -> Topic:
     return Topic(" ".join(kept), question, cut=False)
 
 
-def _fill(line: str, slot: str, words: str) -> str:
-    """`line` with `words` in place of `slot`, capitalised when they open a sentence."""
-    head, opens, tail = _SLOTS.get(line) or _slot_of(line, slot)
+def _fill(line: str, slot: str, words: str, names: _Names | None) -> str:
+    """`line` with `words` in place of `slot`, capitalised when they open a sentence, and its
+    macros filled with `names` (the user's words are never read for macros)."""
+    head, opens, tail = _slot_of(line, slot)
+    if names is not None:
+        head, tail = fill_macros(head, *names), fill_macros(tail, *names)
+        opens = _opens_sentence(head)
     if opens:
         words = words[0].title() + words[1:]
     return head + words + tail
 
 
-# A card's line split at its slot: what comes before, whether the slot opens a sentence, what
-# comes after. Filled once per line of the catalogue.
-_SLOTS: dict[str, tuple[str, bool, str]] = {}
-
-
+@functools.lru_cache(maxsize=8192)
 def _slot_of(line: str, slot: str) -> tuple[str, bool, str]:
+    """A card's line split at its slot: what comes before, whether the slot opens a sentence,
+    what comes after. Done once per line of the catalogue (while it is in use)."""
     head, _, tail = line.partition(slot)
+    return head, _opens_sentence(head), tail
+
+
+def _opens_sentence(head: str) -> bool:
     before = head.rstrip(' "“')
-    _SLOTS[line] = found = (head, not before or before[-1] in ".!?", tail)
-    return found
+    return not before or before[-1] in ".!?"
 
 
-def template_reply(card: PersonaCard, text: str, recent: Sequence[PastMessage]) -> list[str]:
+class _Names(NamedTuple):
+    """What the macros stand for: {{char}} (and <BOT>), {{user}} (and <USER>)."""
+
+    char: str
+    user: str
+
+
+def names_for(card: PersonaCard, avatar_name: str = "", user_name: str = "") -> _Names:
+    """{{char}} is the avatar's name (the card's when empty), {{user}} the user's name."""
+    return _Names(avatar_name or card.name, user_name or DEFAULT_USER_NAME)
+
+
+def template_reply(
+    card: PersonaCard,
+    text: str,
+    recent: Sequence[PastMessage],
+    avatar_name: str = "",
+    user_name: str = "",
+) -> list[str]:
     """A deterministic reply in the persona's voice, as pieces that join into the whole text.
 
-    The same card, text and recent turns always give the same reply; two cards never give the
-    same reply to the same text, since every piece comes from the card. Every piece is whole
-    sentences; the user's words appear only as quotations of whole words (see `topic_of`).
+    The same card, text, recent turns and names always give the same reply; two cards never
+    give the same reply to the same text, since every piece comes from the card. Every piece is
+    whole sentences; the user's words appear only as quotations of whole words (see
+    `topic_of`). The macros of the lines it uses are filled (`avatar_name` for {{char}},
+    `user_name` for {{user}}); a card whose lines hold none costs nothing for it.
     """
+    names = names_for(card, avatar_name, user_name) if card.line_macros else None
     seed = zlib.crc32(text.encode("utf-8", "surrogatepass"))
     topic = topic_of(text)
     if not topic.text:
         reflection = card.wordless[(seed // 7) % len(card.wordless)]
+        if names is not None:
+            reflection = fill_macros(reflection, *names)
     elif topic.question:
-        reflection = _fill(card.questions[(seed // 7) % len(card.questions)], "{topic}", topic.text)
+        line = card.questions[(seed // 7) % len(card.questions)]
+        reflection = _fill(line, "{topic}", topic.text, names)
     else:
         line = card.reflections[(seed // 7) % len(card.reflections)]
-        reflection = _fill(line, "{topic}", topic.text)
-    pieces = [card.openers[seed % len(card.openers)] + " ", reflection + " "]
-    if (voice := _last_voice(recent)) and voice != card.id:
-        pieces.insert(0, card.switched + " ")  # the first reply after a switch says so
+        reflection = _fill(line, "{topic}", topic.text, names)
+    opener = card.openers[seed % len(card.openers)]
+    follow_up = card.follow_ups[(seed // 49) % len(card.follow_ups)]
+    voice = _last_voice(recent)
+    head = [card.switched, opener] if voice and voice != card.id else [opener]  # a switch: say so
+    tail = [follow_up, card.sign_off] if card.sign_off else [follow_up]
+    if names is not None:
+        head = [fill_macros(line, *names) for line in head]
+        tail = [fill_macros(line, *names) for line in tail]
+    lines = [*head, reflection]
     earlier = _last_user_text(recent)
     if earlier is not None and (recalled := topic_of(earlier).text):
-        pieces.append(_fill(card.callback, "{earlier}", recalled) + " ")
-    pieces.append(card.follow_ups[(seed // 49) % len(card.follow_ups)] + " ")
-    pieces.append(card.sign_off)
+        lines.append(_fill(card.callback, "{earlier}", recalled, names))
+    lines += tail
+    pieces = [line + " " for line in lines]
+    pieces[-1] = lines[-1]
     return pieces
 
 
@@ -236,16 +272,30 @@ def _last_user_text(recent: Sequence[PastMessage]) -> str | None:
 ChatMessage = dict[str, str]
 
 
-def persona_system_prompt(card: PersonaCard) -> str:
-    """The system message for a persona: who it is, how it talks, and lines in its voice."""
-    sections = [card.system_prompt, f"About you: {card.description}"]
+EXAMPLE_CHAT = "[Example Chat]"  # opens each example dialogue block (SillyTavern's words)
+NEW_CHAT = "[Start a new Chat]"  # ends the example dialogue: the chat itself follows
+SUMMARY_CHARS = 400  # a switch marker sums the new persona up in at most this much description
+
+
+def persona_system_prompt(card: PersonaCard, avatar_name: str = "", user_name: str = "") -> str:
+    """The first system message, in SillyTavern's order: the card's system prompt (or the
+    default one), the character (description, personality, scenario, and this project's style
+    rules), then the example dialogue, each `<START>` block after `[Example Chat]` and the
+    whole closed by `[Start a new Chat]`. Macros are filled: {{char}} is `avatar_name` (the
+    card's name when empty), {{user}} is `user_name`."""
+    sections = [card.system_prompt]
+    if card.description:
+        sections.append(card.description)
+    if card.personality:
+        sections.append(f"{{{{char}}}}'s personality: {card.personality}")
+    if card.scenario:
+        sections.append(f"Scenario: {card.scenario}")
     if card.style_rules:
         sections.append("Style rules:\n" + "\n".join(f"- {rule}" for rule in card.style_rules))
-    if card.example_lines:
-        sections.append(
-            "Example lines in your voice:\n" + "\n".join(f"- {line}" for line in card.example_lines)
-        )
-    return "\n\n".join(sections)
+    if card.example_blocks:
+        sections.extend(f"{EXAMPLE_CHAT}\n{block}" for block in card.example_blocks)
+        sections.append(NEW_CHAT)
+    return fill_macros("\n\n".join(sections), *names_for(card, avatar_name, user_name))
 
 
 Lookup = Callable[[str], PersonaCard | None]  # another persona's card, by id (None: gone)
@@ -269,11 +319,16 @@ def build_prompt(
     text: str,
     other_persona_chars: int = OTHER_PERSONA_CHARS,
     others: Lookup = no_other,
+    avatar_name: str = "",
+    user_name: str = "",
 ) -> list[ChatMessage]:
     """The OpenAI chat messages for one turn, rendered afresh from the card every time.
 
-    The persona's system prompt, the recent history (oldest first; blank messages are left
-    out), the user's text, then the persona's post-history instruction as a last system message.
+    In SillyTavern's order: the first system message (`persona_system_prompt`: the system
+    prompt, the character, the example dialogue), the recent history (oldest first; blank
+    messages are left out), the user's text, then the persona's post-history instruction as a
+    last system message. The card's macros are filled: {{char}} is `avatar_name` (the card's
+    name when empty), {{user}} is `user_name`; the history and the text are sent as written.
     Where the persona of the replies changed (between two replies in the history, or between
     the latest one and the reply being generated), a system message marks the switch before
     the turn that follows it (see `switch_note`); replies in another persona than `card`'s are
@@ -300,38 +355,52 @@ def build_prompt(
         turn_start = len(history)
     if voice and voice != card.id:
         history.insert(turn_start, _Switch(voice, card.id, examples=True))
-    messages = [{"role": "system", "content": persona_system_prompt(card)}]
+    names = (avatar_name, user_name)
+    messages = [{"role": "system", "content": persona_system_prompt(card, *names)}]
     pending: _Switch | None = None
     for entry in history:
         if isinstance(entry, _Switch):  # switches with no message between them: one marker
             pending = entry if pending is None else entry._replace(old=pending.old)
             continue
         if pending is not None:
-            _mark(messages, pending, card, others)
+            _mark(messages, pending, card, others, names)
             pending = None
         messages.append(entry)
     if pending is not None:
-        _mark(messages, pending, card, others)
+        _mark(messages, pending, card, others, names)
     messages.append({"role": "user", "content": text})
     if card.post_history_instruction:
-        messages.append({"role": "system", "content": card.post_history_instruction})
+        after = fill_macros(card.post_history_instruction, *names_for(card, *names))
+        messages.append({"role": "system", "content": after})
     return messages
 
 
-def _mark(messages: list[ChatMessage], switch: _Switch, card: PersonaCard, others: Lookup) -> None:
+def _mark(
+    messages: list[ChatMessage],
+    switch: _Switch,
+    card: PersonaCard,
+    others: Lookup,
+    names: tuple[str, str],
+) -> None:
     """Add the marker of `switch`, unless nothing of the old voice is left before it."""
     if len(messages) > 1 and switch.old != switch.new:
         new = card if switch.new == card.id else others(switch.new) or switch.new
-        note = switch_note(switch.old, new, switch.examples, others)
+        note = switch_note(switch.old, new, switch.examples, others, *names)
         messages.append({"role": "system", "content": note})
 
 
 def switch_note(
-    old: str, new: PersonaCard | str, examples: bool = False, others: Lookup = no_other
+    old: str,
+    new: PersonaCard | str,
+    examples: bool = False,
+    others: Lookup = no_other,
+    avatar_name: str = "",
+    user_name: str = "",
 ) -> str:
     """The system message that marks a switch from persona `old` to `new` at a turn: it names
-    both, tells the model to speak only as the new one, and sums the new one up in a line
-    (`examples`: with the new card's example lines; `others` finds a persona's card by id)."""
+    both, tells the model to speak only as the new one, and sums the new one up in a line: its
+    description, cut to SUMMARY_CHARS (`examples`: with the new card's example lines; `others`
+    finds a persona's card by id; the new card's macros are filled as in `build_prompt`)."""
     old_card = others(old)
     was = old_card.name if old_card is not None else old
     now = new.name if isinstance(new, PersonaCard) else new
@@ -340,10 +409,13 @@ def switch_note(
         f" {was}. From here on, speak only as {now}, and do not continue {was}'s tone."
     )
     if isinstance(new, PersonaCard):
-        note += f"\n{now}: {new.description}"
+        names = names_for(new, avatar_name, user_name)
+        if new.description:
+            summary = fill_macros(shorten(new.description, SUMMARY_CHARS), *names)
+            note += f"\n{now}: {summary}"
         if examples and new.example_lines:
             note += f"\nExample lines in {now}'s voice:\n" + "\n".join(
-                f"- {line}" for line in new.example_lines
+                f"- {fill_macros(line, *names)}" for line in new.example_lines
             )
     return note
 

@@ -25,6 +25,9 @@ from protocol.cards import (
     export_card,
     export_project,
     field_path,
+    fill_macros,
+    greeting_for,
+    has_macros,
     is_slug,
     parse_card,
     persona_card,
@@ -356,16 +359,69 @@ def test_builtin_cards_export_as_v3_json_and_parse_again() -> None:
 # --- a card without this project's material ---
 
 
-def test_card_without_material_gets_default_template_lines_and_its_macros_filled() -> None:
+def test_card_without_material_gets_material_of_its_own_with_its_macros_kept() -> None:
     persona = persona_card(parse_card(load("v2_wren.json")))
     assert persona.id == "wren-halloway"
     assert persona.system_prompt == (
-        "You are Wren Halloway, a lighthouse keeper. Stay in character and keep replies short."
-        "\n\nPersonality: dry, kind, stubborn about the weather"
-        "\n\nScenario: A storm has stranded the user at the lighthouse for the night."
+        "You are {{char}}, a lighthouse keeper. Stay in character and keep replies short."
     )
-    assert persona.example_lines == (
-        "I've seen worse. I've also seen better, and I preferred those.",
+    assert (persona.personality, persona.scenario) == (
+        "dry, kind, stubborn about the weather",
+        "A storm has stranded {{user}} at the lighthouse for the night.",
     )
+    assert persona.description.startswith("{{char}} keeps the lighthouse")
+    assert persona.post_history_instruction == "Reply as {{char}} in at most three sentences."
+    assert persona.example_blocks == (
+        "{{user}}: Is the storm bad?\n{{char}}: I've seen worse. I've also seen better, and I"
+        " preferred those.",
+    )
+    line = "I've seen worse. I've also seen better, and I preferred those."
+    assert persona.example_lines == (line,)
+    assert persona.follow_ups == (line,)  # the example lines, in the character's own voice
     assert persona.openers and all(line.count("{topic}") == 1 for line in persona.reflections)
-    assert persona.switched == "Switching gears: Wren Halloway is here now."
+    assert persona.switched == (  # on arrival: the greeting's first sentences
+        "Switching gears: {{char}} is here now. Shut the door behind you, the wind has opinions"
+        " tonight. Tea?"
+    )
+    assert persona.line_macros and persona.sign_off == ""
+
+
+def test_card_with_only_a_description_says_its_first_sentence_on_arrival() -> None:
+    card = v3(first_mes="", mes_example="", description="{{char}} bakes bread. Lots of it.")
+    persona = persona_card(parse_card(card))
+    assert persona.switched == (
+        "Switching gears: {{char}} is here now. {{char}} bakes bread. Lots of it."
+    )
+    assert persona.follow_ups == ("What happened next?", "How do you feel about it?")
+    assert persona.system_prompt == (
+        "Write {{char}}'s next reply in a fictional chat between {{char}} and {{user}}."
+    )
+    unfinished = persona_card(parse_card(v3(first_mes="", description="[Nova: tall; " * 40)))
+    assert unfinished.switched == "Switching gears: {{char}} is here now."
+
+
+def test_blank_material_lines_are_left_out_and_defaults_fill_an_empty_list() -> None:
+    material = {"openers": [" ", "Hey!"], "wordless": [""], "sign_off": "  ", "switched": ""}
+    persona = persona_card(parse_card(v3(extensions={EXTENSION: material})))
+    assert persona.openers == ("Hey!",)
+    assert persona.wordless == ("I'm listening.",)
+    assert persona.sign_off == ""
+    assert persona.switched.startswith("Switching gears: {{char}} is here now.")
+
+
+def test_macros_are_filled_in_one_pass_in_any_case() -> None:
+    text = "{{char}}, {{Char}}, <BOT>, <bot>: {{user}} {{USER}} <User>; {{chars}} <b>"
+    assert fill_macros(text, "Ava", "bo") == "Ava, Ava, Ava, Ava: bo bo bo; {{chars}} <b>"
+    assert fill_macros("{{char}} meets {{user}}", "{{user}}", "<BOT>") == "{{user}} meets <BOT>"
+    assert fill_macros("no macro", "Ava", "bo") == "no macro"
+    assert has_macros("Hi <USER>!") and not has_macros("{{ char }} <bots>")
+
+
+def test_greeting_is_first_mes_with_the_avatars_name_and_the_users() -> None:
+    ada = persona_card(parse_card(v3(first_mes="\n{{user}}! <BOT> is here.\n")))
+    assert greeting_for(ada, "Ava", "user-1") == "user-1! Ava is here."
+    assert greeting_for(ada, "", "") == "User! Ada is here."
+    assert greeting_for(persona_card(parse_card(v3(first_mes=""))), "Ava", "bo") == ""
+    assert greeting_for(get_card("friendly"), "Ava", "bo") == (
+        "Hey there! Great to see you. What's on your mind?"
+    )

@@ -18,8 +18,10 @@ from server.llm import SseDecoder, StreamError, display_url, parse_chunk
 from server.render import persona_system_prompt, switch_note
 from tests.client import Client
 from tests.conftest import AppFactory, ClientFactory, with_avatar
-from tests.personas import get_card
+from tests.personas import BUILTIN_CARDS, get_card
 from tests.server.fake_llm import FakeLLM, Received, Script
+
+OTHERS = {card.id: card for card in BUILTIN_CARDS}.get  # the catalogue's lookup, by id
 
 FAST = {
     "generator": "openai",
@@ -497,7 +499,7 @@ async def test_reply_streaming_during_a_switch_keeps_its_persona(
     reply = await final(client, ref)
     assert (reply["status"], reply["persona"]) == ("completed", "friendly")
     assert reply["text"] == "tok " * 10
-    assert fake.requests[0].system_prompt == persona_system_prompt(get_card("friendly"))
+    assert fake.requests[0].system_prompt == persona_system_prompt(get_card("friendly"), "Ava")
 
 
 async def test_chat_after_a_switch_during_a_stream_uses_the_new_persona(
@@ -508,7 +510,7 @@ async def test_chat_after_a_switch_during_a_stream_uses_the_new_persona(
     await client.send({"type": "set_persona", "personality": "witty"})
     _, reply = await chat(client, "who are you now?")
     assert (reply["status"], reply["persona"]) == ("completed", "witty")
-    assert fake.requests[1].system_prompt == persona_system_prompt(get_card("witty"))
+    assert fake.requests[1].system_prompt == persona_system_prompt(get_card("witty"), "Ava")
 
 
 async def test_system_prompt_belongs_to_the_new_persona_right_after_a_switch(
@@ -519,7 +521,7 @@ async def test_system_prompt_belongs_to_the_new_persona_right_after_a_switch(
     _, reply = await chat(client, "hi")
     assert reply["persona"] == "witty"
     messages = fake.requests[0].messages
-    assert messages[0] == {"role": "system", "content": persona_system_prompt(witty)}
+    assert messages[0] == {"role": "system", "content": persona_system_prompt(witty, "Ava")}
     assert messages[-1] == {"role": "system", "content": witty.post_history_instruction}
 
 
@@ -571,7 +573,10 @@ async def test_prompt_after_a_switch_marks_it_and_cuts_the_old_voice(
     assert fake.requests[1].messages[1:-1] == [
         {"role": "user", "content": "I adopted a cat"},
         {"role": "assistant", "content": "Hello…"},  # "Hello there, friend!" cut to 10
-        {"role": "system", "content": switch_note("friendly", get_card("witty"), examples=True)},
+        {
+            "role": "system",
+            "content": switch_note("friendly", get_card("witty"), examples=True, others=OTHERS),
+        },
         {"role": "user", "content": "She is called Miso"},
     ]
 
@@ -587,7 +592,7 @@ async def test_notes_as_user_fold_the_switch_marker_into_the_next_user_message(
     await chat(client, "She is called Miso")
     messages = fake.requests[1].messages
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
-    note = switch_note("friendly", get_card("witty"), examples=True)
+    note = switch_note("friendly", get_card("witty"), examples=True, others=OTHERS)
     assert note in messages[-1]["content"] and "She is called Miso" in messages[-1]["content"]
 
 
@@ -605,12 +610,12 @@ async def test_switch_through_another_connection_is_marked_from_the_stored_histo
     marked, after = fake.requests[1].messages, fake.requests[2].messages
     assert marked[3] == {
         "role": "system",
-        "content": switch_note("friendly", get_card("caring"), examples=True),
+        "content": switch_note("friendly", get_card("caring"), examples=True, others=OTHERS),
     }
     assert after[1:-1] == [  # the switch stays marked where it happened, without examples
         {"role": "user", "content": "I adopted a cat"},
         {"role": "assistant", "content": WHOLE},  # short: nothing to cut
-        {"role": "system", "content": switch_note("friendly", get_card("caring"))},
+        {"role": "system", "content": switch_note("friendly", get_card("caring"), others=OTHERS)},
         {"role": "user", "content": "She is called Miso"},
         {"role": "assistant", "content": WHOLE},
         {"role": "user", "content": "She sleeps a lot"},

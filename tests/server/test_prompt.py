@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from itertools import pairwise
 from pathlib import Path
@@ -15,7 +16,7 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from protocol.cards import PersonaCard
+from protocol.cards import PersonaCard, parse_card, persona_card
 from protocol.conversation.records import PastMessage
 from server.render import (
     OTHER_PERSONA_CHARS,
@@ -30,6 +31,7 @@ from tests.personas import BUILTIN_CARDS, BUILTIN_IDS, get_card
 
 FRIENDLY = get_card("friendly")
 WITTY = get_card("witty")
+OTHERS = {card.id: card for card in BUILTIN_CARDS}.get  # the catalogue's lookup, by id
 HISTORY = (
     PastMessage("user", "I adopted a cat"),
     PastMessage("assistant", "How lovely! What is its name?"),
@@ -57,11 +59,97 @@ def test_system_prompt_starts_with_the_cards_system_prompt() -> None:
     assert persona_system_prompt(WITTY).startswith(WITTY.system_prompt)
 
 
-def test_system_prompt_holds_description_style_rules_and_example_lines() -> None:
-    prompt = persona_system_prompt(FRIENDLY)
-    assert f"About you: {FRIENDLY.description}" in prompt
-    for line in (*FRIENDLY.style_rules, *FRIENDLY.example_lines):
-        assert f"- {line}\n" in prompt + "\n"
+def test_system_prompt_holds_description_style_rules_and_example_dialogue() -> None:
+    assert persona_system_prompt(FRIENDLY, "Ava", "alice") == (
+        "You are a friendly companion. You are warm, encouraging and relaxed. You speak plainly"
+        " and make the user feel welcome."
+        "\n\nWarm, upbeat and easy to talk to, like a good neighbour."
+        "\n\nStyle rules:\n- Keep sentences short and warm.\n- Use the user's own words when you"
+        " answer.\n- End with an open, friendly question."
+        "\n\n[Example Chat]\nAva: That sounds like a lovely day!"
+        "\n\n[Example Chat]\nAva: Oh nice, tell me more about it."
+        "\n\n[Start a new Chat]"
+    )
+    assert persona_system_prompt(FRIENDLY).count("\nFriendly: ") == 2  # no avatar: the card's name
+
+
+CARDS = Path(__file__).parent.parent / "fixtures" / "cards"
+
+
+def imported(name: str, **changes: object) -> PersonaCard:
+    """A card of the fixtures as the generators get it, its `data` fields changed."""
+    value = json.loads((CARDS / name).read_text(encoding="utf-8"))
+    value.get("data", value).update(changes)
+    return persona_card(parse_card(value))
+
+
+def test_imported_card_is_rendered_in_sillytavern_order_with_its_macros_filled() -> None:
+    wren = imported("v2_wren.json")
+    messages = build_prompt(wren, HISTORY, "Is it safe?", avatar_name="Ava", user_name="alice")
+    assert messages == [
+        {
+            "role": "system",
+            "content": "You are Ava, a lighthouse keeper. Stay in character and keep replies short."
+            "\n\nAva keeps the lighthouse on Gull Rock and writes letters to ships that never"
+            " answer."
+            "\n\nAva's personality: dry, kind, stubborn about the weather"
+            "\n\nScenario: A storm has stranded alice at the lighthouse for the night."
+            "\n\n[Example Chat]\nalice: Is the storm bad?\nAva: I've seen worse. I've also seen"
+            " better, and I preferred those."
+            "\n\n[Start a new Chat]",
+        },
+        {"role": "user", "content": "I adopted a cat"},
+        {"role": "assistant", "content": "How lovely! What is its name?"},
+        {"role": "user", "content": "Is it safe?"},
+        {"role": "system", "content": "Reply as Ava in at most three sentences."},
+    ]
+
+
+def test_card_without_a_system_prompt_gets_the_default_one() -> None:
+    tobias = imported("v1_tobias.json")  # a V1 card: no system prompt, no post-history
+    messages = build_prompt(tobias, (), "Can you fix it?", user_name="alice")
+    assert messages[0]["content"].startswith(
+        "Write Tobias Fennick's next reply in a fictional chat between Tobias Fennick and alice."
+        "\n\nTobias Fennick is a retired clockmaker"
+    )
+    assert messages[1:] == [{"role": "user", "content": "Can you fix it?"}]  # nothing after
+
+
+def test_original_stands_for_the_default_prompt_and_for_nothing_after_the_history() -> None:
+    card = imported(
+        "v2_wren.json",
+        system_prompt="{{original}} Be brief.",
+        post_history_instructions="{{ORIGINAL}}Stay in character as <BOT>.",
+    )
+    messages = build_prompt(card, (), "hi", avatar_name="Ava", user_name="bo")
+    assert messages[0]["content"].startswith(
+        "Write Ava's next reply in a fictional chat between Ava and bo. Be brief.\n\n"
+    )
+    assert messages[-1] == {"role": "system", "content": "Stay in character as Ava."}
+
+
+def test_example_dialogue_is_split_on_start_and_keeps_each_blocks_lines() -> None:
+    card = imported(
+        "v2_wren.json",
+        mes_example="<START>\n{{user}}: Hi\n{{char}}: *waves* Hello.\n\n<start>\n<BOT>: Tea?"
+        "\n<USER>: Yes.\n<START>\n\n<START>",
+    )
+    prompt = persona_system_prompt(card, "Ava", "bo")
+    assert prompt.endswith(
+        "\n\n[Example Chat]\nbo: Hi\nAva: *waves* Hello."
+        "\n\n[Example Chat]\nAva: Tea?\nbo: Yes.\n\n[Start a new Chat]"
+    )
+    assert card.example_lines == ("*waves* Hello.", "Tea?")
+
+
+def test_user_text_and_history_are_never_read_for_macros() -> None:
+    recent = (PastMessage("user", "{{char}} and <USER>"), PastMessage("assistant", "{{user}}!"))
+    messages = build_prompt(FRIENDLY, recent, "{{char}}?", avatar_name="Ava", user_name="bo")
+    assert [m["content"] for m in messages[1:4]] == [
+        "{{char}} and <USER>",
+        "{{user}}!",
+        "{{char}}?",
+    ]
 
 
 def test_every_persona_gets_its_own_system_prompt() -> None:
@@ -135,7 +223,7 @@ def note(old: str, new: PersonaCard, examples: str = "") -> ChatMessage:
 
 
 def test_switches_are_marked_where_they_happened_and_old_voices_are_cut() -> None:
-    messages = build_prompt(CARING, SWITCHED, "Good night", other_persona_chars=40)
+    messages = build_prompt(CARING, SWITCHED, "Good night", other_persona_chars=40, others=OTHERS)
     examples = "\nExample lines in Caring's voice:\n- " + "\n- ".join(CARING.example_lines)
     assert messages == [
         {"role": "system", "content": persona_system_prompt(CARING)},
@@ -157,7 +245,7 @@ def test_switches_are_marked_where_they_happened_and_old_voices_are_cut() -> Non
 
 
 def test_marker_names_both_personas_the_new_ones_summary_and_says_speak_only_as_it() -> None:
-    marker = switch_note("friendly", WITTY)
+    marker = switch_note("friendly", WITTY, others=OTHERS)
     assert marker.startswith("Persona switch: from Friendly to Witty.")
     assert "speak only as Witty" in marker
     assert f"\nWitty: {WITTY.description}" in marker
@@ -176,7 +264,9 @@ def test_old_voice_is_cut_to_the_default_of_400_characters() -> None:
 
 
 def test_no_limit_of_zero_leaves_old_voices_out_but_keeps_the_marker() -> None:
-    messages = build_prompt(WITTY, history_of("friendly"), "hi", other_persona_chars=0)
+    messages = build_prompt(
+        WITTY, history_of("friendly"), "hi", other_persona_chars=0, others=OTHERS
+    )
     assert [m["role"] for m in messages] == ["system", "user", "system", "user", "system"]
     assert messages[2]["content"].startswith("Persona switch: from Friendly to Witty.")
 
@@ -197,7 +287,7 @@ def test_switch_with_nothing_between_is_one_marker_from_the_first_to_the_last() 
         PastMessage("assistant", "Hello!", "friendly"),
         PastMessage("assistant", "Well.", "witty"),  # not in this window, in real life
     )
-    messages = build_prompt(CARING, recent, "and now?", other_persona_chars=0)
+    messages = build_prompt(CARING, recent, "and now?", other_persona_chars=0, others=OTHERS)
     assert [m["role"] for m in messages] == ["system", "user", "system", "user", "system"]
     assert messages[2]["content"].startswith("Persona switch: from Friendly to Caring.")
 
@@ -276,7 +366,7 @@ def assert_valid_shape(messages: list[ChatMessage]) -> None:
 def test_any_history_gives_a_valid_prompt_with_a_marker_before_every_new_voice(
     recent: list[PastMessage], card: PersonaCard, limit: int
 ) -> None:
-    messages = build_prompt(card, recent, "hi", other_persona_chars=limit)
+    messages = build_prompt(card, recent, "hi", other_persona_chars=limit, others=OTHERS)
     assert_valid_shape(messages)
     assert messages[-2:] == [
         {"role": "user", "content": "hi"},
@@ -301,7 +391,9 @@ def test_any_history_gives_a_valid_prompt_with_a_marker_before_every_new_voice(
 
 
 def test_prompt_with_switches_is_valid_for_the_openai_format() -> None:
-    assert_valid_shape(build_prompt(CARING, SWITCHED, "Good night", other_persona_chars=40))
+    assert_valid_shape(
+        build_prompt(CARING, SWITCHED, "Good night", other_persona_chars=40, others=OTHERS)
+    )
 
 
 # ---------------------------------------------------------------- real chat templates
@@ -345,7 +437,9 @@ def render(template: str, messages: list[ChatMessage]) -> str:
 
 
 def test_smollm2_template_renders_the_markers_where_they_stand() -> None:
-    messages = build_prompt(CARING, SWITCHED[4:], "Good night", other_persona_chars=40)
+    messages = build_prompt(
+        CARING, SWITCHED[4:], "Good night", other_persona_chars=40, others=OTHERS
+    )
     assert render(smollm2_template(), messages) == (
         f"<|im_start|>system\n{persona_system_prompt(CARING)}<|im_end|>\n"
         "<|im_start|>user\nI feel tired<|im_end|>\n"
@@ -368,13 +462,13 @@ def test_smollm2_template_fixture_is_the_one_in_the_gguf() -> None:
 
 
 def test_strict_template_refuses_markers_as_system_messages() -> None:
-    messages = build_prompt(CARING, SWITCHED, "Good night")
+    messages = build_prompt(CARING, SWITCHED, "Good night", others=OTHERS)
     with pytest.raises(TemplateError, match="a system message is only allowed first"):
         render(STRICT_TEMPLATE, messages)
 
 
 def test_markers_folded_into_user_notes_pass_a_strict_template() -> None:
-    messages = build_prompt(CARING, SWITCHED, "Good night", other_persona_chars=40)
+    messages = build_prompt(CARING, SWITCHED, "Good night", other_persona_chars=40, others=OTHERS)
     folded = notes_in_user_turns(messages)
     assert_valid_shape(folded)
     assert [m["role"] for m in folded] == ["system", *("user", "assistant") * 4, "user"]
@@ -384,7 +478,9 @@ def test_markers_folded_into_user_notes_pass_a_strict_template() -> None:
     )
     rendered = render(STRICT_TEMPLATE, folded)
     assert rendered.count("[user] [Persona switch: from ") == 4
-    assert messages == build_prompt(CARING, SWITCHED, "Good night", other_persona_chars=40)
+    assert messages == build_prompt(
+        CARING, SWITCHED, "Good night", other_persona_chars=40, others=OTHERS
+    )
 
 
 def test_persona_no_longer_in_the_catalogue_is_named_by_its_id() -> None:

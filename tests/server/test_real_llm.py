@@ -30,7 +30,9 @@ from server.app import App
 from server.render import persona_system_prompt, switch_note
 from tests.client import Client
 from tests.conftest import AppFactory, ClientFactory, with_avatar
-from tests.personas import get_card
+from tests.personas import BUILTIN_CARDS, get_card
+
+OTHERS = {card.id: card for card in BUILTIN_CARDS}.get  # the catalogue's lookup, by id
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("REAL_LLM") != "1",
@@ -229,7 +231,7 @@ async def test_reply_streams_deltas_then_a_reply_with_usage(client: Client) -> N
     assert {d["reply_id"] for d in deltas} == {reply["reply_id"]}
     usage = reply["usage"]
     assert 0 < usage["completion_tokens"] <= MAX_TOKENS
-    assert usage["prompt_tokens"] > len(persona_system_prompt(get_card("friendly")).split())
+    assert usage["prompt_tokens"] > len(persona_system_prompt(get_card("friendly"), "Ava").split())
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
@@ -239,24 +241,24 @@ async def test_rendered_prompt_holds_the_persona_system_prompt(
     friendly = get_card("friendly")
     await chat(client, "Hi! What is your favourite season?")
     prompt = await rendered_prompt(llama)
-    assert persona_system_prompt(friendly) in prompt
+    assert persona_system_prompt(friendly, "Ava") in prompt
     assert "Hi! What is your favourite season?" in prompt
     assert friendly.post_history_instruction in prompt
-    assert prompt.index(persona_system_prompt(friendly)) < prompt.index("favourite season")
+    assert prompt.index(persona_system_prompt(friendly, "Ava")) < prompt.index("favourite season")
 
 
 async def test_switch_changes_the_next_prompt(client: Client, llama: LlamaServer) -> None:
     friendly, witty = get_card("friendly"), get_card("witty")
     await chat(client, "Hi! What is your favourite season?")
-    assert persona_system_prompt(friendly) in await rendered_prompt(llama)
+    assert persona_system_prompt(friendly, "Ava") in await rendered_prompt(llama)
     answer = await client.request({"type": "set_persona", "personality": "witty"})
     assert answer["type"] == "persona_set"
     _, reply = await chat(client, "And what do you think of Mondays?")
     assert (reply["status"], reply["persona"]) == ("completed", "witty")
     prompt = await rendered_prompt(llama)
-    assert persona_system_prompt(witty) in prompt
+    assert persona_system_prompt(witty, "Ava") in prompt
     assert witty.post_history_instruction in prompt
-    assert persona_system_prompt(friendly) not in prompt
+    assert persona_system_prompt(friendly, "Ava") not in prompt
     assert "favourite season" in prompt  # the history stays; only the persona changed
 
 
@@ -271,8 +273,9 @@ async def test_two_switches_are_marked_in_the_rendered_prompt(
     _, reply = await chat(client, "I feel a bit tired today.")
     assert (reply["status"], reply["persona"]) == ("completed", "caring")
     prompt = await rendered_prompt(llama)
-    to_witty = f"<|im_end|>\n<|im_start|>system\n{switch_note('friendly', witty)}<|im_end|>\n"
-    to_caring = switch_note("witty", caring, examples=True)
+    to_witty = switch_note("friendly", witty, others=OTHERS)
+    to_witty = f"<|im_end|>\n<|im_start|>system\n{to_witty}<|im_end|>\n"
+    to_caring = switch_note("witty", caring, examples=True, others=OTHERS)
     to_caring = f"<|im_end|>\n<|im_start|>system\n{to_caring}<|im_end|>\n"
     # each marker closes a reply in the old voice and opens the turn of the new one
     assert f"{to_witty}<|im_start|>user\nWhat do you think of Mondays?" in prompt

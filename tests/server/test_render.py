@@ -2,26 +2,40 @@
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
-from hypothesis import example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from protocol.cards import PersonaCard
+from protocol.cards import (
+    DEFAULT_USER_NAME,
+    EXTENSION,
+    CardError,
+    PersonaCard,
+    fill_macros,
+    has_macros,
+    parse_card,
+    persona_card,
+)
 from protocol.conversation.records import PastMessage
 from server.render import (
     NO_TOPIC,
     TOPIC_CHARS,
     TOPIC_WORDS,
     Topic,
+    build_prompt,
     template_reply,
     topic_of,
 )
 from tests.client import Client
 from tests.conftest import ClientFactory, with_avatar
 from tests.personas import BUILTIN_CARDS, BUILTIN_IDS, get_card
+from tests.server.test_prompt import assert_valid_shape
 
 FRIENDLY = get_card("friendly")
 WITTY = get_card("witty")
@@ -246,6 +260,149 @@ def test_any_text_gets_a_grammatical_reply(
     assert_whole_words(recalled, earlier)
     assert_readable(reply, [topic, recalled])
     assert reply == reply_to(card, text, recent)
+
+
+# ---------------------------------------------------------------- any card
+
+CARDS = Path(__file__).parent.parent / "fixtures" / "cards"
+
+
+def imported(name: str) -> PersonaCard:
+    return persona_card(parse_card(json.loads((CARDS / name).read_text(encoding="utf-8"))))
+
+
+WREN = imported("v2_wren.json")  # no template material: it is built from the card
+
+
+def test_card_without_material_speaks_with_its_example_lines_and_its_greeting() -> None:
+    recent = [PastMessage("user", "hi", "friendly"), PastMessage("assistant", "Hey!", "friendly")]
+    assert reply_to_as(WREN, "The lamp is out", recent, "Ava", "alice") == (
+        "Switching gears: Ava is here now. Shut the door behind you, the wind has opinions"
+        ' tonight. Tea? Hello! So, "The lamp is out". Tell me more. Earlier you said "hi".'
+        " I've seen worse. I've also seen better, and I preferred those."
+    )
+
+
+def test_macros_of_the_lines_used_are_filled_and_the_users_words_are_not_read() -> None:
+    material = {
+        "openers": ["{{user}}! <BOT> here."],
+        "reflections": ['"{topic}", says {{user}} to {{char}}.'],
+        "follow_ups": ["Tell <USER> more, {{Char}}?"],
+        "callback": '{{char}} recalls "{earlier}".',
+        "sign_off": "<bot> out.",
+    }
+    card = persona_card(parse_card(v3_card("Nova", extensions={EXTENSION: material})))
+    recent = [PastMessage("user", "I met {{user}}"), PastMessage("assistant", "ok")]
+    assert reply_to_as(card, "<bot> is {{char}}", recent, "Ava", "bo") == (
+        'bo! Ava here. "Bot is char", says bo to Ava. Ava recalls "I met user".'
+        " Tell bo more, Ava? Ava out."  # the user's words, without their punctuation
+    )
+    assert reply_to_as(card, "hi there", [], "", "").startswith("User! Nova here.")
+
+
+def test_builtin_cards_need_no_macros_filled() -> None:
+    assert not any(card.line_macros for card in BUILTIN_CARDS)
+    assert WREN.line_macros
+
+
+def v3_card(name: str, **data: object) -> dict[str, Any]:
+    return {"spec": "chara_card_v3", "spec_version": "3.0", "data": {"name": name, **data}}
+
+
+def reply_to_as(
+    card: PersonaCard, text: str, recent: list[PastMessage], avatar: str, user: str
+) -> str:
+    return "".join(template_reply(card, text, recent, avatar, user))
+
+
+# Card text: anything, with braces, slots, macros and <START> mixed in; some fields huge.
+TRICKY: tuple[str, ...] = ("{{char}}", "{{user}}", "<BOT>", "<user>", "{{Char}}", "{topic}")
+TRICKY += ("{earlier}", "{", "}", "{{", "}}", "{{original}}", "<START>", "<start>", "\n", ": ")
+TRICKY += ("{{char}}: ", "{{user}}:")
+card_text = st.lists(st.one_of(st.text(max_size=20), st.sampled_from(TRICKY)), max_size=8).map(
+    "".join
+)
+huge_text = st.builds(
+    lambda piece, size: (piece + " ") * (size // (len(piece) + 1) + 1),
+    card_text,
+    st.integers(10_000, 40_000),
+)
+card_field = st.one_of(*(card_text,) * 6, st.just(""), huge_text)
+no_topic = card_text.filter(lambda text: "{topic}" not in text and "{earlier}" not in text)
+
+
+def slotted(slot: str) -> st.SearchStrategy[str]:
+    return st.builds(lambda head, tail: head + slot + tail, no_topic, no_topic)
+
+
+material = st.fixed_dictionaries(
+    {},
+    optional={
+        "style_rules": st.lists(card_text, max_size=3),
+        "example_lines": st.lists(card_field, max_size=3),
+        "openers": st.lists(card_field, min_size=1, max_size=3),
+        "reflections": st.lists(slotted("{topic}"), min_size=1, max_size=3),
+        "questions": st.lists(slotted("{topic}"), min_size=1, max_size=3),
+        "wordless": st.lists(card_text, min_size=1, max_size=3),
+        "follow_ups": st.lists(card_field, min_size=1, max_size=3),
+        "callback": slotted("{earlier}"),
+        "sign_off": card_text,
+        "switched": card_text,
+    },
+)
+DATA_FIELDS: tuple[str, ...] = (
+    "description",
+    "personality",
+    "scenario",
+    "first_mes",
+    "mes_example",
+)
+DATA_FIELDS += ("system_prompt", "post_history_instructions")
+random_cards = st.builds(
+    lambda name, spec, fields, extension: {
+        **({"spec": spec, "spec_version": "3.0"} if spec else {}),
+        **({"data": {"name": name, **fields, **extension}} if spec else {"name": name, **fields}),
+    },
+    card_text.filter(str.strip),
+    st.sampled_from(("chara_card_v3", "chara_card_v2", "")),
+    st.fixed_dictionaries({}, optional=dict.fromkeys(DATA_FIELDS, card_field)),
+    st.one_of(st.just({}), material.map(lambda found: {"extensions": {EXTENSION: found}})),
+)
+MACRO_LIKE = re.compile("[{}<>]|bot|user|char", re.IGNORECASE)  # could make a macro up
+names = st.sampled_from(("", "Ava", "Dr. Quill", "Zoë 🌙", "{{user}}", "<BOT>"))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    value=random_cards,
+    text=messages,
+    earlier=messages,
+    voice=st.sampled_from(("", "friendly", "random")),
+    avatar=names,
+    user=names,
+)
+def test_any_valid_card_gives_a_whole_reply_and_a_well_formed_prompt(
+    value: dict[str, Any], text: str, earlier: str, voice: str, avatar: str, user: str
+) -> None:
+    try:
+        parsed = parse_card(value)
+    except CardError as error:
+        assume(False)  # over 256 KiB, or invalid material: not a valid card
+        raise AssertionError from error
+    card = replace(persona_card(parsed), id="random")
+    recent = [PastMessage("user", earlier, voice), PastMessage("assistant", "ok", voice)]
+    pieces = template_reply(card, text, recent, avatar, user)
+    reply = "".join(pieces)
+    assert reply.strip() and all(piece.endswith(" ") for piece in pieces[:-1])
+    assert reply == "".join(template_reply(card, text, recent, avatar, user))
+    if not MACRO_LIKE.search(card.name + avatar + user + text + earlier):
+        assert not has_macros(reply), reply  # every macro of the card was filled
+    others = {"random": card, "friendly": FRIENDLY}.get
+    messages_sent = build_prompt(card, recent, text or "hi", 400, others, avatar, user)
+    assert_valid_shape(messages_sent)
+    assert messages_sent[0]["content"].startswith(
+        fill_macros(card.system_prompt, avatar or card.name, user or DEFAULT_USER_NAME)
+    )
 
 
 # ---------------------------------------------------------------- through a session
