@@ -122,9 +122,11 @@ async def check_schema(conn: asyncpg.Connection) -> None:
 async def list_personas(conn: asyncpg.Connection) -> list[PersonaSummary]:
     """Every persona, in catalogue order, with how many avatars use it."""
     rows = await conn.fetch(
-        "SELECT p.id, p.name, p.version, p.enabled,"
-        " (SELECT count(*) FROM avatars a WHERE a.personality = p.id) AS avatars"
-        " FROM personas p ORDER BY p.created_at, p.id"
+        "SELECT p.id, p.name, p.version, p.enabled, coalesce(a.n, 0) AS avatars"
+        " FROM personas p LEFT JOIN"
+        "  (SELECT personality, count(*) AS n FROM avatars GROUP BY personality) a"
+        "  ON a.personality = p.id"
+        " ORDER BY p.created_at, p.id"
     )
     return [
         PersonaSummary(r["id"], r["name"], int(r["version"]), bool(r["enabled"]), r["avatars"])

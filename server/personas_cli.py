@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -250,14 +251,30 @@ async def _list(conn: asyncpg.Connection, args: argparse.Namespace, _cards: obje
         (r.id, _clip(r.name, 40), str(r.version), "yes" if r.enabled else "no", str(r.avatars))
         for r in rows
     ]
+    enabled = sum(r.enabled for r in rows)
+    total = f"{_count(len(rows), 'persona')}, {enabled} enabled"
+    if sys.stdout.isatty():  # a table for the eye; plain aligned columns for a pipe
+        _rich_table(table, total)
+        return 0
     widths = [max(len(row[i]) for row in table) for i in range(5)]
     for row in table:
         cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
         cells += [cell.rjust(width) for cell, width in zip(row[2:], widths[2:], strict=True)]
         print("  ".join(cells).rstrip())
-    enabled = sum(r.enabled for r in rows)
-    print(f"{_count(len(rows), 'persona')}, {enabled} enabled")
+    print(total)
     return 0
+
+
+def _rich_table(table: Sequence[tuple[str, ...]], total: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    view = Table(caption=total)
+    for i, title in enumerate(table[0]):
+        view.add_column(title, justify="right" if i >= 2 else "left", no_wrap=i == 0)
+    for row in table[1:]:
+        view.add_row(*row, style=None if row[3] == "yes" else "dim")
+    Console().print(view)
 
 
 def _clip(text: str, width: int) -> str:
@@ -330,7 +347,12 @@ async def _export(conn: asyncpg.Connection, args: argparse.Namespace, _cards: ob
     card = export_project(parsed) if target == "project" else export_card(parsed, target)
     text = json.dumps(card, ensure_ascii=False, indent=2) + "\n"
     if args.out is None:
-        sys.stdout.write(text)
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `| head`: the reader has had enough
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 1
         return 0
     try:
         await asyncio.to_thread(Path(args.out).write_text, text, encoding="utf-8")
