@@ -174,7 +174,7 @@ def _topic(words: list[str], question: bool, longer: bool) -> Topic:
 def _fill(line: str, slot: str, words: str, names: _Names | None) -> str:
     """`line` with `words` in place of `slot`, capitalised when they open a sentence, and its
     macros filled with `names` (the user's words are never read for macros)."""
-    head, opens, tail = _slot_of(line, slot)
+    head, opens, tail = _SLOTS.get(line) or _slot_of(line, slot)
     if names is not None:
         head, tail = fill_macros(head, *names), fill_macros(tail, *names)
         opens = _opens_sentence(head)
@@ -183,12 +183,19 @@ def _fill(line: str, slot: str, words: str, names: _Names | None) -> str:
     return head + words + tail
 
 
-@functools.lru_cache(maxsize=8192)
+# A card's line split at its slot: what comes before, whether the slot opens a sentence, what
+# comes after. Filled once per line of the catalogue, and emptied when it grows past
+# _SLOTS_KEPT lines (edited cards leave their old lines behind).
+_SLOTS: dict[str, tuple[str, bool, str]] = {}
+_SLOTS_KEPT = 8192
+
+
 def _slot_of(line: str, slot: str) -> tuple[str, bool, str]:
-    """A card's line split at its slot: what comes before, whether the slot opens a sentence,
-    what comes after. Done once per line of the catalogue (while it is in use)."""
     head, _, tail = line.partition(slot)
-    return head, _opens_sentence(head), tail
+    if len(_SLOTS) >= _SLOTS_KEPT:
+        _SLOTS.clear()
+    _SLOTS[line] = found = (head, _opens_sentence(head), tail)
+    return found
 
 
 def _opens_sentence(head: str) -> bool:
@@ -238,19 +245,21 @@ def template_reply(
         reflection = _fill(line, "{topic}", topic.text, names)
     opener = card.openers[seed % len(card.openers)]
     follow_up = card.follow_ups[(seed // 49) % len(card.follow_ups)]
-    voice = _last_voice(recent)
-    head = [card.switched, opener] if voice and voice != card.id else [opener]  # a switch: say so
-    tail = [follow_up, card.sign_off] if card.sign_off else [follow_up]
+    sign_off = card.sign_off
     if names is not None:
-        head = [fill_macros(line, *names) for line in head]
-        tail = [fill_macros(line, *names) for line in tail]
-    lines = [*head, reflection]
+        opener, follow_up = fill_macros(opener, *names), fill_macros(follow_up, *names)
+        sign_off = fill_macros(sign_off, *names)
+    pieces = [opener + " ", reflection + " "]
+    if (voice := _last_voice(recent)) and voice != card.id:  # the first reply after a switch
+        switched = card.switched if names is None else fill_macros(card.switched, *names)
+        pieces.insert(0, switched + " ")
     earlier = _last_user_text(recent)
     if earlier is not None and (recalled := topic_of(earlier).text):
-        lines.append(_fill(card.callback, "{earlier}", recalled, names))
-    lines += tail
-    pieces = [line + " " for line in lines]
-    pieces[-1] = lines[-1]
+        pieces.append(_fill(card.callback, "{earlier}", recalled, names) + " ")
+    if sign_off:
+        pieces += (follow_up + " ", sign_off)
+    else:
+        pieces.append(follow_up)
     return pieces
 
 
