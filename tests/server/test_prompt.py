@@ -253,6 +253,20 @@ def test_marker_names_both_personas_the_new_ones_summary_and_says_speak_only_as_
     assert marker.count("\n") == 1  # short: two lines
 
 
+def test_marker_to_an_imported_card_fills_its_macros_and_sums_it_up_in_400_characters() -> None:
+    wren = imported("v2_wren.json", description="{{char}} hums to <USER>. " + "La " * 300)
+    marker = switch_note("friendly", wren, True, OTHERS, "Ava", "bo")
+    summary = marker.split("\n")[1]
+    assert summary.startswith("Wren Halloway: Ava hums to bo. La La") and summary.endswith("La…")
+    assert len(summary) < len("Wren Halloway: ") + 400
+    assert marker.endswith(
+        "Example lines in Wren Halloway's voice:\n- I've seen worse. I've also seen better,"
+        " and I preferred those."
+    )
+    bare = imported("v1_tobias.json", description="")
+    assert "\n" not in switch_note("friendly", bare, others=OTHERS)  # nothing to sum up
+
+
 def test_old_voice_is_cut_to_the_default_of_400_characters() -> None:
     long = "word " * 200
     recent = (PastMessage("user", "hi", "friendly"), PastMessage("assistant", long, "friendly"))
