@@ -185,7 +185,13 @@ async def _edit(
             out.append(Outcome())
             return
         wanted = [(c.id, c.version) for c in changes]
-        missing = await heard.wait(conn, wanted, timeout_s)
+        try:
+            missing = await heard.wait(conn, wanted, timeout_s)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise AdminError(
+                "the edit is committed, but waiting for the server processes to confirm it "
+                f"failed: {' '.join(str(exc).split()) or type(exc).__name__}"
+            ) from None
         everyone = set.intersection(*(heard.confirmed(pid, v) for pid, v in wanted))
         out.append(Outcome(tuple(sorted(everyone - set(missing))), tuple(missing)))
 

@@ -8,6 +8,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -334,6 +335,57 @@ async def test_remove_is_refused_while_used_and_reassigns_with_running_servers(
     finally:
         for client in (here, there):
             await client.__aexit__(None, None, None)
+
+
+async def test_remove_under_concurrent_switches_leaves_no_avatar_on_it(
+    database_url: str, make_app: AppFactory, tmp_path: Path
+) -> None:
+    """Switches to the persona race its removal: each lands before (and is reassigned) or is
+    refused after, and no avatar is left on a persona that is gone."""
+    app = await make_app(rate_per_s=100000, rate_burst=100000)
+    persona_id = f"raced-{_sfx()}"
+    code, _, err = await personas(
+        database_url, "import", str(_project_card(tmp_path, persona_id, "raced"))
+    )
+    assert code == 0, err
+    users = [f"user-{_sfx()}" for _ in range(4)]
+    clients = [await login(app.url, SECRET, user) for user in users]
+    stop = asyncio.Event()
+    answers: list[dict[str, object]] = []
+
+    async def switch(client: Any) -> None:
+        await with_avatar(client, "friendly")
+        while not stop.is_set():
+            for target in (persona_id, "professional"):
+                frame = {"type": "set_persona", "personality": target}
+                answers.append(await client.request(frame))
+
+    left: list[int] = []
+    try:
+        tasks = [asyncio.create_task(switch(client)) for client in clients]
+        await asyncio.sleep(0.3)
+        code, out, err = await personas(database_url, "remove", persona_id, "--reassign", "caring")
+        conn = await asyncpg.connect(database_url)
+        try:  # while the switches go on: none lands on the persona that is gone
+            for _ in range(5):
+                left.append(
+                    await conn.fetchval(
+                        "SELECT count(*) FROM avatars WHERE personality = $1", persona_id
+                    )
+                )
+                await asyncio.sleep(0.1)
+        finally:
+            await conn.close()
+        stop.set()
+        await asyncio.gather(*tasks)
+    finally:
+        for client in clients:
+            await client.__aexit__(None, None, None)
+    assert code == 0 and f"{persona_id}: removed" in out, err
+    assert left == [0] * 5
+    kinds = {(a["type"], a.get("code")) for a in answers}
+    assert kinds <= {("persona_set", None), ("error", "invalid_persona")}, kinds
+    assert ("error", "invalid_persona") in kinds  # some came after the removal
 
 
 async def test_an_acknowledged_edit_is_in_the_next_reply_and_a_disable_too(
