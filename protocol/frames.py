@@ -152,6 +152,8 @@ class Avatar(ServerFrame):
     type: Literal["avatar"] = "avatar"
     ref: str | None
     avatar: AvatarInfo
+    # in the answer to create_avatar: the persona's first message (left out when none)
+    greeting: str | None = Field(default=None, exclude_if=_is_none)
 
 
 class PersonaSet(ServerFrame):

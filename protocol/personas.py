@@ -5,25 +5,20 @@ this module keeps the rules: which id may be chosen, which edit is newer, what i
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from protocol.cards import PersonaCard
+from protocol.cards import PersonaCard, fill_macros
 from protocol.errors import InvalidPersona, PersonaUnavailable
 from protocol.frames import PersonaInfo
 
 MAX_CHOICES_LISTED = 20  # an invalid_persona error lists this many ids, then "and N more"
 LISTED_DESCRIPTION_CHARS = 200  # a listing's description: a card's can be pages long
-_MACROS = re.compile(r"\{\{(char|user)\}\}|<(bot|user)>", re.IGNORECASE)
 
 
 def listed_description(card: PersonaCard) -> str:
     """A card's description as a listing shows it: macros filled in (the persona's name, and
     "you"), on one line, its first paragraph cut at a word within LISTED_DESCRIPTION_CHARS."""
-    text = _MACROS.sub(
-        lambda m: card.name if (m.group(1) or m.group(2)).lower() in ("char", "bot") else "you",
-        card.description,
-    )
+    text = fill_macros(card.description, card.name, "you")
     text = " ".join(text.strip().split("\n\n", 1)[0].split())
     if len(text) <= LISTED_DESCRIPTION_CHARS:
         return text

@@ -56,11 +56,15 @@ def minimal_card(name: str, description: str = "") -> dict[str, object]:
     }
 
 
-async def add_personas(dsn: str, count: int, prefix: str = "extra") -> list[str]:
-    """Add `count` enabled personas (`{prefix}-0001`, ...) straight to the table, notified as
-    an edit is, so that running servers load them too; returns their ids."""
+async def add_personas(
+    dsn: str, count: int, prefix: str = "extra", cards: list[dict[str, object]] | None = None
+) -> list[str]:
+    """Add `count` enabled personas (`{prefix}-0001`, ...; minimal cards unless `cards` are
+    given) straight to the table, notified as an edit is, so that running servers load them
+    too; returns their ids."""
     ids = [f"{prefix}-{index:04d}" for index in range(1, count + 1)]
-    cards = [minimal_card(f"{prefix.title()} {index}") for index in range(1, count + 1)]
+    if cards is None:
+        cards = [minimal_card(f"{prefix.title()} {index}") for index in range(1, count + 1)]
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(
@@ -78,3 +82,18 @@ async def add_personas(dsn: str, count: int, prefix: str = "extra") -> list[str]
     finally:
         await conn.close()
     return ids
+
+
+async def remove_personas(dsn: str, ids: list[str]) -> None:
+    """Remove personas a test added (none may be used by an avatar), notified as a removal."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("DELETE FROM avatars WHERE personality = ANY($1::text[])", ids)
+        await conn.execute("DELETE FROM personas WHERE id = ANY($1::text[])", ids)
+        await conn.execute(
+            "SELECT pg_notify('persona_catalogue', json_build_object("
+            "'id', i, 'version', 1, 'removed', true)::text) FROM unnest($1::text[]) AS i",
+            ids,
+        )
+    finally:
+        await conn.close()

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from protocol import commands
+from protocol.cards import greeting_for
 from protocol.conversation.actions import (
     Action,
     Authenticate,
@@ -241,7 +242,9 @@ class Conversation(ChatRules):
             view.cached = avatar
         view.saw(avatar)
         view.tell(avatar.version, avatar.personality)
-        self._send(AvatarFrame(ref=ref, avatar=avatar.info()))
+        card = self.terms.catalogue.card_or_none(avatar.personality)
+        greeting = greeting_for(card, avatar.name, self.user_id) if card is not None else ""
+        self._send(AvatarFrame(ref=ref, avatar=avatar.info(), greeting=greeting or None))
         self._resume(done=True)
         return self._take()
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 from server.app import App
 from tests.client import login
 from tests.conftest import SECRET, AppFactory, ClientFactory, with_avatar
+from tests.personas import add_personas, get_card, minimal_card, remove_personas
 
 ALLOWED = ["friendly", "playful", "caring", "witty", "professional", "romantic"]
 
@@ -18,6 +20,34 @@ async def test_create_avatar_answers_with_the_stored_avatar(connect: ClientFacto
     assert (answer["type"], avatar["name"], avatar["personality"]) == ("avatar", "Ava", "caring")
     assert isinstance(avatar["id"], int)
     assert avatar["created_at"].endswith("Z") and avatar["updated_at"].endswith("Z")
+
+
+async def test_create_avatar_answers_with_the_cards_greeting(
+    app: App, connect: ClientFactory, database_url: str
+) -> None:
+    client = await connect()
+    answer = await client.request({"type": "create_avatar", "name": "Ava", "personality": "caring"})
+    assert answer["greeting"] == get_card("caring").greeting
+    card = minimal_card("Wren")
+    card["data"] = {**card["data"], "first_mes": "  Hi {{user}}, I am {{char}}. <USER>?  "}  # type: ignore[dict-item]
+    added = await add_personas(database_url, 1, f"g{uuid.uuid4().hex[:6]}", [card])
+    added += await add_personas(database_url, 1, f"m{uuid.uuid4().hex[:6]}", [minimal_card("Mute")])
+    wren, mute = added  # Mute has no first_mes: no greeting
+    try:
+        async with asyncio.timeout(5):  # the notifications reach the server's catalogue
+            while any(app.services.catalogue.catalogue.get(p) is None for p in added):
+                await asyncio.sleep(0.01)
+        other = await connect()
+        answer = await other.request({"type": "create_avatar", "name": "Ava", "personality": wren})
+        user = other.welcome["user_id"]
+        assert answer["greeting"] == f"Hi {user}, I am Ava. {user}?"
+        nobody = await connect()
+        answer = await nobody.request({"type": "create_avatar", "name": "Ava", "personality": mute})
+        assert answer["type"] == "avatar" and "greeting" not in answer
+        again = await nobody.request({"type": "get_avatar"})
+        assert "greeting" not in again  # only the answer to create_avatar has one
+    finally:
+        await remove_personas(database_url, added)
 
 
 async def test_second_create_avatar_is_avatar_exists(connect: ClientFactory) -> None:
