@@ -14,10 +14,12 @@ it may miss edits: every persona is then read again before a reply uses it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -31,6 +33,8 @@ from server.store import Store
 log = logging.getLogger(__name__)
 
 ACK_CHANNEL = "persona_catalogue_ack"
+RELOADED = "*"  # the id of a confirmation of a whole read of the catalogue
+RECHECK_S = 0.25  # how often an editor asks again which processes are listening
 RETRY_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0)  # reading an edited persona again, while it fails
 
 
@@ -78,8 +82,9 @@ class CatalogueKeeper:
         self._tasks: set[asyncio.Task[None]] = set()
         self.edits = 0  # edits applied from notifications
 
-    async def load(self) -> None:
-        """Read the whole catalogue (at start, and when the listener is back)."""
+    async def load(self) -> datetime | None:
+        """Read the whole catalogue (at start, and when the listener is back); return the
+        database's time of the read (None: the catalogue is empty)."""
         rows = await self._store.personas()
         catalogue = self.catalogue
         seen = set()
@@ -93,6 +98,7 @@ class CatalogueKeeper:
         log.info(
             "persona catalogue: %d personas, %d enabled", len(catalogue), len(catalogue.listing())
         )
+        return rows[0]["read_at"] if rows else None
 
     def fresh(self, persona_id: str) -> bool:
         return self.catalogue.fresh(persona_id)
@@ -136,13 +142,17 @@ class CatalogueKeeper:
         attempt = 0
         while True:
             try:
-                await self.load()
+                read_at = await self.load()
             except Exception as exc:  # the database is down too: try again
                 log.warning("persona catalogue: reading it again failed: %s", exc)
                 await asyncio.sleep(RETRY_S[min(attempt, len(RETRY_S) - 1)])
                 attempt += 1
                 continue
             self.catalogue.trusted = True
+            if read_at is not None:  # edits made while the listener was down are in it
+                await self._send_ack(
+                    {"id": RELOADED, "read_at": read_at.isoformat(), "listener": self._tag}
+                )
             return
 
     async def _apply(self, change: CatalogueChange) -> None:
@@ -168,11 +178,13 @@ class CatalogueKeeper:
             self.catalogue.put(persona)
 
     async def _confirm(self, persona_id: str, version: int) -> None:
-        payload = {"id": persona_id, "version": version, "listener": self._tag}
+        await self._send_ack({"id": persona_id, "version": version, "listener": self._tag})
+
+    async def _send_ack(self, payload: dict[str, Any]) -> None:
         try:
             await self._store.notify(ACK_CHANNEL, orjson.dumps(payload).decode())
         except Exception as exc:
-            log.warning("persona catalogue: confirming %r v%d failed: %s", persona_id, version, exc)
+            log.warning("persona catalogue: confirming %s failed: %s", payload["id"], exc)
 
     def _parse(self, row: asyncpg.Record) -> Persona | None:
         try:
@@ -196,22 +208,38 @@ class CatalogueKeeper:
 
 
 class Confirmations:
-    """The editor's side: the confirmations of the processes, heard from before the edit."""
+    """The editor's side: the confirmations of the processes, heard from before the edit.
+
+    A process confirms an edit it was notified of with its id and version. A process whose
+    listener (re)connected after the edit was never notified of it: it reads the whole
+    catalogue instead, and confirms that with the id "*" and the database's time of the read,
+    which confirms every edit committed before then."""
 
     def __init__(self) -> None:
         self._heard: list[tuple[str, int, str]] = []  # (id, version, listener)
+        self._reloads: dict[str, datetime] = {}  # listener -> its newest whole read
+        self._since: datetime | None = None  # the edits waited for committed before this
         self._changed = asyncio.Event()
 
     def heard(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         try:
             data = orjson.loads(str(payload))
-            self._heard.append((str(data["id"]), int(data["version"]), str(data["listener"])))
+            who = str(data["listener"])
+            if data["id"] == RELOADED:
+                read_at = datetime.fromisoformat(str(data["read_at"]))
+                self._reloads[who] = max(read_at, self._reloads.get(who, read_at))
+            else:
+                self._heard.append((str(data["id"]), int(data["version"]), who))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
             return
         self._changed.set()
 
     def confirmed(self, persona_id: str, version: int) -> set[str]:
-        return {who for pid, v, who in self._heard if pid == persona_id and v >= version}
+        found = {who for pid, v, who in self._heard if pid == persona_id and v >= version}
+        since = self._since
+        if since is not None:
+            found |= {who for who, read_at in self._reloads.items() if read_at > since}
+        return found
 
     async def wait(
         self, conn: asyncpg.Connection, changes: Iterable[tuple[str, int]], timeout_s: float
@@ -219,10 +247,13 @@ class Confirmations:
         """Wait until every process listening now has confirmed each (id, version); return the
         listeners that did not within `timeout_s` (empty: the edit is everywhere)."""
         wanted = list(changes)
-        listeners = set(await listening_processes(conn))
+        self._since = await conn.fetchval("SELECT clock_timestamp()")  # after the commit
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
+            # asked again each time: a process that stopped is no longer waited for, one that
+            # started (or whose listener is back) is, and confirms with its whole read
+            listeners = set(await listening_processes(conn))
             missing = {
                 who
                 for who in listeners
@@ -234,10 +265,8 @@ class Confirmations:
             if remaining <= 0:
                 return sorted(missing)
             self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), remaining)
-            except TimeoutError:
-                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), min(remaining, RECHECK_S))
 
 
 async def listening_processes(conn: asyncpg.Connection) -> list[str]:

@@ -218,7 +218,7 @@ class Store:
         async with self._connection() as conn:
             return list(
                 await conn.fetch(
-                    "SELECT id, card, version, enabled FROM personas"
+                    "SELECT id, card, version, enabled, now() AS read_at FROM personas"
                     " WHERE $1::text[] IS NULL OR id = ANY($1::text[])"
                     " ORDER BY created_at, id",
                     None if ids is None else list(ids),

@@ -9,6 +9,7 @@ import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import pytest
 from clients.bots.load import LoadConfig, run_load
 from clients.bots.plan import BotPlan
 from server.auth import mint_token
-from server.catalogue import confirmations
+from server.catalogue import ACK_CHANNEL, RELOADED, Confirmations, confirmations
 from tests.client import Client, login
 from tests.conftest import SECRET, with_avatar
 from tests.processes import Served, clean_env, serve
@@ -179,3 +180,21 @@ async def test_no_process_renders_an_old_card_once_an_edit_is_confirmed(
         assert after and min(after) >= version, (sent_before, version)
     for client in checkers:
         await client.__aexit__(None, None, None)
+
+
+def test_a_whole_read_after_the_edit_confirms_it_and_one_before_does_not() -> None:
+    heard = Confirmations()
+    edited_at = datetime(2026, 12, 1, 12, 0, 0, tzinfo=UTC)
+    heard._since = edited_at  # what wait() sets: the database's time right after the commit
+
+    def ack(payload: dict[str, Any]) -> None:
+        heard.heard(None, 0, ACK_CHANNEL, orjson.dumps(payload).decode())
+
+    ack({"id": "witty", "version": 3, "listener": "a"})
+    ack({"id": "witty", "version": 2, "listener": "b"})  # an older edit
+    before, after = edited_at - timedelta(milliseconds=1), edited_at + timedelta(milliseconds=1)
+    ack({"id": RELOADED, "read_at": before.isoformat(), "listener": "c"})
+    ack({"id": RELOADED, "read_at": after.isoformat(), "listener": "d"})  # its listener is back
+    ack({"id": "witty", "version": "x", "listener": "e"})  # malformed: ignored
+    assert heard.confirmed("witty", 3) == {"a", "d"}
+    assert heard.confirmed("caring", 7) == {"d"}
