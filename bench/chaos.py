@@ -42,8 +42,10 @@ from bench.chaos_load import (
 )
 from bench.procs import Proc, postgres_dsn
 from bench.tokens import signer
+from clients.bots.bot import Crew
 from clients.bots.load import raise_fd_limit
 from clients.bots.plan import BotPlan, Phase
+from clients.bots.propagation import Propagation
 from clients.bots.report import Stats, summarize_ms
 from clients.loop import run_async
 
@@ -389,8 +391,10 @@ async def _load_and_faults(chaos: Chaos, args: argparse.Namespace, secret: str) 
     ]
     slots = max(args.clients, 2)
     users = max(1, min(args.users or slots // 2, slots // 2))
-    fleet = Fleet(plans, slots, users, secrets.token_hex(4), signer(secret))
     stats, phase, ledger, recovery = Stats(), Phase(), Ledger(), Recovery(slots)
+    propagation = Propagation(stats)  # a switch on one instance, pushed on the other
+    run_id = secrets.token_hex(4)
+    fleet = Fleet(plans, slots, users, run_id, signer(secret), Crew(None, propagation, run_id))
     print(f"instances: A {chaos.a.url}, B {chaos.b.url}; {slots} bots, {users} users; logs and "
           f"data in {chaos.workdir}", flush=True)  # fmt: skip
     tasks = await start_fleet(fleet, stats, phase, ledger, recovery)
@@ -400,6 +404,7 @@ async def _load_and_faults(chaos: Chaos, args: argparse.Namespace, secret: str) 
     faults = await run_faults(chaos, plan, recovery, started)
     phase.deadline = max(phase.deadline, time.perf_counter() + RECOVERY_TAIL_S)  # see them back
     await finish_fleet(tasks, args.duration + 60.0, stats)
+    propagation.finish()
     elapsed = time.perf_counter() - started
     ledger_check = await missing_writes(chaos.dsn, ledger)
     errors = dict(sorted(stats.errors.items()))
@@ -436,8 +441,13 @@ async def _load_and_faults(chaos: Chaos, args: argparse.Namespace, secret: str) 
             "replies_per_s": round(stats.replies / max(elapsed, 1e-9), 1),
             "switch_acks": stats.switch_acks,
             "stale_renders": stats.stale,
+            "pushes_expected": stats.pushes_expected,
+            "pushes_received": len(stats.propagation_s),
         },
-        "latency_ms": {"chat": summarize_ms(stats.chat_s)},
+        "latency_ms": {
+            "chat": summarize_ms(stats.chat_s),
+            "propagation": summarize_ms(stats.propagation_s),
+        },
         "stale_examples": stats.stale_examples,
         "errors": errors,
         "errors_explained": explained,
@@ -454,6 +464,10 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"\n{totals['replies']:,} replies ({totals['replies_per_s']:,.0f}/s), "
           f"{totals['switch_acks']:,} switches acknowledged, "
           f"{totals['stale_renders']} stale renders")  # fmt: skip
+    push = report["latency_ms"]["propagation"]
+    print(f"switches pushed to the user's other connections (on both instances): "
+          f"{totals['pushes_received']:,} of {totals['pushes_expected']:,} timed, from the "
+          f"switcher's answer: p50 {push['p50']} ms, p99 {push['p99']} ms")  # fmt: skip
     for example in report["stale_examples"]:
         print(f"  stale: {example}")
     print("errors by kind:")

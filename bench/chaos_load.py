@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from clients.bots.bot import UNKNOWN_OUTCOME, Bot
+from clients.bots.bot import UNKNOWN_OUTCOME, Bot, Crew
 from clients.bots.plan import BotPlan, Pending, Phase
 from clients.bots.report import Stats
 
@@ -126,8 +126,9 @@ class ChaosBot(Bot):
         phase: Phase,
         ledger: Ledger,
         recovery: Recovery,
+        crew: Crew | None = None,
     ) -> None:
-        super().__init__(index, user, token, plan, stats, phase, True)
+        super().__init__(index, user, token, plan, stats, phase, True, crew=crew)
         self.slot = slot
         self._ledger = ledger
         self._recovery = recovery
@@ -180,6 +181,7 @@ class Fleet:
     users: int
     run_id: str
     token_for: Callable[[str], str]
+    crew: Crew | None = None  # shared by the bots: the propagation of switches across instances
 
     def user(self, slot: int) -> str:
         return f"chaos-{self.run_id}-{(slot // len(self.plans)) % self.users}"
@@ -229,7 +231,7 @@ async def _slot(
         if phase.go.is_set() and not phase.running():
             break
         index = generation * fleet.slots + slot  # chat ids stay unique per user
-        bot = ChaosBot(slot, index, user, token, plan, stats, phase, ledger, recovery)
+        bot = ChaosBot(slot, index, user, token, plan, stats, phase, ledger, recovery, fleet.crew)
         try:
             if _opened(await bot.connect()) and await bot.prepare():
                 arrived.set()
