@@ -282,11 +282,12 @@ class Terminal:
         return FormattedText([persona, ("", " "), ("class:offline", "(offline)"), ("", " > ")])
 
     async def run(self) -> int:
-        if not self.conversation.avatar_name:
-            await self.create_avatar()
+        greeting = await self.create_avatar() if not self.conversation.avatar_name else None
         c = self.conversation
-        await self.show_recent()
+        shown = await self.show_recent()
         write(f"Talking to {c.avatar_name} ({c.persona}). /help lists the commands.")
+        if greeting and greeting not in shown:
+            write(f"{c.avatar_name} ({c.persona}): {greeting}")
         self.connection.watch(c.link)
         try:
             while (line := await self.read_line()) is not None:
@@ -298,16 +299,17 @@ class Terminal:
             await self.connection.stop()
         return EXIT_OK
 
-    async def show_recent(self) -> None:
+    async def show_recent(self) -> set[str]:
         """The end of the conversation so far, with the replies that stopped or failed marked
-        as such (a failed one has no text of its own)."""
+        as such (a failed one has no text of its own); returns the texts shown."""
         answer = await self.conversation.link.request({"type": "history", "limit": RECENT_ON_START})
         if not isinstance(answer, HistoryPage) or not answer.messages:
-            return
+            return set()
         write("-- earlier --")
         for entry in answer.messages:
             write(recent_line(self.conversation, entry))
         write("-- now --")
+        return {entry.text for entry in answer.messages}
 
     async def read_line(self) -> str | None:
         """The next line typed, stripped; None on Ctrl-D. Ctrl-C clears the line."""
@@ -409,7 +411,9 @@ class Terminal:
             raise closed_error(closed)
         write(("\n" if shown else "") + "[interrupted: the connection was lost]")
 
-    async def create_avatar(self) -> None:
+    async def create_avatar(self) -> str | None:
+        """Ask for a name and a personality until the server creates the avatar; returns the
+        greeting it answered with (the persona card's first message), if any."""
         write("You have no avatar yet. Let's create one.")
         personas = self.conversation.personas
         named = ", ".join(p.id for p in personas[:NAMED_IN_PROMPT])
@@ -425,7 +429,7 @@ class Terminal:
             )
             if isinstance(answer, Avatar):
                 self.conversation.adopt(answer.avatar)
-                return
+                return answer.greeting
             write(describe(answer))
 
     async def handle(self, line: str) -> None:

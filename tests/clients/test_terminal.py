@@ -10,7 +10,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
 import pexpect
 import pytest
 
@@ -21,7 +20,7 @@ from server.auth import mint_token
 from server.store import Store
 from tests.client import Client
 from tests.conftest import SECRET, AppFactory, ClientFactory, with_avatar
-from tests.personas import add_personas
+from tests.personas import add_personas, remove_personas
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_PY = str(ROOT / "run.py")
@@ -56,11 +55,7 @@ async def extra_personas(database_url: str) -> AsyncIterator[ExtraPersonas]:
 
     yield add
     if added:
-        conn = await asyncpg.connect(database_url)
-        try:
-            await conn.execute("DELETE FROM personas WHERE id = ANY($1::text[])", added)
-        finally:
-            await conn.close()
+        await remove_personas(database_url, added)
 
 
 # ---------------------------------------------------------------------------- paging
@@ -455,6 +450,7 @@ async def test_new_user_is_asked_for_name_and_personality(
     await tty.expect("Personality .*\\[friendly\\]:")
     tty.sendline("professional")
     await tty.expect("Talking to Juniper \\(professional\\)")
+    await tty.expect("Juniper \\(professional\\): Good day. How can I assist you today\\?")
     avatar = (await connect(user)).welcome["avatar"]
     assert (avatar["name"], avatar["personality"]) == ("Juniper", "professional")
 

@@ -6,7 +6,6 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 from playwright.async_api import Browser, Locator, Page, ViewportSize, async_playwright, expect
 
@@ -15,7 +14,7 @@ from server.auth import mint_token
 from server.store import Store
 from tests.chromium import CHROMIUM, MANUAL, PROBLEM, ensure_chromium
 from tests.conftest import SECRET, AppFactory
-from tests.personas import add_personas
+from tests.personas import add_personas, remove_personas
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -50,24 +49,27 @@ async def browser(pytestconfig: pytest.Config) -> AsyncIterator[Browser]:
             await launched.close()
 
 
-@pytest.fixture
-async def guests(database_url: str) -> AsyncIterator[list[str]]:
-    """GUESTS more enabled personas in the catalogue (`guest-0001`, named "Guest 1", ...), added
-    before the test starts its server and removed after it (the database is shared by the run)."""
+async def add_to_catalogue(
+    database_url: str, count: int, prefix: str, cards: list[dict[str, object]] | None = None
+) -> list[str]:
+    """Personas added before the test starts its server (to be removed after it: the database
+    is shared by the run); the schema is made first, should this test be the run's first."""
     store = await Store.connect(database_url, min_size=1, max_size=1)
     try:
-        await store.migrate()  # the catalogue's table, should this test be the run's first
+        await store.migrate()
     finally:
         await store.close()
-    ids = await add_personas(database_url, GUESTS, "guest")
+    return await add_personas(database_url, count, prefix, cards)
+
+
+@pytest.fixture
+async def guests(database_url: str) -> AsyncIterator[list[str]]:
+    """GUESTS more enabled personas in the catalogue (`guest-0001`, named "Guest 1", ...)."""
+    ids = await add_to_catalogue(database_url, GUESTS, "guest")
     try:
         yield ids
     finally:
-        conn = await asyncpg.connect(database_url)
-        try:
-            await conn.execute("DELETE FROM personas WHERE id = ANY($1::text[])", ids)
-        finally:
-            await conn.close()
+        await remove_personas(database_url, ids)
 
 
 async def open_page(
@@ -406,6 +408,56 @@ async def test_many_personas_are_searched_and_switched_to_on_a_phone(
     reply = await chat(page, "and now?")
     assert await reply.get_attribute("data-persona") == "witty"
     await assert_fits_the_screen(page, PHONE)
+    assert errors == []
+
+
+async def test_a_new_avatars_greeting_is_its_first_message(
+    browser: Browser, make_app: AppFactory, database_url: str
+) -> None:
+    card: dict[str, object] = {
+        "spec": "chara_card_v3",
+        "spec_version": "3.0",
+        "data": {
+            "name": "Greeter",
+            "description": "Says hello first.",
+            "first_mes": "Hi {{user}}! I'm {{char}}, and I greet everyone.",
+        },
+    }
+    ids = await add_to_catalogue(database_url, 1, "greeter", [card])
+    try:
+        app = await make_app(database_url=None)
+        errors: list[str] = []
+        page = await open_page(browser, app, errors)
+        user = new_user()
+        await sign_in(page, user)
+        await create_avatar(page, "Juniper", ids[0])
+        greeting = page.locator(".msg").first
+        await expect(greeting).to_have_class("msg assistant greeting")
+        await expect(greeting.locator(".text")).to_have_text(
+            f"Hi {user}! I'm Juniper, and I greet everyone."
+        )
+        await expect(greeting).to_have_attribute("data-persona", ids[0])
+        await expect(greeting.locator(".persona")).to_have_text("Greeter")
+        reply = await chat(page, "hello")
+        await expect(page.locator(".msg")).to_have_count(3)  # it stays, once
+        assert await reply.get_attribute("data-persona") == ids[0]
+        assert errors == []
+    finally:
+        await remove_personas(database_url, ids)
+
+
+async def test_an_avatar_whose_card_has_no_greeting_starts_an_empty_conversation(
+    browser: Browser, make_app: AppFactory, guests: list[str]
+) -> None:
+    app = await make_app(database_url=None)
+    errors: list[str] = []
+    page = await open_page(browser, app, errors)
+    await sign_in(page, new_user())
+    await create_avatar(page, "Ava", guests[0])  # a minimal card: no first_mes
+    await chat(page, "hello")
+    messages = page.locator(".msg")
+    await expect(messages).to_have_count(2)
+    await expect(messages.first).to_have_class("msg user")
     assert errors == []
 
 
