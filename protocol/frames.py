@@ -367,6 +367,21 @@ def encode(frame: ServerFrame) -> bytes:
     return frame.__pydantic_serializer__.to_json(frame)
 
 
+_NO_PERSONAS = b'"personas":[]'
+
+
+def encode_listing(frame: Welcome | Personas, personas_json: bytes) -> bytes:
+    """`encode(frame)` with `personas_json` (a JSON array of {id, name, description}, encoded
+    once per catalogue version) as its `personas`, which `frame` has empty: a welcome lists
+    the whole enabled catalogue, thousands of personas for some, and encoding them for every
+    hello would cost milliseconds. tests/protocol/test_frames.py holds it to `encode`."""
+    if frame.personas:
+        raise ValueError("encode_listing takes a frame whose personas are empty")
+    raw = encode(frame)
+    # strings in the frame are JSON-escaped, so only the field itself matches
+    return raw.replace(_NO_PERSONAS, b'"personas":' + personas_json, 1)
+
+
 def encode_reply(
     ref: str | None, reply_id: int, message_id: int, persona: str, text: str, status: ReplyStatus
 ) -> bytes:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import orjson
+
 from protocol.cards import PersonaCard, fill_macros
 from protocol.errors import InvalidPersona, PersonaUnavailable
 from protocol.frames import PersonaInfo
@@ -43,12 +45,13 @@ class Catalogue:
     """A process's copy of the persona catalogue. Edits arrive as newer versions (`put`,
     `removed`); a notified edit not loaded yet leaves its persona `stale` until it is."""
 
-    __slots__ = ("_listing", "_personas", "_stale", "trusted")
+    __slots__ = ("_listing", "_listing_json", "_personas", "_stale", "trusted")
 
     def __init__(self, personas: tuple[Persona, ...] = ()) -> None:
         self._personas: dict[str, Persona] = {}
         self._stale: dict[str, int] = {}  # id -> the newest version notified, not loaded
         self._listing: tuple[PersonaInfo, ...] | None = None
+        self._listing_json: bytes | None = None
         # False while this process may have missed edits (its listener was down): every
         # persona is then read again before a reply is rendered with it
         self.trusted = True
@@ -120,9 +123,17 @@ class Catalogue:
         persona = self._personas.get(persona_id)
         return None if persona is None else persona.card
 
+    def listing_json(self) -> bytes:
+        """`listing()` as a JSON array, encoded once per change of the catalogue."""
+        if self._listing_json is None or self._listing is None:
+            listing = self.listing()
+            self._listing_json = orjson.dumps([info.model_dump() for info in listing])
+        return self._listing_json
+
     def listing(self) -> tuple[PersonaInfo, ...]:
         """The enabled personas (id, name, description), in catalogue order."""
         if self._listing is None:
+            self._listing_json = None
             self._listing = tuple(
                 PersonaInfo(id=p.id, name=p.card.name, description=listed_description(p.card))
                 for p in self._personas.values()

@@ -70,6 +70,7 @@ from protocol.frames import (
     close_reason,
     decode_client_frame,
     encode,
+    encode_listing,
     fit_history_page,
     frame_type,
     salvage_ref,
@@ -382,7 +383,8 @@ class Conversation(ChatRules):
             case commands.SwitchPersona(name=name):
                 self._set_persona(frame, name, now)
             case commands.ListPersonas():
-                self._send(Personas(ref=ref, personas=list(self.terms.catalogue.listing())))
+                listing = self.terms.catalogue.listing_json()
+                self._send(encode_listing(Personas(ref=ref, personas=[]), listing))
             case commands.ShowHelp():
                 self._send(Notice(ref=ref, text=commands.HELP_TEXT))
             case commands.UnknownCommand(word=word):
@@ -458,17 +460,16 @@ class Conversation(ChatRules):
             view.tell(avatar.version, avatar.personality)
         view.welcomed = True
         terms = self.terms
-        self._send(
-            Welcome(
-                ref=self._held_ref(),
-                session_id=terms.session_id,
-                user_id=self.user_id,
-                avatar=avatar.info() if avatar is not None else None,
-                personas=list(terms.catalogue.listing()),
-                server=terms.server_version,
-                limits=terms.limits,
-            )
+        welcome = Welcome(
+            ref=self._held_ref(),
+            session_id=terms.session_id,
+            user_id=self.user_id,
+            avatar=avatar.info() if avatar is not None else None,
+            personas=[],
+            server=terms.server_version,
+            limits=terms.limits,
         )
+        self._send(encode_listing(welcome, terms.catalogue.listing_json()))
         if self.phase is Phase.AWAITING_HELLO:
             self.phase = Phase.DRAINING if self._draining else Phase.OPEN
         self._resume(done=True)

@@ -16,14 +16,19 @@ from protocol.frames import (
     Error,
     History,
     HistoryEntry,
+    Limits,
+    PersonaInfo,
+    Personas,
     Reply,
     ReplyStatus,
     SetPersona,
     Usage,
+    Welcome,
     close_reason,
     decode_client_frame,
     decode_server_frame,
     encode,
+    encode_listing,
     encode_reply,
     error_frame,
     fit_history_page,
@@ -254,3 +259,35 @@ def test_errors_are_grouped_by_origin_with_their_status() -> None:
             assert 400 <= error.status < 500, error
         else:
             assert issubclass(error, ServiceError) and 500 <= error.status < 600, error
+
+
+NASTY = st.text(st.characters(exclude_categories=["Cs"]), max_size=40) | st.sampled_from(
+    ['"personas":[]', '","personas":[]', "\\", '"'],
+)
+
+
+@settings(max_examples=200)
+@given(
+    ref=st.one_of(st.none(), NASTY),
+    user=NASTY,
+    listed=st.lists(st.tuples(NASTY, NASTY, NASTY), max_size=30),
+)
+def test_a_listing_spliced_into_a_frame_is_what_the_model_encoder_writes(
+    ref: str | None, user: str, listed: list[tuple[str, str, str]]
+) -> None:
+    personas = [PersonaInfo(id=i, name=n, description=d) for i, n, d in listed]
+    listing = orjson.dumps([p.model_dump() for p in personas])
+    limits = Limits(max_frame_bytes=1, max_text_chars=1, rate_per_s=1.0, rate_burst=1)
+
+    def welcome(with_personas: list[PersonaInfo]) -> Welcome:
+        return Welcome(
+            ref=ref, session_id=user, user_id=user, avatar=None, personas=with_personas,
+            server=user, limits=limits,
+        )  # fmt: skip
+
+    assert encode_listing(welcome([]), listing) == encode(welcome(personas))
+    frame = Personas(ref=ref, personas=[])
+    assert encode_listing(frame, listing) == encode(Personas(ref=ref, personas=personas))
+    if personas:
+        with pytest.raises(ValueError, match="empty"):
+            encode_listing(welcome(personas), listing)
