@@ -35,6 +35,7 @@ def rows(runs: Sequence[Row]) -> list[Row]:
     for clients in sorted({int(r["clients"]) for r in runs}):
         echo = _reports(runs, "echo", clients)
         peer = _reports(runs, "peer", clients)
+        baseline = _reports(runs, "baseline", clients)
         for name in names:
             mine = _reports(runs, name, clients)
             if not mine:
@@ -53,6 +54,9 @@ def rows(runs: Sequence[Row]) -> list[Row]:
                 "cpu_vs_echo": _ratio(mine, echo, "server_cpu_us"),
                 "throughput_vs_peer": _ratio(mine, peer, "chats_per_s"),
                 "p99_vs_echo": _ratio(mine, echo, "p99_ms"),
+                "cpu_vs_baseline": (
+                    _ratio(mine, baseline, "server_cpu_us") if name == "server" else None
+                ),
                 "switches": sum(int(r["switches"]) for r in reps),
                 "stale": sum(int(r["stale"]) for r in reps),
                 "errors": sum(sum(r["errors"].values()) for r in reps),
@@ -116,12 +120,13 @@ COLUMNS = (
     ("CPU / echo's", "cpu_vs_echo"),
     ("chats/s / peer's", "throughput_vs_peer"),
     ("p99 / echo's", "p99_vs_echo"),
+    ("CPU / baseline's", "cpu_vs_baseline"),
     ("load client busy", "client_busy"),
     ("switches", "switches"),
     ("stale", "stale"),
     ("errors", "errors"),
 )
-RATIOS = ("cpu_vs_echo", "throughput_vs_peer", "p99_vs_echo")
+RATIOS = ("cpu_vs_echo", "throughput_vs_peer", "p99_vs_echo", "cpu_vs_baseline")
 
 
 def cells(row: Row, columns: Sequence[tuple[str, str]] = COLUMNS) -> list[str]:
