@@ -158,6 +158,17 @@ class Proc:
             total += times.user + times.system
         return total
 
+    def cpu_wait_seconds(self) -> float:
+        """Time the server process's threads spent runnable but waiting for a CPU (the run
+        queue, /proc/PID/task/*/schedstat): what other processes on its core took from it."""
+        total = 0
+        for stat in Path(f"/proc/{self.pid}/task").glob("*/schedstat"):
+            try:
+                total += int(stat.read_text().split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+        return total / 1e9
+
     def stop(self) -> None:
         """SIGTERM (a graceful drain), then SIGKILL; a PostgreSQL left behind is stopped too."""
         if self.popen.poll() is None:

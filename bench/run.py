@@ -129,6 +129,7 @@ async def measure(
 
     def snapshot(when: str) -> None:
         counters[f"server_{when}"] = target.proc.all_cpu_seconds()
+        counters[f"wait_{when}"] = target.proc.cpu_wait_seconds()
         counters[f"postgres_{when}"] = postgres_cpu_seconds(target.pgdata)
         counters[f"client_{when}"] = time.process_time()
 
@@ -157,6 +158,9 @@ async def measure(
         "postgres_cpu_us": per_chat("postgres") if target.pgdata is not None else 0.0,
         "client_cpu_us": per_chat("client"),
         "client_busy": round(client_s / max(elapsed, 1e-9), 3),
+        "server_waited": round(
+            (counters["wait_after"] - counters["wait_before"]) / max(elapsed, 1e-9), 3
+        ),
         "switches": tally.switches,
         "stale": tally.stale,
         "errors": dict(tally.errors),
@@ -195,7 +199,8 @@ async def run_all(
                     f"{report['chats_per_s']:>9,.0f} chats/s  p99 {report['p99_ms']:7.2f} ms  "
                     f"server {report['server_cpu_us']:6.1f} µs  PostgreSQL "
                     f"{report['postgres_cpu_us']:5.1f} µs  client busy "
-                    f"{100 * report['client_busy']:3.0f}%  stale {report['stale']}  "
+                    f"{100 * report['client_busy']:3.0f}%  server waited for its core "
+                    f"{100 * report['server_waited']:3.0f}%  stale {report['stale']}  "
                     f"errors {report['errors'] or 0}"
                 )
     return runs

@@ -163,9 +163,11 @@ async def one_n(proc: Proc, streams: int, args: argparse.Namespace, secret: str)
     try:
         await asyncio.sleep(args.warmup)
         cpu_before, deltas_before = proc.all_cpu_seconds(), tally.deltas
+        wait_before = proc.cpu_wait_seconds()
         replies_before = tally.replies
         await asyncio.sleep(args.duration)
         cpu = proc.all_cpu_seconds() - cpu_before
+        waited = proc.cpu_wait_seconds() - wait_before
         deltas = tally.deltas - deltas_before
         replies = tally.replies - replies_before
         gaps, delays = list(tally.gaps), [d for d in tally.delays if d == d]
@@ -186,6 +188,7 @@ async def one_n(proc: Proc, streams: int, args: argparse.Namespace, secret: str)
         "delay_p50_ms": round(percentile_ms(delays, 0.50), 2),
         "delay_p99_ms": round(percentile_ms(delays, 0.99), 2),
         "server_cpu_share": round(cpu / args.duration, 3),
+        "server_waited": round(waited / args.duration, 3),
         "server_cpu_us_per_delta": round(cpu / max(1, deltas) * 1e6, 1),
         "errors": errors,
     }
@@ -250,7 +253,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"N {streams:>5}: {result['deltas_per_s_per_stream']:5.1f} deltas/s per stream,"
                 f" gap p50/p99 {result['gap_p50_ms']:.1f}/{result['gap_p99_ms']:.1f} ms,"
                 f" delay p50/p99 {result['delay_p50_ms']:.1f}/{result['delay_p99_ms']:.1f} ms,"
-                f" server {100 * result['server_cpu_share']:.0f}% of a core,"
+                f" server {100 * result['server_cpu_share']:.0f}% of a core"
+                f" (waited for it {100 * result['server_waited']:.0f}%),"
                 f" {result['server_cpu_us_per_delta']:.1f} µs per delta"
                 f" ({result['vs_echo']:.2f}x echo), errors {result['errors'] or 0}",
                 flush=True,
@@ -274,13 +278,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def report(results: list[dict[str, Any]], echo_us: float) -> None:
     print()
     print("| N | deltas/s per stream | gap p50 / p99 ms | delay p50 / p99 ms | server CPU |"
-          " µs per delta | / echo's per message | errors |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|---:|---|")
+          " waited for CPU | µs per delta | / echo's per message | errors |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in results:
         print(f"| {r['streams']:,} | {r['deltas_per_s_per_stream']:.1f} |"
               f" {r['gap_p50_ms']:.1f} / {r['gap_p99_ms']:.1f} |"
               f" {r['delay_p50_ms']:.1f} / {r['delay_p99_ms']:.1f} |"
-              f" {100 * r['server_cpu_share']:.0f}% | {r['server_cpu_us_per_delta']:.1f} |"
+              f" {100 * r['server_cpu_share']:.0f}% | {100 * r['server_waited']:.0f}% |"
+              f" {r['server_cpu_us_per_delta']:.1f} |"
               f" {r['vs_echo']:.2f}x | {r['errors'] or 0} |")  # fmt: skip
     within = [r["streams"] for r in results if r["within"]]
     best = max(within) if within else None

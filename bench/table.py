@@ -51,6 +51,7 @@ def rows(runs: Sequence[Row]) -> list[Row]:
                 "server_cpu_us": _med(r["server_cpu_us"] for r in reps),
                 "postgres_cpu_us": _med(r["postgres_cpu_us"] for r in reps),
                 "client_busy": _med(r["client_busy"] for r in reps),
+                "server_waited": _med(r.get("server_waited", 0.0) for r in reps),
                 "cpu_vs_echo": _ratio(mine, echo, "server_cpu_us"),
                 "throughput_vs_peer": _ratio(mine, peer, "chats_per_s"),
                 "p99_vs_echo": _ratio(mine, echo, "p99_ms"),
@@ -122,6 +123,7 @@ COLUMNS = (
     ("p99 / echo's", "p99_vs_echo"),
     ("CPU / baseline's", "cpu_vs_baseline"),
     ("load client busy", "client_busy"),
+    ("server waited for its core", "server_waited"),
     ("switches", "switches"),
     ("stale", "stale"),
     ("errors", "errors"),
@@ -137,7 +139,7 @@ def cells(row: Row, columns: Sequence[tuple[str, str]] = COLUMNS) -> list[str]:
             out.append("-")
         elif key in RATIOS:
             out.append(f"{value:.2f}x")
-        elif key == "client_busy":
+        elif key in ("client_busy", "server_waited"):
             out.append(f"{100 * value:.0f}%")
         elif isinstance(value, float):
             out.append(f"{value:,.1f}")
