@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import orjson
+import psutil
 
 from bench.lean import Tally, close_all, closed_loop, connect, percentile_ms, raise_fd_limit
 from bench.procs import ROOT, Cores, Proc, checkout, start_echo
@@ -151,7 +152,9 @@ def start_server(workdir: Path, cores: Cores, fake_url: str, root: Path, secret:
     return proc
 
 
-async def one_n(proc: Proc, streams: int, args: argparse.Namespace, secret: str) -> dict[str, Any]:
+async def one_n(
+    proc: Proc, streams: int, args: argparse.Namespace, secret: str, fake_pid: int
+) -> dict[str, Any]:
     users = [f"stream-{index}" for index in range(streams)]
     conns = await connect(proc.url, streams, False, signer(secret), users)
     loop = asyncio.get_running_loop()
@@ -164,10 +167,13 @@ async def one_n(proc: Proc, streams: int, args: argparse.Namespace, secret: str)
         await asyncio.sleep(args.warmup)
         cpu_before, deltas_before = proc.all_cpu_seconds(), tally.deltas
         wait_before = proc.cpu_wait_seconds()
+        client_before, fake_before = time.process_time(), _cpu_seconds(fake_pid)
         replies_before = tally.replies
         await asyncio.sleep(args.duration)
         cpu = proc.all_cpu_seconds() - cpu_before
         waited = proc.cpu_wait_seconds() - wait_before
+        client = time.process_time() - client_before
+        fake = _cpu_seconds(fake_pid) - fake_before
         deltas = tally.deltas - deltas_before
         replies = tally.replies - replies_before
         gaps, delays = list(tally.gaps), [d for d in tally.delays if d == d]
@@ -189,6 +195,8 @@ async def one_n(proc: Proc, streams: int, args: argparse.Namespace, secret: str)
         "delay_p99_ms": round(percentile_ms(delays, 0.99), 2),
         "server_cpu_share": round(cpu / args.duration, 3),
         "server_waited": round(waited / args.duration, 3),
+        "client_busy": round(client / args.duration, 3),
+        "fake_busy": round(fake / args.duration, 3),
         "server_cpu_us_per_delta": round(cpu / max(1, deltas) * 1e6, 1),
         "errors": errors,
     }
@@ -198,6 +206,14 @@ async def one_n(proc: Proc, streams: int, args: argparse.Namespace, secret: str)
         and not errors
     )
     return result
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return times.user + times.system
 
 
 async def echo_per_message(proc: Proc, duration_s: float) -> float:
@@ -233,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     began = time.monotonic()
     try:
         fake_url = f"http://127.0.0.1:{mine.recv()}/v1"
+        fake_pid = fake.pid or 0
         root = ROOT if args.server_rev is None else checkout(args.server_rev, workdir / "tree")
         echo = start_echo(workdir / "echo", cores.server)
         procs.append(echo)
@@ -246,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if time.monotonic() - began > args.budget:
                 print(f"budget of {args.budget:.0f} s spent: N = {streams} not run", flush=True)
                 break
-            result = run_async(one_n(server, streams, args, secret))
+            result = run_async(one_n(server, streams, args, secret, fake_pid))
             result["vs_echo"] = round(result["server_cpu_us_per_delta"] / max(echo_us, 1e-9), 2)
             results.append(result)
             print(
@@ -254,7 +271,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f" gap p50/p99 {result['gap_p50_ms']:.1f}/{result['gap_p99_ms']:.1f} ms,"
                 f" delay p50/p99 {result['delay_p50_ms']:.1f}/{result['delay_p99_ms']:.1f} ms,"
                 f" server {100 * result['server_cpu_share']:.0f}% of a core"
-                f" (waited for it {100 * result['server_waited']:.0f}%),"
+                f" (waited for it {100 * result['server_waited']:.0f}%), load client"
+                f" {100 * result['client_busy']:.0f}%, fake {100 * result['fake_busy']:.0f}%,"
                 f" {result['server_cpu_us_per_delta']:.1f} µs per delta"
                 f" ({result['vs_echo']:.2f}x echo), errors {result['errors'] or 0}",
                 flush=True,
