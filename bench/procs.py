@@ -156,6 +156,8 @@ class Proc:
             except psutil.Error:
                 continue
             total += times.user + times.system
+            if proc.pid == root.pid:  # workers that have ended
+                total += times.children_user + times.children_system
         return total
 
     def cpu_wait_seconds(self) -> float:
@@ -192,16 +194,20 @@ def _postgres_processes(pgdata: Path) -> list[psutil.Process]:
 
 
 def _postgres_cpu_seconds(pgdata: Path | None) -> float:
-    """The postmaster's and its live backends' CPU time (0.0 without PostgreSQL)."""
+    """The postmaster's and its backends' CPU time (0.0 without PostgreSQL): the live ones', and
+    through the postmaster's `children_*` times those of backends that have ended, so that a
+    backend ending between two readings takes nothing away."""
     if pgdata is None:
         return 0.0
     total = 0.0
-    for proc in _postgres_processes(pgdata):
+    for index, proc in enumerate(_postgres_processes(pgdata)):
         try:
             times = proc.cpu_times()
         except psutil.Error:
             continue
         total += times.user + times.system
+        if index == 0:  # the postmaster: its children that it has reaped
+            total += times.children_user + times.children_system
     return total
 
 
