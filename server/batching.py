@@ -127,6 +127,9 @@ class Batcher(Generic[C, T, R]):
             raise
         finally:
             self._runner = None
+            # asked for while the runner was on its way out (releasing its resource): no
+            # batch is coming, so whoever waits for one must not wait for nothing
+            self._hand_out()
 
     async def _flush_while_coming(
         self, resource: C, batch: list[tuple[T, Done[R]]], retries: int
@@ -163,9 +166,12 @@ class Batcher(Generic[C, T, R]):
         try:
             return await self._flush_and_hand_out(resource, batch, may_retry)
         finally:
-            handed_out, self._handed_out = self._handed_out, None
-            if handed_out is not None and not handed_out.done():
-                handed_out.set_result(None)
+            self._hand_out()
+
+    def _hand_out(self) -> None:
+        handed_out, self._handed_out = self._handed_out, None
+        if handed_out is not None and not handed_out.done():
+            handed_out.set_result(None)
 
     async def _flush_and_hand_out(
         self, resource: C, batch: list[tuple[T, Done[R]]], may_retry: bool

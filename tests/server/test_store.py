@@ -329,6 +329,33 @@ async def test_batcher_keeps_one_resource_while_batches_keep_coming() -> None:
     assert await batcher.submit(9) == 1  # nothing was waiting: the next run opens afresh
 
 
+async def test_a_hand_out_asked_for_while_the_runner_leaves_is_not_left_waiting() -> None:
+    """The turns' batcher waits for the switches' next hand-out (at most 100 ms). Asked for
+    while the switches' runner released its connection after its last batch, it used to be
+    handed out never: every batch of turns then waited the whole 100 ms."""
+    leaving, released = asyncio.Event(), asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def open_resource() -> AsyncIterator[int]:
+        yield 1
+        leaving.set()
+        await released.wait()  # a pool's release yields too
+
+    async def flush(resource: int, items: Sequence[int]) -> list[int]:
+        return list(items)
+
+    batcher: Batcher[int, int, int] = Batcher(flush, open_resource)
+    submitted = asyncio.ensure_future(batcher.submit(7))
+    await leaving.wait()
+    waiting = batcher.next_hand_out()
+    assert waiting is not None and not waiting.done()
+    released.set()
+    assert await submitted == 7
+    async with asyncio.timeout(1):
+        await waiting
+    assert batcher.next_hand_out() is None  # idle now
+
+
 async def test_batcher_without_a_resource_fails_that_batch_and_recovers() -> None:
     broken = True
 
