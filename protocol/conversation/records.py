@@ -1,11 +1,12 @@
 """What the conversation and its shell hand each other: rows as the store reads and writes them,
-as plain frozen dataclasses (no SQL, no I/O)."""
+as plain frozen dataclasses (no SQL, no I/O); the two made for every chat are named tuples,
+which cost a fifth of a frozen dataclass to make."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from protocol.frames import AvatarInfo, ReplyStatus
 
@@ -34,8 +35,7 @@ class Avatar:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class PastMessage:
+class PastMessage(NamedTuple):
     """One earlier message of the conversation, as a generator sees it: `persona` is the one
     the chat was rendered with ("" when unknown)."""
 
@@ -61,8 +61,7 @@ class Turn:
     error_code: str | None = None  # a failed reply's error, as the client was answered
 
 
-@dataclass(frozen=True, slots=True)
-class StoredTurn:
+class StoredTurn(NamedTuple):
     message_id: int
     reply_id: int
     inserted: bool  # False: a chat with the same client id was already stored

@@ -281,7 +281,7 @@ class Store:
             # Nothing of the batch was written; again, keeping the chats already stored.
             log.debug("a batch of %d turns met a stored chat (%s); written again", len(turns), exc)
             rows = await self._fetch(conn, COMMIT_TURNS_SKIPPING, data)
-        return [record(StoredTurn, row) for row in rows]
+        return [StoredTurn(row[1], row[2], row[3]) for row in rows]  # (ord, ids, inserted)
 
     async def recent_chat_ids(self, user_id: str, limit: int) -> list[str]:
         """The client ids of the user's `limit` newest chats that have one."""
