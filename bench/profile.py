@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -41,12 +42,8 @@ def top_functions(collapsed: Path, limit: int = 15) -> list[tuple[str, float, fl
     own: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     total = 0
-    for line in collapsed.read_text(errors="replace").splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = [_short(frame) for frame in stack.split(";")]
+    for stack, count in _samples(collapsed):
+        frames = [_short(frame) for frame in stack]
         total += count
         own[frames[-1]] += count
         for frame in set(frames):
@@ -57,6 +54,14 @@ def top_functions(collapsed: Path, limit: int = 15) -> list[tuple[str, float, fl
         (name, 100.0 * hits / total, 100.0 * inclusive[name] / total)
         for name, hits in own.most_common(limit)
     ]
+
+
+def _samples(collapsed: Path) -> Iterator[tuple[list[str], int]]:
+    """The stacks of py-spy's collapsed output (outermost frame first), with their counts."""
+    for line in collapsed.read_text(errors="replace").splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if stack and count_text.isdigit():
+            yield stack.split(";"), int(count_text)
 
 
 def _short(frame: str) -> str:
@@ -87,13 +92,9 @@ def by_area(collapsed: Path) -> list[tuple[str, float]]:
     (a system call at the leaf counts as a system call)."""
     counts: Counter[str] = Counter()
     total = 0
-    for line in collapsed.read_text(errors="replace").splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
+    for stack, count in _samples(collapsed):
         total += count
-        counts[_area(stack.split(";"))] += count
+        counts[_area(stack)] += count
     if not total:
         return []
     return [(area, 100.0 * hits / total) for area, hits in counts.most_common()]

@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import orjson
 from rich.console import Console
 from rich.table import Table
@@ -37,12 +36,12 @@ from bench.procs import (
     Proc,
     checkout,
     postgres_cpu_seconds,
-    postgres_dsn,
     start_chat,
     start_echo,
     start_peer,
 )
 from bench.profile import Profiler, by_area, top_functions
+from bench.scenarios import database_facts
 from bench.tokens import signer
 from clients.loop import run_async
 
@@ -233,24 +232,6 @@ def start_all(
     for target in targets:
         say(f"{target.name} at {target.proc.url} (pid {target.proc.pid})")
     return targets, chat
-
-
-async def database_facts(proc: Proc) -> dict[str, Any]:
-    """Durability settings of this server's PostgreSQL, and the completed replies it holds."""
-    if proc.pgdata is None:
-        return {}
-    conn = await asyncpg.connect(postgres_dsn(proc.pgdata), timeout=10)
-    try:
-        facts: dict[str, Any] = {
-            name: await conn.fetchval(f"SHOW {name}")
-            for name in ("fsync", "synchronous_commit", "wal_sync_method")
-        }
-        facts["stored_completed_replies"] = await conn.fetchval(
-            "SELECT count(*) FROM messages WHERE role = 'assistant' AND status = 'completed'"
-        )
-        return facts
-    finally:
-        await conn.close()
 
 
 def show(rows: list[dict[str, Any]], found: list[tuple[str, str, bool]]) -> None:
