@@ -96,7 +96,9 @@ class StaleServer:
         if kind == "hello":
             avatar = {"id": 1, "name": "Ava", "personality": self.first}
             limits = {"max_frame_bytes": 65536, "max_text_chars": 4000, "rate_per_s": 1000.0}
-            return {"type": "welcome", "ref": ref, "avatar": avatar, "limits": limits}, current
+            personas = [{"id": p, "name": p.title(), "description": ""} for p in BUILTIN_IDS]
+            welcome = {"type": "welcome", "ref": ref, "avatar": avatar, "personas": personas}
+            return {**welcome, "limits": limits}, current
         if kind == "set_persona" or text.startswith("/persona "):
             wanted = frame.get("personality") or text.removeprefix("/persona ")
             if wanted == "no-such-persona":

@@ -22,6 +22,7 @@ from server.app import App
 from server.auth import mint_token
 from server.supervisor import reserve_port
 from tests.conftest import SECRET, AppFactory
+from tests.personas import BUILTIN_IDS as IDS
 
 TOKEN_FOR = functools.partial(mint_token, SECRET)
 
@@ -215,6 +216,7 @@ class PatchServer:
                     avatar = {"id": 1, "name": "Ava", "personality": self.current}
                     limits = {"max_frame_bytes": 65536, "max_text_chars": 4000, "rate_per_s": 1e3}
                     answer = {"type": "welcome", "ref": ref, "avatar": avatar, "limits": limits}
+                    answer["personas"] = [{"id": p, "name": p, "description": ""} for p in IDS]
                 else:
                     persona = self.before if self.stale else self.current
                     answer = {"type": "reply", "ref": ref, "persona": persona, "text": "hi"}
