@@ -58,7 +58,9 @@ def add_parser(commands: Any) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    actions = personas.add_subparsers(dest="action", metavar="ACTION", required=True)
+    actions = personas.add_subparsers(
+        dest="action", metavar="ACTION", required=True, help="what to do with the catalogue"
+    )
 
     def action(name: str, help: str, edit: bool = False) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = actions.add_parser(name, help=help, description=help)

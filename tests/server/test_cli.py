@@ -125,7 +125,7 @@ async def test_schema_command_prints_both_directions() -> None:
 
 async def test_migrate_command_applies_then_reports_up_to_date(data_dir: Path) -> None:
     code, out, _ = await run_py("migrate", "--data-dir", str(data_dir))
-    assert (code, out.strip()) == (0, "applied: initial, messages_user_fk, reply_status")
+    assert (code, out.strip()) == (0, "applied: initial, messages_user_fk, reply_status, personas")
     code, out, _ = await run_py("migrate", "--data-dir", str(data_dir))
     assert (code, out.strip()) == (0, "the schema is up to date")
     assert not _postgres_running(data_dir)
