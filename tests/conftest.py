@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from typing import Any
 
+import asyncpg
 import pytest
 
 from server.app import App
@@ -15,6 +16,7 @@ from server.embedded import EmbeddedPostgres
 from server.settings import Settings
 from tests.chromium import install_for_page_test
 from tests.client import Client, login
+from tests.personas import BUILTIN_IDS, remove_personas
 
 SECRET = "test-secret-for-the-suite-only-" + "0123456789abcdef" * 3
 
@@ -36,6 +38,32 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield uri
     finally:
         pg.stop()
+
+
+@pytest.fixture(autouse=True)
+async def catalogue_as_it_was(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """A test that adds personas to the run's shared database leaves the catalogue as it
+    found it, so that another test sees the six built-ins it expects (and nothing else)."""
+    if "database_url" not in request.fixturenames:
+        yield
+        return
+    dsn: str = request.getfixturevalue("database_url")
+    before = await persona_ids(dsn)
+    yield
+    added = sorted(await persona_ids(dsn) - before - set(BUILTIN_IDS))
+    if added:
+        await remove_personas(dsn, added)
+
+
+async def persona_ids(dsn: str) -> set[str]:
+    """The catalogue's ids (none before the first migration)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        return {row["id"] for row in await conn.fetch("SELECT id FROM personas")}
+    except asyncpg.UndefinedTableError:
+        return set()
+    finally:
+        await conn.close()
 
 
 def settings_for_tests(**overrides: Any) -> Settings:
