@@ -50,6 +50,7 @@ from protocol.frames import (
     Reply,
     Welcome,
 )
+from protocol.text import printable
 
 DEFAULT_AVATAR = ("Ava", "friendly")
 RATE_LIMIT_RETRIES = 5
@@ -187,11 +188,11 @@ def recent_line(conversation: Conversation, entry: HistoryEntry) -> str:
 
 
 def write(text: str, end: str = "\n") -> None:
-    print(text, end=end, flush=True)
+    print(printable(text), end=end, flush=True)
 
 
 def warn(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
+    print(printable(text), file=sys.stderr, flush=True)
 
 
 async def run_batch(conversation: Conversation) -> int:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from protocol.text import printable
 from server.settings import ConfigError, Settings
 from server.startup import check_data_dir, check_database_url, when_database_is_up
 
@@ -262,7 +263,7 @@ async def _list(conn: asyncpg.Connection, args: argparse.Namespace, _cards: obje
     for row in table:
         cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
         cells += [cell.rjust(width) for cell, width in zip(row[2:], widths[2:], strict=True)]
-        print("  ".join(cells).rstrip())
+        print(printable("  ".join(cells).rstrip()))
     print(total)
     return 0
 
@@ -270,12 +271,14 @@ async def _list(conn: asyncpg.Connection, args: argparse.Namespace, _cards: obje
 def _rich_table(table: Sequence[tuple[str, ...]], total: str) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     view = Table(caption=total)
     for i, title in enumerate(table[0]):
         view.add_column(title, justify="right" if i >= 2 else "left", no_wrap=i == 0)
-    for row in table[1:]:
-        view.add_row(*row, style=None if row[3] == "yes" else "dim")
+    for row in table[1:]:  # a card's text is not rich markup ("[bold]" in a name stays)
+        cells = [Text(printable(cell)) for cell in row]
+        view.add_row(*cells, style=None if row[3] == "yes" else "dim")
     Console().print(view)
 
 
@@ -325,9 +328,9 @@ async def _show(conn: asyncpg.Connection, args: argparse.Namespace, _cards: obje
     width = max(len(key) for key, _ in fields) + 2
     for key, value in fields:
         lines = value.splitlines() or [""]
-        print(f"{key + ':':<{width}}{lines[0]}".rstrip())
+        print(printable(f"{key + ':':<{width}}{lines[0]}".rstrip()))
         for line in lines[1:]:
-            print(f"{'':<{width}}{line}".rstrip())
+            print(printable(f"{'':<{width}}{line}".rstrip()))
     return 0
 
 

@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import sys
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +16,13 @@ import pytest
 
 from clients.terminal import PAGE_SIZE, Listing, listing_for, personas_page
 from protocol.frames import PersonaInfo
+from protocol.text import printable
 from server.app import App
 from server.auth import mint_token
 from server.store import Store
 from tests.client import Client
 from tests.conftest import SECRET, AppFactory, ClientFactory, with_avatar
-from tests.personas import add_personas, remove_personas
+from tests.personas import add_personas, minimal_card, remove_personas
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_PY = str(ROOT / "run.py")
@@ -590,3 +592,23 @@ async def test_persona_changed_while_disconnected_is_shown_on_reconnect(
     await client.request({"type": "set_persona", "personality": "playful"})
     await tty.expect("reconnected; the persona is now playful")
     await tty.expect("\\[playful\\]")
+
+
+async def test_text_from_the_server_cannot_drive_the_terminal(
+    make_app: AppFactory, connect: ClientFactory, user: str, tmp_path: Path, database_url: str
+) -> None:
+    """A card (or a model) is someone else's text: its escape sequences are shown, not run."""
+    title = "\x1b]0;owned\x07"  # would set the terminal's title
+    card = minimal_card(f"Mallory{title}", f"Clears your screen\x1b[2J\x9b31m, red{title}")
+    card["data"] = {**card["data"], "first_mes": f"Hi\x1b[1A{title}"}  # type: ignore[dict-item]
+    [mallory] = await add_personas(database_url, 1, f"esc{uuid.uuid4().hex[:6]}", [card])
+    app = await make_app()
+    client = await connect(user, target=app)
+    answer = await client.request({"type": "create_avatar", "name": "Ava", "personality": mallory})
+    assert answer["greeting"] == f"Hi\x1b[1A{title}"  # the server sends the text as written
+    token = mint_token(SECRET, user)
+    result = await run_piped(tmp_path, ["--url", app.url, "--token", token], "/personas\nhi\n")
+    assert result.code == 0, result.stderr
+    assert not any(char in result.stdout for char in "\x1b\x07\x9b"), result.stdout
+    assert "Clears your screen\\x1b[2J\\x9b31m, red\\x1b]0;owned\\x07" in result.stdout
+    assert printable("a\tb\nc\rd\x7f") == "a\tb\nc\\x0dd\\x7f"

@@ -16,6 +16,7 @@ import pytest
 from protocol.cards import export_card
 from server.card_files import read_card_file
 from server.notify import APPLICATION_NAME
+from server.store.store import migrate_database
 from tests.client import login
 from tests.conftest import SECRET, AppFactory, with_avatar
 from tests.processes import ROOT, Served, clean_env, run_py, serve
@@ -464,3 +465,27 @@ async def test_usage_mistakes_exit_2(database_url: str) -> None:
         assert code == 2 and err.startswith("error: "), err
     code, out, _ = await run_py("personas", "export", "--help")
     assert code == 0 and ".png" in out
+
+
+async def test_a_cards_escape_sequences_are_shown_not_run(
+    database_url: str, tmp_path: Path
+) -> None:
+    """A card is someone else's text: `list` and `show` print its control characters written
+    out, so that it cannot drive the terminal of whoever looks at the catalogue."""
+    title = "\x1b]0;owned\x07"
+    card = {
+        "spec": "chara_card_v3",
+        "spec_version": "3.0",
+        "data": {"name": f"[bold]Mallory{title}", "description": f"Clears\x1b[2J\x9b31m{title}"},
+    }
+    path = tmp_path / "mallory.json"
+    path.write_text(json.dumps(card))
+    await migrate_database(database_url, 10)  # the catalogue, should this test run first
+    persona_id = f"esc-{uuid.uuid4().hex[:6]}"
+    code, _, err = await personas(database_url, "import", str(path), "--id", persona_id)
+    assert code == 0, err
+    for action in (["list"], ["show", persona_id]):
+        code, out, err = await personas(database_url, *action)
+        assert code == 0, err
+        assert not any(char in out for char in "\x1b\x07\x9b"), out
+        assert "[bold]Mallory\\x1b]0;owned\\x07" in out
