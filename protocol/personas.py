@@ -48,14 +48,14 @@ class Catalogue:
     __slots__ = ("_listing", "_listing_json", "_personas", "_stale", "trusted")
 
     def __init__(self, personas: tuple[Persona, ...] = ()) -> None:
-        self._personas: dict[str, Persona] = {}
+        self._personas: dict[str, Persona] = {persona.id: persona for persona in personas}
         self._stale: dict[str, int] = {}  # id -> the newest version notified, not loaded
+        # what listings show, worked out again after each change (None: not yet)
         self._listing: tuple[PersonaInfo, ...] | None = None
         self._listing_json: bytes | None = None
         # False while this process may have missed edits (its listener was down): every
         # persona is then read again before a reply is rendered with it
         self.trusted = True
-        self.replace_all(personas)
 
     def __len__(self) -> int:
         return len(self._personas)
@@ -66,12 +66,6 @@ class Catalogue:
     def ids(self) -> tuple[str, ...]:
         return tuple(self._personas)
 
-    def replace_all(self, personas: tuple[Persona, ...]) -> None:
-        """The whole catalogue as read at one moment (start-up, a listener back)."""
-        self._personas = {persona.id: persona for persona in personas}
-        self._stale.clear()
-        self._listing = None
-
     def put(self, persona: Persona) -> bool:
         """A persona as read from the database; False when an as new or newer one is here."""
         known = self._personas.get(persona.id)
@@ -80,14 +74,17 @@ class Catalogue:
         if known is not None and known.version >= persona.version:
             return False
         self._personas[persona.id] = persona
-        self._listing = None
+        self._changed()
         return True
 
     def removed(self, persona_id: str) -> None:
         """The persona was removed (its avatars reassigned in the same transaction)."""
         self._stale.pop(persona_id, None)
         if self._personas.pop(persona_id, None) is not None:
-            self._listing = None
+            self._changed()
+
+    def _changed(self) -> None:
+        self._listing = self._listing_json = None
 
     def notified(self, persona_id: str, version: int) -> bool:
         """An edit made `version`: whether it must be read (this copy is older)."""
@@ -125,7 +122,7 @@ class Catalogue:
 
     def listing_json(self) -> bytes:
         """`listing()` as a JSON array, encoded once per change of the catalogue."""
-        if self._listing_json is None or self._listing is None:
+        if self._listing_json is None:
             listing = self.listing()
             self._listing_json = orjson.dumps([info.model_dump() for info in listing])
         return self._listing_json
@@ -133,7 +130,6 @@ class Catalogue:
     def listing(self) -> tuple[PersonaInfo, ...]:
         """The enabled personas (id, name, description), in catalogue order."""
         if self._listing is None:
-            self._listing_json = None
             self._listing = tuple(
                 PersonaInfo(id=p.id, name=p.card.name, description=listed_description(p.card))
                 for p in self._personas.values()

@@ -80,7 +80,6 @@ class CatalogueKeeper:
         self._tag = listener_tag
         self._reads: dict[str, asyncio.Task[None]] = {}  # id -> the read of its newest version
         self._tasks: set[asyncio.Task[None]] = set()
-        self.edits = 0  # edits applied from notifications
 
     async def load(self) -> datetime | None:
         """Read the whole catalogue (at start, and when the listener is back); return the
@@ -165,7 +164,6 @@ class CatalogueKeeper:
                 log.warning("persona catalogue: reading %r again failed: %s", change.id, exc)
                 await asyncio.sleep(RETRY_S[min(attempt, len(RETRY_S) - 1)])
                 attempt += 1
-        self.edits += 1
         persona = self.catalogue.get(change.id)
         await self._confirm(change.id, change.version if persona is None else persona.version)
 

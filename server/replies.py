@@ -64,11 +64,11 @@ class Replies:
         try:
             await self._services.catalogue.refresh(job.persona)
         except Exception as exc:
-            self._reading = None
             error = as_protocol_error(exc, self._session_id)
             self._feed(self._conversation.chat_failed(job.key, error))
             return
-        self._reading = None
+        finally:
+            self._reading = None  # held only so that the task is not collected meanwhile
         self._start(job)
 
     def _start(self, job: StartReply) -> None:
