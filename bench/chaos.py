@@ -36,14 +36,13 @@ from bench.chaos_load import (
     Fleet,
     Ledger,
     Recovery,
-    finish_fleet,
     missing_writes,
     start_fleet,
 )
 from bench.procs import Proc, postgres_dsn
 from bench.tokens import signer
 from clients.bots.bot import Crew
-from clients.bots.load import raise_fd_limit
+from clients.bots.load import finish_bots, raise_fd_limit
 from clients.bots.plan import BotPlan, Phase
 from clients.bots.propagation import Propagation
 from clients.bots.report import Stats, summarize_ms
@@ -403,7 +402,7 @@ async def _load_and_faults(chaos: Chaos, args: argparse.Namespace, secret: str) 
     phase.start(args.duration)
     faults = await run_faults(chaos, plan, recovery, started)
     phase.deadline = max(phase.deadline, time.perf_counter() + RECOVERY_TAIL_S)  # see them back
-    await finish_fleet(tasks, args.duration + 60.0, stats)
+    await finish_bots(tasks, args.duration + 60.0, stats)  # a slot still running: bot_stuck
     propagation.finish()
     elapsed = time.perf_counter() - started
     ledger_check = await missing_writes(chaos.dsn, ledger)

@@ -205,16 +205,6 @@ async def start_fleet(
     return tasks
 
 
-async def finish_fleet(tasks: list[asyncio.Task[None]], bound_s: float, stats: Stats) -> None:
-    """Wait for every slot, at most `bound_s`; cancel (and count) the ones still running."""
-    _, stuck = await asyncio.wait(tasks, timeout=bound_s)
-    for task in stuck:
-        task.cancel()
-        stats.error("bot_stuck")
-    if stuck:
-        await asyncio.gather(*stuck, return_exceptions=True)
-
-
 async def _slot(
     fleet: Fleet,
     slot: int,

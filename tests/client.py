@@ -80,3 +80,28 @@ async def login(url: str, secret: str, user: str) -> Client:
     welcome = await client.hello(mint_token(secret, user))
     assert welcome["type"] == "welcome", welcome
     return client
+
+
+async def chat(
+    client: Client, text: str, timeout: float = RECV_TIMEOUT_S
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Send a chat; its `reply_delta` frames and its final answer (a `reply` or an `error`)."""
+    ref = client.next_id()
+    await client.send({"type": "chat", "id": ref, "text": text})
+    deltas: list[dict[str, Any]] = []
+    while True:
+        frame = await client.recv(timeout)
+        if frame.get("ref") != ref:
+            continue
+        if frame["type"] != "reply_delta":
+            return deltas, frame
+        deltas.append(frame)
+
+
+async def first_delta(client: Client, text: str, timeout: float = RECV_TIMEOUT_S) -> str:
+    """Send a chat and wait for its first `reply_delta`; the chat's ref."""
+    ref = client.next_id()
+    await client.send({"type": "chat", "id": ref, "text": text})
+    frame = await client.recv_type("reply_delta", timeout)
+    assert frame["ref"] == ref
+    return ref

@@ -14,6 +14,7 @@ import pytest
 from server.app import App
 from server.embedded import EmbeddedPostgres
 from server.settings import Settings
+from server.supervisor import reserve_port
 from tests.chromium import install_for_page_test
 from tests.client import Client, login
 from tests.personas import BUILTIN_IDS, remove_personas
@@ -102,6 +103,16 @@ async def make_app(database_url: str) -> AsyncIterator[AppFactory]:
 @pytest.fixture
 async def app(make_app: AppFactory) -> App:
     return await make_app()
+
+
+@pytest.fixture
+def api_port() -> Iterator[int]:
+    """A port held for the test (SO_REUSEPORT, not listening), for a server's API to bind."""
+    holder = reserve_port("127.0.0.1", 0)
+    try:
+        yield holder.getsockname()[1]
+    finally:
+        holder.close()
 
 
 @pytest.fixture

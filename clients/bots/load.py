@@ -237,12 +237,12 @@ async def _run(
     if on_ready is not None:
         await on_ready()
     phase.start(config.duration_s)
-    await _finish(tasks, config.duration_s + 2 * plan.answer_timeout_s + 10.0, stats)
+    await finish_bots(tasks, config.duration_s + 2 * plan.answer_timeout_s + 10.0, stats)
     propagation.finish()
     return build_report(stats, config.describe(), config.duration_s)
 
 
-async def _finish(tasks: list[asyncio.Task[None]], bound_s: float, stats: Stats) -> None:
+async def finish_bots(tasks: list[asyncio.Task[None]], bound_s: float, stats: Stats) -> None:
     """Wait for every bot, at most `bound_s`; cancel (and count) the ones still running."""
     if not tasks:
         return

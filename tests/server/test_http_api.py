@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -15,21 +15,10 @@ import pytest
 
 from server.app import App
 from server.auth import mint_token
-from server.supervisor import reserve_port
 from tests.client import Client
 from tests.conftest import SECRET, AppFactory, ClientFactory, with_avatar
 from tests.personas import BUILTIN_IDS
 from tests.processes import ROOT, run_py
-
-
-@pytest.fixture
-def api_port() -> Iterator[int]:
-    """A port held for the test (SO_REUSEPORT, not listening), for the server's API to bind."""
-    holder = reserve_port("127.0.0.1", 0)
-    try:
-        yield holder.getsockname()[1]
-    finally:
-        holder.close()
 
 
 @pytest.fixture

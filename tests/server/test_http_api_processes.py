@@ -7,31 +7,18 @@ import asyncio
 import statistics
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psutil
-import pytest
 
 from server.auth import mint_token
-from server.supervisor import reserve_port
 from tests.client import Client, login
 from tests.conftest import SECRET, with_avatar
 from tests.processes import Served, clean_env, serve
 
 PERSONAS = ("witty", "caring", "playful", "romantic", "professional", "friendly")
-
-
-@pytest.fixture
-def api_port() -> Iterator[int]:
-    """A port held for the test (SO_REUSEPORT, not listening), for the servers' API."""
-    holder = reserve_port("127.0.0.1", 0)
-    try:
-        yield holder.getsockname()[1]
-    finally:
-        holder.close()
 
 
 def env_for(database_url: str) -> dict[str, str]:

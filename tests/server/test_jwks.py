@@ -161,13 +161,6 @@ def jwks(keys: dict[str, Key]) -> Iterator[JwksServer]:
     server.stop()
 
 
-@pytest.fixture
-def api_port() -> Iterator[int]:
-    holder = reserve_port("127.0.0.1", 0)
-    yield holder.getsockname()[1]
-    holder.close()
-
-
 def jwks_settings(server: JwksServer, api_port: int, **overrides: Any) -> dict[str, Any]:
     values: dict[str, Any] = {
         "jwt_jwks_url": server.url,

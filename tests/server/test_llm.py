@@ -16,7 +16,7 @@ from protocol.frames import Usage
 from server.app import App
 from server.llm import SseDecoder, StreamError, display_url, parse_chunk
 from server.render import persona_system_prompt, switch_note
-from tests.client import Client
+from tests.client import Client, chat, first_delta
 from tests.conftest import AppFactory, ClientFactory, with_avatar
 from tests.personas import BUILTIN_CARDS, get_card
 from tests.server.fake_llm import FakeLLM, Received, Script
@@ -143,29 +143,6 @@ async def client(connect: ClientFactory) -> Client:
     client = await connect()
     await with_avatar(client, "friendly")
     return client
-
-
-async def chat(client: Client, text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Send a chat; its `reply_delta` frames and its final answer (a `reply` or an `error`)."""
-    ref = client.next_id()
-    await client.send({"type": "chat", "id": ref, "text": text})
-    deltas: list[dict[str, Any]] = []
-    while True:
-        frame = await client.recv()
-        if frame.get("ref") != ref:
-            continue
-        if frame["type"] != "reply_delta":
-            return deltas, frame
-        deltas.append(frame)
-
-
-async def first_delta(client: Client, text: str) -> str:
-    """Send a chat and wait for its first `reply_delta`; the chat's ref."""
-    ref = client.next_id()
-    await client.send({"type": "chat", "id": ref, "text": text})
-    frame = await client.recv_type("reply_delta")
-    assert frame["ref"] == ref
-    return ref
 
 
 async def final(client: Client, ref: str) -> dict[str, Any]:

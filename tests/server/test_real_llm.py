@@ -13,6 +13,7 @@ GET /slots shows the prompt the chat template rendered, and its output goes to a
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import socket
@@ -28,6 +29,7 @@ import pytest
 
 from server.app import App
 from server.render import persona_system_prompt, switch_note
+from tests import client as clients
 from tests.client import Client
 from tests.conftest import AppFactory, ClientFactory, with_avatar
 from tests.personas import BUILTIN_CARDS, get_card
@@ -50,6 +52,9 @@ MAX_TOKENS = 16  # the tiny model rambles: short replies keep the tests fast
 LONG_MAX_TOKENS = 1024  # a reply that is still streaming when it is cancelled or killed
 LONG_STORY = "Tell me a very long story about a dragon and a baker, with many chapters."
 STARTUP_S = 60.0
+REPLY_S = 60.0  # a real model on two shared cores: the tests' usual 10 s is not enough
+chat = functools.partial(clients.chat, timeout=REPLY_S)
+first_delta = functools.partial(clients.first_delta, timeout=REPLY_S)
 CANCEL_LOG = "cancel task, id_task = {task}"  # what llama-server logs when it drops a task
 
 
@@ -164,29 +169,6 @@ async def long_client(make_app: AppFactory, connect: ClientFactory, llama: Llama
     client = await connect(target=app)
     await with_avatar(client, "friendly")
     return client
-
-
-async def chat(client: Client, text: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Send a chat; its `reply_delta` frames and its final answer (a `reply` or an `error`)."""
-    ref = client.next_id()
-    await client.send({"type": "chat", "id": ref, "text": text})
-    deltas: list[dict[str, Any]] = []
-    while True:
-        frame = await client.recv(timeout=60.0)
-        if frame.get("ref") != ref:
-            continue
-        if frame["type"] != "reply_delta":
-            return deltas, frame
-        deltas.append(frame)
-
-
-async def first_delta(client: Client, text: str) -> str:
-    """Send a chat and wait for its first `reply_delta`; the chat's ref."""
-    ref = client.next_id()
-    await client.send({"type": "chat", "id": ref, "text": text})
-    frame = await client.recv_type("reply_delta", timeout=60.0)
-    assert frame["ref"] == ref
-    return ref
 
 
 async def final(client: Client, ref: str) -> dict[str, Any]:
