@@ -168,8 +168,8 @@ class CatalogueKeeper:
         await self._confirm(change.id, change.version if persona is None else persona.version)
 
     async def _read(self, persona_id: str) -> None:
-        rows = await self._store.personas([persona_id])
-        persona = self._parse(rows[0]) if rows else None
+        row = await self._store.persona(persona_id)
+        persona = self._parse(row) if row is not None else None
         if persona is None:
             self.catalogue.removed(persona_id)
         else:

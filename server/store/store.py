@@ -41,6 +41,7 @@ from server.store.statements import (
 
 log = logging.getLogger("server.store")
 
+PERSONA_COLUMNS = "id, card, version, enabled"
 MIGRATION_LOCK_KEY = 0x70657273  # "pers": one advisory lock for every process that migrates
 SWITCH_WAIT_S = 0.1  # how long a batch of turns may wait for a batch of switches being written
 
@@ -213,17 +214,24 @@ class Store:
 
     # ------------------------------------------------------------------ the persona catalogue
 
-    async def personas(self, ids: Sequence[str] | None = None) -> list[asyncpg.Record]:
-        """The catalogue's rows (all of them, or those of `ids`), in catalogue order."""
+    async def personas(self) -> list[asyncpg.Record]:
+        """The catalogue's rows, in catalogue order, with the database's time of the read."""
         async with self._connection() as conn:
             return list(
                 await conn.fetch(
-                    "SELECT id, card, version, enabled, now() AS read_at FROM personas"
-                    " WHERE $1::text[] IS NULL OR id = ANY($1::text[])"
-                    " ORDER BY created_at, id",
-                    None if ids is None else list(ids),
+                    f"SELECT {PERSONA_COLUMNS}, now() AS read_at FROM personas"
+                    " ORDER BY created_at, id"
                 )
             )
+
+    async def persona(self, persona_id: str) -> asyncpg.Record | None:
+        """One persona's row (an edit was notified, or edits may have been missed): by its
+        key, not by a statement that a generic plan would answer with a scan."""
+        async with self._connection() as conn:
+            row: asyncpg.Record | None = await conn.fetchrow(
+                f"SELECT {PERSONA_COLUMNS} FROM personas WHERE id = $1", persona_id
+            )
+            return row
 
     async def notify(self, channel: str, payload: str) -> None:
         async with self._connection() as conn:
