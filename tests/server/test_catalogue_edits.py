@@ -19,8 +19,10 @@ import pytest
 
 from clients.bots.load import LoadConfig, run_load
 from clients.bots.plan import BotPlan
+from protocol.cards import parse_card
 from server.auth import mint_token
-from server.catalogue import ACK_CHANNEL, RELOADED, Confirmations, confirmations
+from server.catalogue import ACK_CHANNEL, RELOADED, Confirmations
+from server.personas_admin import import_cards, set_enabled
 from tests.client import Client, login
 from tests.conftest import SECRET, with_avatar
 from tests.processes import Served, clean_env, serve
@@ -48,32 +50,14 @@ def version_of(text: str) -> int:
     return int(marker[1].rstrip("."))
 
 
-async def save(
-    conn: asyncpg.Connection, persona: str, value: dict[str, Any], **columns: Any
-) -> int:
-    """Write the persona as `run.py personas` does (the row and its notification in one
-    transaction), and return its new version once every server process has confirmed it."""
-    async with confirmations(conn) as heard:
-        async with conn.transaction():
-            version: int = await conn.fetchval(
-                "INSERT INTO personas (id, name, description, spec, card, enabled)"
-                " VALUES ($1, $2, $3, 'v3', $4::json, $5)"
-                " ON CONFLICT (id) DO UPDATE SET card = EXCLUDED.card, name = EXCLUDED.name,"
-                " enabled = EXCLUDED.enabled, version = personas.version + 1,"
-                " updated_at = now() RETURNING version",
-                persona,
-                value["data"]["name"],
-                value["data"]["description"],
-                orjson.dumps(value).decode(),
-                columns.get("enabled", True),
-            )
-            payload = {"id": persona, "version": version, "removed": False}
-            await conn.execute(
-                "SELECT pg_notify('persona_catalogue', $1)", orjson.dumps(payload).decode()
-            )
-        missing = await heard.wait(conn, [(persona, version)], timeout_s=10)
-    assert missing == [], f"not confirmed by {missing}"
-    return version
+async def save(conn: asyncpg.Connection, persona: str, value: dict[str, Any]) -> int:
+    """Import the card as `run.py personas import --replace` does, and return its new version
+    once every server process has confirmed it."""
+    result = await import_cards(
+        conn, [("test", parse_card(value))], chosen_id=persona, replace_existing=True, timeout_s=10
+    )
+    assert result.outcome.missing == (), f"not confirmed by {result.outcome.missing}"
+    return result.imported[0].version
 
 
 @pytest.fixture
@@ -146,7 +130,8 @@ async def test_no_process_renders_an_old_card_once_an_edit_is_confirmed(
             acked.append((time.monotonic(), version))
         report = await bots  # (they would switch to it, and chat as it, once it is disabled)
         # disabled: the avatars keep it, and every chat after the confirmation is refused
-        await save(conn, persona, card("Versioned", 99), enabled=False)
+        disabled = await set_enabled(conn, persona, False, timeout_s=10)
+        assert disabled.changed and disabled.outcome.missing == ()
         disabled_at = time.monotonic()
         await asyncio.sleep(0.5)
         stop.set()
