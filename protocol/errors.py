@@ -123,6 +123,17 @@ class Unavailable(ServiceError):
     default_message = "a backing service is unreachable; try again shortly"
 
 
+class Overloaded(Unavailable):
+    """The process is out of CPU: a new chat is refused before anything of it is written, and a
+    database call that timed out meanwhile is reported as this, not as the database being
+    unreachable. A kind of `Unavailable`, so that what handles that handles this too; its
+    `details` carry `retry_after_ms`."""
+
+    code = "overloaded"
+    status = 503
+    default_message = "the server is overloaded; try again after the delay in retry_after_ms"
+
+
 class Internal(ServiceError):
     code = "internal"
     status = 500
@@ -142,6 +153,7 @@ ERROR_CLASSES: tuple[type[ProtocolError], ...] = (
     PersonaUnavailable,
     RateLimited,
     Unavailable,
+    Overloaded,
     Internal,
 )
 ERROR_CODES: tuple[str, ...] = tuple(cls.code for cls in ERROR_CLASSES)

@@ -9,6 +9,7 @@ import ipaddress
 import logging
 import mimetypes
 import signal
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from importlib import resources
 from importlib.metadata import PackageNotFoundError, version
@@ -36,6 +37,7 @@ from server.services import ProcessState, Services
 from server.session import Session
 from server.settings import Settings
 from server.startup import connect_store, page_url
+from server.store.connections import unwatch_load, watch_load
 
 if TYPE_CHECKING:
     from server.embedded import Keeper
@@ -48,6 +50,7 @@ WS_PATH = "/ws"
 STATIC_PACKAGE = "server.static"
 DEV_TOKEN_TTL_S = 24 * 3600
 GC_THRESHOLDS = (20_000, 20, 20)  # young, middle, old; the default is (700, 10, 10)
+LOAD_SAMPLE_S = 0.1  # how often the load monitor measures the event loop's lag
 
 
 def server_version() -> str:
@@ -131,6 +134,7 @@ class App:
         self._server: Server | None = None
         self._listener: ChangeListener | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._monitor: asyncio.Task[None] | None = None
         self._verifier = Verifier(settings, secret)
         self._api: HttpServer | None = None
         self._refusals = Throttled(log)  # a client reopening refused ones: a line per 5 s a kind
@@ -215,6 +219,10 @@ class App:
         )
         await self._start_api()
         self._ticker = asyncio.create_task(self._tick(), name="metrics-ticker")
+        load = self.services.state.load
+        self.metrics.watch(load)
+        watch_load(load)
+        self._monitor = asyncio.create_task(self._watch_load(), name="load-monitor")
         log.info("listening on %s; the web page: %s", self.url, page_url(settings.host, self.port))
 
     async def _start_api(self) -> None:
@@ -234,6 +242,8 @@ class App:
     async def _handle(self, ws: ServerConnection) -> None:
         headers = ws.request.headers if ws.request is not None else Headers()
         session = Session(self.services, ws, self.client_address(ws.remote_address, headers))
+        # until server/session.py hands the process's load to the conversation's constructor
+        session.conversation.load = self.services.state.load
         self.sessions.add(session)
         try:
             await session.run()
@@ -248,6 +258,9 @@ class App:
         server.close(close_connections=False)
         if self._ticker is not None:
             self._ticker.cancel()
+        if self._monitor is not None:
+            self._monitor.cancel()
+        unwatch_load(self.services.state.load)
         api, self._api = self._api, None  # requests in flight finish, as replies do
         api_stopped = asyncio.create_task(api.stop()) if api is not None else None
         services = self.services
@@ -277,10 +290,32 @@ class App:
         log.info("stopped")
 
     async def _tick(self) -> None:
-        """Gauges that are read rather than counted, refreshed every second."""
+        """Gauges that are read rather than counted, refreshed every second, and the counts
+        of the second folded in (for `serve --workers N`, where another worker answers the
+        scrape)."""
         while True:
             self.metrics.pool_in_use.set(self.services.store.pool_in_use)
+            self.metrics.fold()
             await asyncio.sleep(1.0)
+
+    async def _watch_load(self) -> None:
+        """Measure how late the event loop runs a timer, for the process's load: past the
+        threshold (`CHAT_OVERLOAD_LAG_MS`), new chats are refused as `overloaded`."""
+        load = self.services.state.load
+        clock = time.monotonic
+        due = clock() + LOAD_SAMPLE_S
+        load.sample(0.0, clock(), due)
+        while True:
+            await asyncio.sleep(max(0.0, due - clock()))
+            now = clock()
+            lag, due = max(0.0, now - due), now + LOAD_SAMPLE_S
+            if load.sample(lag, now, due):
+                if load.shedding:
+                    log.warning(
+                        "overloaded: the event loop lags %.0f ms; new chats are refused", lag * 1000
+                    )
+                else:
+                    log.info("no longer overloaded: new chats are taken again")
 
     def _on_persona_change(self, change: PersonaChange) -> None:
         """A persona switch committed by another process."""

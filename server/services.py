@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from protocol.conversation.chats import Claims
 from protocol.conversation.limits import UserBudgets
+from protocol.conversation.load import Load
 from server.admission import Admission
 from server.auth import Verifier
 from server.catalogue import CatalogueKeeper
@@ -19,9 +20,10 @@ from server.store import Store
 
 class ProcessState:
     """What the process's sessions change together: who may connect (and the drain), the chat
-    ids being answered, the users' history budgets, and whether notifications are coming."""
+    ids being answered, the users' history budgets, whether notifications are coming, and
+    whether new chats are shed (the load, sampled by the app's monitor)."""
 
-    __slots__ = ("_listening", "admission", "claims", "history_budgets")
+    __slots__ = ("_listening", "admission", "claims", "history_budgets", "load")
 
     def __init__(self, settings: Settings) -> None:
         self.admission = Admission(settings.max_preauth, settings.max_preauth_per_ip)
@@ -29,6 +31,7 @@ class ProcessState:
         self.history_budgets = UserBudgets(
             settings.history_bytes_per_s, settings.history_burst_bytes
         )
+        self.load = Load(settings.overload_lag_ms / 1000, settings.overload_calm_s)
         self._listening = True
 
     @property

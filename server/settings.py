@@ -70,6 +70,11 @@ class Settings(BaseSettings):
     send_timeout_s: float = Field(default=10.0, gt=0)
     outbox_limit_bytes: int = Field(default=1024 * 1024, ge=64 * 1024)
     drain_timeout_s: float = Field(default=10.0, gt=0)
+    # load shedding (protocol/conversation/load.py): new chats are answered `overloaded` once
+    # the event loop lags this much twice in a row, until it has lagged under half of it for
+    # overload_calm_s; 0 never sheds
+    overload_lag_ms: float = Field(default=200.0, ge=0)
+    overload_calm_s: float = Field(default=1.0, gt=0)
 
     # the HTTP API (server/http_api.py), on uvicorn in the same loop; 0 turns it off
     api_port: int = Field(default=8766, ge=0, le=65535)

@@ -34,6 +34,7 @@ from protocol.conversation.avatar import MAX_AVATAR_READS, AvatarView, PendingSw
 from protocol.conversation.base import Meter, Phase, Terms, Wait
 from protocol.conversation.chats import Claims, StoredIds
 from protocol.conversation.limits import FrameLimit, UserBudgets, Verdict
+from protocol.conversation.load import Load
 from protocol.conversation.records import (
     Avatar,
     SwitchResult,
@@ -44,6 +45,7 @@ from protocol.errors import (
     CloseCode,
     InvalidFrame,
     NoAvatar,
+    Overloaded,
     ProtocolError,
     RateLimited,
     Unavailable,
@@ -101,7 +103,10 @@ class Conversation(ChatRules):
         budgets: UserBudgets,
         now: float,
         trusted: bool = True,
+        load: Load | None = None,
     ) -> None:
+        """`claims`, `budgets` and `load` are the process's, shared by its conversations;
+        without a `load`, chats are never shed."""
         super().__init__(terms.recent_messages)
         self.terms = terms
         self.phase = Phase.AWAITING_HELLO
@@ -110,6 +115,7 @@ class Conversation(ChatRules):
         self._meter = meter
         self._claims = claims
         self._budgets = budgets
+        self.load = load
         limits = terms.limits
         self._rate = FrameLimit(limits.rate_per_s, limits.rate_burst, terms.abuse_close_after, now)
         self._avatar = AvatarView(trusted)
@@ -477,6 +483,10 @@ class Conversation(ChatRules):
     # ------------------------------------------------------------------ chats
 
     def _enqueue(self, frame: Chat, text: str, now: float) -> None:
+        load = self.load
+        if load is not None and load.shedding:  # refused before anything is read or written
+            load.refuse()
+            raise Overloaded(details={"retry_after_ms": load.retry_after_ms})
         switch = self._avatar.deciding()  # read behind it: rendered with its personality
         if switch is not None:
             persona = switch.personality

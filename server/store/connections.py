@@ -1,10 +1,12 @@
-"""The store's connections: unreachable-database errors as `Unavailable`, connections the
-database has ended, pooled connections without a reset, and rows as records."""
+"""The store's connections: unreachable-database errors as `Unavailable` (a timeout while the
+process is out of CPU as `Overloaded`), connections the database has ended, pooled connections
+without a reset, and rows as records."""
 
 from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import fields
@@ -12,8 +14,9 @@ from typing import Any, TypeAlias, TypeVar
 
 import asyncpg
 
+from protocol.conversation.load import Load
 from protocol.conversation.records import Avatar
-from protocol.errors import Unavailable
+from protocol.errors import Overloaded, Unavailable
 from server.logs import Throttled
 
 log = logging.getLogger("server.store")
@@ -33,6 +36,34 @@ UNREACHABLE: tuple[type[BaseException], ...] = (
 
 Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[Any]"
 
+# The loads of the servers this process runs (one, but tests run several on one event loop,
+# and then a lagging loop is every server's): a timeout they explain is not an outage.
+_loads: list[Load] = []
+
+
+def watch_load(load: Load) -> None:
+    """From now on, a database call that times out while `load` says the process is out of CPU
+    is `Overloaded`."""
+    _loads.append(load)
+
+
+def unwatch_load(load: Load) -> None:
+    if load in _loads:
+        _loads.remove(load)
+
+
+def overloaded() -> Overloaded | None:
+    """The error for a timeout met now, if the process's load explains it."""
+    now = time.monotonic()
+    for load in _loads:
+        if load.overloaded(now):
+            return Overloaded(
+                "the server is overloaded and its database call timed out; try again after"
+                " the delay in retry_after_ms",
+                details={"retry_after_ms": load.retry_after_ms},
+            )
+    return None
+
 
 @contextmanager
 def unreachable_is_unavailable(conn: Conn | None = None) -> Iterator[None]:
@@ -45,6 +76,9 @@ def unreachable_is_unavailable(conn: Conn | None = None) -> Iterator[None]:
     try:
         yield
     except UNREACHABLE as exc:
+        if isinstance(exc, TimeoutError) and (overload := overloaded()) is not None:
+            _outage.warning("overloaded", "a database call timed out: the process is overloaded")
+            raise overload from exc
         kind = type(exc).__name__
         _outage.warning(kind, "database unreachable: %s: %s", kind, exc)
         raise Unavailable("the database is unreachable; try again shortly") from exc
