@@ -35,6 +35,7 @@ import psutil
 
 from bench.lean import Tally, close_all, closed_loop, connect, percentile_ms, raise_fd_limit
 from bench.procs import ROOT, Cores, Proc, checkout, start_echo
+from bench.profile import Profiler, by_area, top_functions
 from bench.run import SERVER_ENV
 from bench.tokens import signer
 from clients.loop import run_async
@@ -58,6 +59,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=600.0, help="no new N after this (s)")
     parser.add_argument("--server-rev", metavar="REV", help="this server from commit REV")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--py-spy", type=Path, help="profile the server at the first N")
+    parser.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
     return parser.parse_args(argv)
 
 
@@ -165,6 +168,9 @@ async def one_n(
         loop.call_later(random.uniform(0, 1.0 / TOKENS_PER_S * 10), conn.start, tally, 0)
     try:
         await asyncio.sleep(args.warmup)
+        profiler = None
+        if args.py_spy is not None and not args.py_spy.exists():
+            profiler = Profiler(proc.pid, args.py_spy, args.duration, args.native)
         cpu_before, deltas_before = proc.all_cpu_seconds(), tally.deltas
         wait_before = proc.cpu_wait_seconds()
         client_before, fake_before = time.process_time(), _cpu_seconds(fake_pid)
@@ -178,6 +184,8 @@ async def one_n(
         replies = tally.replies - replies_before
         gaps, delays = list(tally.gaps), [d for d in tally.delays if d == d]
         errors = dict(tally.errors)
+        if profiler is not None:
+            await asyncio.to_thread(profiler.wait)
     finally:
         for conn in conns:
             conn.tally = None  # the replies cut short below are not errors
@@ -288,6 +296,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             fake.kill()
         shutil.rmtree(workdir, ignore_errors=True)
     report(results, echo_us)
+    if args.py_spy is not None and args.py_spy.exists():
+        print(f"\npy-spy at N = {ns[0]}, share of samples by area:")
+        for area, share in by_area(args.py_spy):
+            print(f"  {share:5.1f}%  {area}")
+        for name, own, inclusive in top_functions(args.py_spy, 25):
+            print(f"  {own:5.1f}% self {inclusive:5.1f}% total  {name}")
     if args.json:
         args.json.write_bytes(orjson.dumps({"echo_us_per_message": echo_us, "runs": results}))
     return 0
