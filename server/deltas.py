@@ -13,7 +13,7 @@ class DeltaCoalescer:
     token is never held back); pieces that follow sooner wait until `delay_s` after that frame.
     """
 
-    __slots__ = ("_buffer", "_chars", "_delay_s", "_emit", "_last", "_size", "_timer")
+    __slots__ = ("_buffer", "_chars", "_delay_s", "_emit", "_last", "_loop", "_size", "_timer")
 
     def __init__(self, emit: Callable[[str], None], delay_s: float, chars: int) -> None:
         self._emit = emit
@@ -23,6 +23,7 @@ class DeltaCoalescer:
         self._size = 0
         self._timer: asyncio.TimerHandle | None = None
         self._last = float("-inf")
+        self._loop = asyncio.get_running_loop()  # once: each call reads the process id (3.11)
 
     def add(self, piece: str) -> None:
         self._buffer.append(piece)
@@ -30,12 +31,11 @@ class DeltaCoalescer:
         if self._size >= self._chars:
             self.flush()
         elif self._timer is None:
-            loop = asyncio.get_running_loop()
             due = self._last + self._delay_s
-            if loop.time() >= due:
+            if self._loop.time() >= due:
                 self.flush()
             else:
-                self._timer = loop.call_at(due, self.flush)
+                self._timer = self._loop.call_at(due, self.flush)
 
     def flush(self) -> None:
         if self._timer is not None:
@@ -45,7 +45,7 @@ class DeltaCoalescer:
             self._emit("".join(self._buffer))
             self._buffer.clear()
             self._size = 0
-            self._last = asyncio.get_running_loop().time()
+            self._last = self._loop.time()
 
     def close(self) -> None:
         """Stop; what is still buffered goes out in the final `reply`, which has the whole text."""

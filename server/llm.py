@@ -8,8 +8,7 @@ import logging
 import re
 import socket
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -56,15 +55,21 @@ class SseDecoder:
         if self._after_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]
         self._after_cr = False
-        buffer = self._buffer + chunk
+        buffer = self._buffer + chunk if self._buffer else chunk
         events: list[str] = []
-        start = 0
-        for match in _EOL.finditer(buffer):
-            if match.group() == b"\r" and match.end() == len(buffer):
-                self._after_cr = True  # a CRLF may be split across two chunks
-            self._line(buffer[start : match.start()], events)
-            start = match.end()
-        self._buffer = buffer[start:]
+        if b"\r" in buffer:
+            start = 0
+            for match in _EOL.finditer(buffer):
+                if match.group() == b"\r" and match.end() == len(buffer):
+                    self._after_cr = True  # a CRLF may be split across two chunks
+                self._line(buffer[start : match.start()], events)
+                start = match.end()
+            self._buffer = buffer[start:]
+        else:  # the usual stream: LF only, split in C
+            lines = buffer.split(b"\n")
+            self._buffer = lines.pop()
+            for line in lines:
+                self._line(line, events)
         if len(self._buffer) > MAX_LINE_BYTES:
             raise StreamError(f"sent an event stream line longer than {MAX_LINE_BYTES} bytes")
         return events
@@ -84,18 +89,21 @@ class SseDecoder:
                 events.append("\n".join(self._data))
                 self._data = []
             return
-        field, _, value = line.partition(b":")
-        if field != b"data":
+        if line.startswith(b"data: "):
+            value = line[6:]
+        elif line.partition(b":")[0] == b"data":
+            value = line[5:]
+        else:
             return  # a comment (empty field name), `event:`, `id:`, `retry:`
         try:
-            self._data.append(value.removeprefix(b" ").decode("utf-8"))
+            self._data.append(value.decode("utf-8"))
         except UnicodeDecodeError:
             raise StreamError("sent an event stream that is not UTF-8") from None
 
 
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    """What one `chat.completion.chunk` event carries for us."""
+class Chunk(NamedTuple):
+    """What one `chat.completion.chunk` event carries for us (a named tuple: one is made per
+    token, and a frozen dataclass costs several times as much to make)."""
 
     content: str = ""
     finish_reason: str | None = None
@@ -177,20 +185,66 @@ def display_url(url: str) -> str:
 
 
 class _Clock:
-    """The stream's deadlines: the first token by a fixed time, then at most `idle_s` per read."""
+    """The stream's deadlines: the first token by a fixed time, then at most `idle_s` per read.
+
+    One timer per stream, not one per read (an `asyncio.timeout` per chunk was a tenth of the
+    streaming path's CPU): a read notes when it began, and the timer, when it comes due, cancels
+    the task if it finds a read that has waited past its deadline, else it is set again for the
+    read it finds. The cancel is turned into `TimeoutError` in `read`, as `asyncio.timeout` does.
+    """
 
     def __init__(self, first_token_s: float, idle_s: float) -> None:
         self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None, "a stream is read in a task"
+        self._task = task
+        self._cancelling = task.cancelling()
         self._first_token_s = first_token_s
         self._idle_s = idle_s
         self.deadline = self._loop.time() + first_token_s
         self.streaming = False
+        self._read_since: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._expired = False
+
+    def started_streaming(self) -> None:
+        """The first token came: from now on each read has `idle_s`."""
+        self.streaming = True
+        self.stop()
 
     async def read(self, chunks: AsyncIterator[bytes]) -> bytes | None:
         """The next chunk of the body, or None at its end; TimeoutError past the deadline."""
-        when = self._loop.time() + self._idle_s if self.streaming else self.deadline
-        async with asyncio.timeout_at(when):
+        self._read_since = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._due(self._read_since), self._check)
+        try:
             return await anext(chunks, None)
+        except asyncio.CancelledError:
+            if self._expired and self._task.uncancel() <= self._cancelling:
+                raise TimeoutError from None
+            raise
+        finally:
+            self._read_since = None
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _due(self, read_since: float) -> float:
+        return read_since + self._idle_s if self.streaming else self.deadline
+
+    def _check(self) -> None:
+        self._timer = None
+        since = self._read_since
+        if since is None:
+            return  # no read waiting: the next one sets the timer again
+        due = self._due(since)
+        if self._loop.time() >= due:
+            self._expired = True
+            self._task.cancel()
+        else:
+            self._timer = self._loop.call_at(due, self._check)
 
     def describe_timeout(self) -> str:
         if self.streaming:
@@ -273,6 +327,7 @@ class OpenAIGenerator:
         except (httpx.HTTPError, TimeoutError, StreamError) as exc:
             raise self._unavailable(exc, clock) from exc
         finally:
+            clock.stop()
             if isinstance(chunks, AsyncGenerator):
                 await chunks.aclose()
             if response is not None:
@@ -296,7 +351,8 @@ class OpenAIGenerator:
                 usage = chunk.usage or usage
                 finished = finished or chunk.finish_reason is not None
                 if chunk.content:
-                    clock.streaming = True
+                    if not clock.streaming:
+                        clock.started_streaming()
                     yield chunk.content
             if raw is None:
                 break
