@@ -398,11 +398,14 @@ class Bot(Reading):
         else:
             if pending.kind == "switch":
                 self._switch_failed(pending, code)
-            self._stats.error(code)
+            if code == "overloaded":  # the server shed load, as it should: not a fault
+                self._stats.overloaded += 1
+            else:
+                self._stats.error(code)
 
     def _switch_failed(self, switch: Pending, code: str) -> None:
-        """A switch answered with an error: not applied, or (`unavailable`, `internal`: the
-        database went away around its commit) not known to be.
+        """A switch answered with an error: not applied, or (`unavailable`, `overloaded`,
+        `internal`: the database went away or timed out around its commit) not known to be.
 
         Until the bot's next switch, the personas before it count again, also for the chats
         sent behind it (the server may read such a chat only once the switch has failed, and
@@ -475,5 +478,5 @@ class Bot(Reading):
 
 
 # Errors after which a switch may have committed all the same.
-UNKNOWN_OUTCOME = frozenset({"unavailable", "internal"})
+UNKNOWN_OUTCOME = frozenset({"unavailable", "overloaded", "internal"})
 _EXPECTED_ANSWERS = frozenset({("hello", "welcome"), ("create", "avatar"), ("ping", "pong")})

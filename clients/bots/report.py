@@ -40,6 +40,7 @@ class Stats:
     stale: int = 0
     pongs: int = 0
     connect_retries: int = 0  # handshakes refused for now (429, 503) and tried again
+    overloaded: int = 0  # answers `overloaded`: the server shedding load, not an error
     http_switches: int = 0  # switches made through the HTTP API (PATCH), among `switches`
     http_retries: int = 0  # PATCHes answered 429 (the per-user rate) and sent again
     pushes: int = 0  # persona_changed frames received
@@ -127,6 +128,7 @@ def build_report(stats: Stats, config: dict[str, Any], chat_window_s: float) -> 
             "http_switches": stats.http_switches,
             "http_retries": stats.http_retries,
             "connect_retries": stats.connect_retries,
+            "overloaded": stats.overloaded,
             "pushes": stats.pushes,
             "pushes_expected": stats.pushes_expected,
             "pushes_received": len(stats.propagation_s),
