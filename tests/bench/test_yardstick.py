@@ -56,3 +56,10 @@ def test_streaming_measures_the_delay_and_cpu_per_delta(tmp_path: Path) -> None:
     assert first["deltas"] > 0
     assert 25 <= first["deltas_per_s_per_stream"] <= 35
     assert first["errors"] == {}
+
+
+def test_pg_rows_prints_each_design_per_turn() -> None:
+    out = run("bench.pg_rows", "--turns", "200", "--batch", "20", "--repeats", "1")
+    for design in ("two rows (today)", "two rows by COPY", "one row"):
+        assert f"  {design}" in out, out
+    assert "a commit costs about" in out
