@@ -31,7 +31,9 @@ class ProcessState:
         self.history_budgets = UserBudgets(
             settings.history_bytes_per_s, settings.history_burst_bytes
         )
-        self.load = Load(settings.overload_lag_ms / 1000, settings.overload_calm_s)
+        self.load = Load(
+            settings.overload_lag_ms / 1000, settings.overload_calm_s, settings.db_timeout_s
+        )
         self._listening = True
 
     @property

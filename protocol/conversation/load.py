@@ -23,23 +23,29 @@ class Load:
     __slots__ = (
         "_calm_since",
         "_due",
+        "_lagged_at",
         "_over",
         "calm_s",
         "lag_s",
         "last_lag_s",
         "refused",
         "shedding",
+        "window_s",
     )
 
-    def __init__(self, lag_s: float, calm_s: float) -> None:
+    def __init__(self, lag_s: float, calm_s: float, window_s: float = 0.0) -> None:
+        """`window_s`: how long a lag still explains a timeout (the database's timeout: a call
+        that timed out now was waiting through the last `window_s`)."""
         self.lag_s = lag_s
         self.calm_s = calm_s
+        self.window_s = window_s
         self.shedding = False
         self.last_lag_s = 0.0  # the newest sample
         self.refused = 0  # chats refused while shedding, ever
         self._over = 0  # samples in a row at or over `lag_s`
         self._calm_since: float | None = None  # when the lag went under half of `lag_s`
         self._due: float | None = None  # when the monitor's next sample is due
+        self._lagged_at = -math.inf  # the newest sample at or over `lag_s`, or while shedding
 
     @property
     def retry_after_ms(self) -> int:
@@ -53,6 +59,8 @@ class Load:
         self._due = next_due
         if not self.lag_s:
             return False
+        if self.shedding or lag_s >= self.lag_s:
+            self._lagged_at = now
         if not self.shedding:
             self._over = self._over + 1 if lag_s >= self.lag_s else 0
             if self._over >= ENTER_SAMPLES:
@@ -78,9 +86,16 @@ class Load:
         return max(self.last_lag_s, late)
 
     def overloaded(self, now: float) -> bool:
-        """Whether a timeout met at `now` says the process is out of CPU: it sheds, or its loop
-        lags by the threshold now (a blocked loop gives its monitor no chance to sample)."""
-        return bool(self.lag_s) and (self.shedding or self.lag_at(now) >= self.lag_s)
+        """Whether a timeout met at `now` is explained by the process being out of CPU: it
+        sheds, its loop lags by the threshold now (a blocked loop gives its monitor no chance to
+        sample), or it did within the last `window_s` (while the call waited)."""
+        if not self.lag_s:
+            return False
+        return (
+            self.shedding
+            or self.lag_at(now) >= self.lag_s
+            or now - self._lagged_at <= self.window_s
+        )
 
     def refuse(self) -> None:
         """Count a chat refused because the process sheds."""

@@ -129,3 +129,13 @@ def test_commands_and_switches_are_not_shed() -> None:
     fed(load, [0.3, 0.3])
     assert frames(talk.frame(type="chat", id="h", text="/help"))[0]["type"] == "notice"
     assert frames(talk.frame(type="ping", id="p"))[0]["type"] == "pong"
+
+
+def test_a_timeout_within_the_window_after_a_lag_is_still_explained_by_it() -> None:
+    load = Load(LAG, CALM, window_s=5.0)
+    fed(load, [0.3, 0.3])  # shedding from 0.1
+    fed(load, [0.0] * 62, start=1.0)  # the sample at 2.0 ends the shedding; calm until 7.1
+    assert not load.shedding
+    assert load.overloaded(6.9)  # a call that timed out now was waiting while it shed
+    assert not load.overloaded(7.1)
+    assert not Load(LAG, CALM).overloaded(0.0)  # no sample yet: nothing explained
