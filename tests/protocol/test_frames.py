@@ -26,6 +26,7 @@ from protocol.frames import (
     Welcome,
     close_reason,
     decode_client_frame,
+    decode_hot_frame,
     decode_server_frame,
     encode,
     encode_listing,
@@ -231,6 +232,57 @@ def test_any_text_decodes_or_is_rejected_cleanly(raw: str) -> None:
         decode_client_frame(raw)
     except (BadJson, InvalidFrame):
         assert salvage_ref(raw) is None or raw.lstrip().startswith("{")
+
+
+_hot_like = st.fixed_dictionaries(
+    {"type": st.sampled_from(["chat", "set_persona", "chat ", "ping", 1])},
+    optional={
+        "id": st.none() | st.text(max_size=70) | st.integers() | st.booleans(),
+        "text": st.text(max_size=20) | st.integers(3998, 4001).map(lambda n: "y" * n) | st.none(),
+        "personality": st.text(max_size=70) | st.integers(),
+        "extra": st.none(),
+    },
+)
+_edge_chars = st.sampled_from(
+    ["\x00", "\ud800", "\\u0000", "\\ud83d", '"', " ", "\u00e9", "\U0001f600"]
+)
+
+
+@settings(max_examples=1000)
+@given(_hot_like, st.lists(_edge_chars, max_size=3), st.booleans(), st.data())
+def test_the_fast_decoder_reads_hot_frames_as_the_models_do(
+    value: dict[str, object], edges: list[str], duplicate: bool, data: st.DataObject
+) -> None:
+    for edge in edges:  # NULs, lone surrogates and escapes inside the strings
+        key = data.draw(st.sampled_from(sorted(value)))
+        if isinstance(value[key], str):
+            value[key] = str(value[key]) + edge
+    raw = json.dumps(value, ensure_ascii=data.draw(st.booleans()))
+    if duplicate:  # a key given twice: the last one counts, in both
+        raw = raw[:-1] + ', "text": "again"}' if len(raw) > 2 else raw
+    hot = decode_hot_frame(raw)
+    try:
+        frame = decode_client_frame(raw)
+    except (BadJson, InvalidFrame):
+        assert hot is None, raw
+        return
+    if hot is not None:  # None is always allowed: the model then decodes it
+        assert isinstance(frame, Chat | SetPersona), raw
+        value_field = frame.text if isinstance(frame, Chat) else frame.personality
+        assert (hot.type, hot.id, hot.value) == (frame.type, frame.id, value_field), raw
+
+
+def test_the_fast_decoder_takes_the_usual_frames() -> None:
+    chat = decode_hot_frame('{"type":"chat","id":"c-1","text":"hi there"}')
+    switch = decode_hot_frame('{"type": "set_persona", "personality": "witty"}')
+    assert chat is not None and (chat.type, chat.id, chat.value) == ("chat", "c-1", "hi there")
+    assert switch is not None and (switch.type, switch.id, switch.value) == (
+        "set_persona",
+        None,
+        "witty",
+    )
+    for other in ('{"type":"ping"}', '{"type":"chat","text":""}', b'{"type":"chat"}', "[1]"):
+        assert decode_hot_frame(other) is None
 
 
 def _entry(index: int, text: str) -> HistoryEntry:
