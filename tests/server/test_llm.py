@@ -8,13 +8,21 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from protocol.frames import Usage
 from server.app import App
-from server.llm import SseDecoder, StreamError, display_url, parse_chunk
+from server.llm import (
+    SseDecoder,
+    StreamError,
+    display_url,
+    env_proxy,
+    failure_message,
+    parse_chunk,
+)
 from server.render import persona_system_prompt, switch_note
 from tests.client import Client, chat, first_delta
 from tests.conftest import AppFactory, ClientFactory, with_avatar
@@ -121,6 +129,29 @@ def test_error_event_is_a_stream_error_with_its_message() -> None:
 
 def test_endpoint_is_shown_without_credentials() -> None:
     assert display_url("https://me:pw@llm.example:8443/v1/?k=1") == "https://llm.example:8443/v1"
+
+
+def test_connect_timeout_is_named_as_one_not_as_a_late_first_token() -> None:
+    # aiohttp's ConnectionTimeoutError is a TimeoutError as well
+    message = failure_message(aiohttp.ConnectionTimeoutError(), "the LLM endpoint X", str)
+    assert message == "timed out connecting to the LLM endpoint X"
+
+
+def test_a_passed_deadline_is_described_by_the_clock() -> None:
+    message = failure_message(TimeoutError(), "the LLM endpoint X", lambda: "stalled")
+    assert message == "the LLM endpoint X stalled"
+
+
+def test_proxy_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")  # lowercase wins
+    monkeypatch.setenv("no_proxy", "")
+    assert env_proxy("https://api.example/v1/chat/completions") == "http://proxy.example:3128"
+
+
+def test_no_proxy_exempts_the_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    monkeypatch.setenv("no_proxy", "api.example")
+    assert env_proxy("https://api.example/v1/chat/completions") is None
 
 
 # ---------------------------------------------------------------- end to end
