@@ -15,15 +15,9 @@ from hypothesis import strategies as st
 
 from protocol.frames import Usage
 from server.app import App
-from server.llm import (
-    SseDecoder,
-    StreamError,
-    display_url,
-    env_proxy,
-    failure_message,
-    parse_chunk,
-)
+from server.llm import display_url, env_proxy, failure_message
 from server.render import persona_system_prompt, switch_note
+from server.sse import SseDecoder, StreamError, parse_chunk
 from tests.client import Client, chat, first_delta
 from tests.conftest import AppFactory, ClientFactory, with_avatar
 from tests.personas import BUILTIN_CARDS, get_card
