@@ -59,6 +59,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=600.0, help="no new N after this (s)")
     parser.add_argument("--server-rev", metavar="REV", help="this server from commit REV")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--all", action="store_true", help="run every N, also after one that was not within"
+    )
     parser.add_argument("--py-spy", type=Path, help="profile the server at the first N")
     parser.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
     return parser.parse_args(argv)
@@ -285,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f" ({result['vs_echo']:.2f}x echo), errors {result['errors'] or 0}",
                 flush=True,
             )
-            if not result["within"]:
+            if not result["within"] and not args.all:
                 break
     finally:
         for proc in procs:
