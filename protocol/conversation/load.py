@@ -2,7 +2,8 @@
 
 Pure: the shell's monitor (server/app.py) measures how late its timer fires and feeds the
 lateness in with the time; conversations ask `shedding` before they take a new chat, and the
-store asks `overloaded` when a database call has timed out.
+store asks `overloaded` when a database call has timed out (and says `strained` when the
+database answered other calls meanwhile: the calls queue).
 """
 
 from __future__ import annotations
@@ -79,6 +80,20 @@ class Load:
             self._calm_since = None
             return True
         return False
+
+    def strained(self, now: float) -> bool:
+        """A database call timed out at `now` while the database answered others: the work
+        queues behind something out of capacity (a pool, the database's CPU), and more chats
+        would only wait longer. Shedding starts at once and stops as after a lag. True when it
+        started."""
+        if not self.lag_s:
+            return False
+        started = not self.shedding
+        self.shedding = True
+        self._over = 0
+        self._calm_since = None
+        self._lagged_at = now
+        return started
 
     def lag_at(self, now: float) -> float:
         """The lag as of `now`: the newest sample's, or how late the next one already is."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,9 +42,21 @@ Conn: TypeAlias = "asyncpg.pool.PoolConnectionProxy[Any]"
 _loads: list[Load] = []
 
 
+class _Answers:
+    """When a database call of this process last succeeded."""
+
+    __slots__ = ("at",)
+
+    def __init__(self) -> None:
+        self.at = -math.inf
+
+
+_answers = _Answers()
+
+
 def watch_load(load: Load) -> None:
     """From now on, a database call that times out while `load` says the process is out of CPU
-    is `Overloaded`."""
+    (or while other calls were answered: the database is up, the calls queue) is `Overloaded`."""
     _loads.append(load)
 
 
@@ -53,10 +66,19 @@ def unwatch_load(load: Load) -> None:
 
 
 def overloaded() -> Overloaded | None:
-    """The error for a timeout met now, if the process's load explains it."""
+    """The error for a timeout met now, if the process's load explains it: its loop lags or
+    lagged while the call waited, or the database answered other calls meanwhile (so that it
+    is up, and what the call waited for was its turn)."""
     now = time.monotonic()
     for load in _loads:
-        if load.overloaded(now):
+        queued = now - _answers.at < load.window_s
+        if queued and load.strained(now):
+            _outage.warning(
+                "strained",
+                "overloaded: database calls time out while others are answered;"
+                " new chats are refused",
+            )
+        if queued or load.overloaded(now):
             return Overloaded(
                 "the server is overloaded and its database call timed out; try again after"
                 " the delay in retry_after_ms",
@@ -75,6 +97,7 @@ def unreachable_is_unavailable(conn: Conn | None = None) -> Iterator[None]:
     """
     try:
         yield
+        _answers.at = time.monotonic()
     except UNREACHABLE as exc:
         if isinstance(exc, TimeoutError) and (overload := overloaded()) is not None:
             _outage.warning("overloaded", "a database call timed out: the process is overloaded")

@@ -139,3 +139,11 @@ def test_a_timeout_within_the_window_after_a_lag_is_still_explained_by_it() -> N
     assert load.overloaded(6.9)  # a call that timed out now was waiting while it shed
     assert not load.overloaded(7.1)
     assert not Load(LAG, CALM).overloaded(0.0)  # no sample yet: nothing explained
+
+
+def test_a_strained_database_sheds_at_once_and_calms_down_as_after_a_lag() -> None:
+    load = Load(LAG, CALM)
+    assert load.strained(1.0) and load.shedding
+    assert not load.strained(1.1)  # already shedding
+    assert fed(load, [0.0] * 12, start=1.2) == [True] * 10 + [False] * 2
+    assert not Load(0.0, CALM).strained(1.0)  # a zero threshold never sheds
