@@ -3,11 +3,11 @@
 N conversations (1,500 by default) stream replies from bench.streaming's fake OpenAI endpoint
 (30 tokens/s, 200 tokens a reply), each sending its next chat as soon as a reply ends: several
 times what one process carries, so that its event loop falls behind. A chat refused
-`overloaded` is sent again after the `retry_after_ms` it names. Reports the completed replies
-per second, the chats refused `overloaded`, the chats that failed otherwise (`unavailable`
-while the database is up would be the lie this guards against: it must be 0), the replies in
-flight that completed, the chat and delta-delay p99, and what the server's /metrics said
-(sampled every half second) and logged.
+`overloaded` is sent again after the `retry_after_ms` it names, times 1 to 2 (jitter).
+Reports the completed replies per second, the chats refused `overloaded`, the chats that failed
+otherwise (`unavailable` while the database is up would be the lie this guards against: it
+must be 0), the replies in flight that completed, the chat and delta-delay p99, and what the
+server's /metrics said (sampled every half second) and logged.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ class Shedding:
                 self.refused += 1
             conn.chat_id = ""
             delay_s = int((frame.get("details") or {}).get("retry_after_ms", 1000)) / 1000
-            loop.call_later(delay_s, self._retry, conn)
+            # with jitter: clients refused together would otherwise all come back together
+            loop.call_later(delay_s * random.uniform(1.0, 2.0), self._retry, conn)
 
         conn.on_text = on_text
 
