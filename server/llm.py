@@ -18,7 +18,7 @@ from protocol.frames import Usage
 from server.generators import GeneratorUnavailable, TurnContext
 from server.render import ChatMessage, build_prompt, notes_in_user_turns
 from server.settings import Settings
-from server.sse import DONE, SseDecoder, StreamError, clip, error_detail, parse_chunk
+from server.sse import Completion, SseDecoder, StreamError, clip, error_detail
 
 log = logging.getLogger(__name__)
 
@@ -172,31 +172,26 @@ class OpenAIGenerator:
         try:
             response = await self._open(self._messages(turn), clock)
             # the body's events, read in this generator itself: a second generator in
-            # between would be one more resumption per token
-            content, decoder = response.content, SseDecoder()
-            usage: Usage | None = None
-            finished = done = False
-            while not done:
+            # between would be one more resumption per token. The pieces of the events that
+            # came in one read go on as one (a server that fell behind catches up in fewer
+            # frames).
+            content, decoder, completion = response.content, SseDecoder(), Completion()
+            while not completion.done:
                 raw = await clock.read(content.readany)
-                for data in decoder.feed(raw) if raw is not None else decoder.close():
-                    if data.strip() == DONE:
-                        await _drain(content)
-                        done = True
-                        break
-                    chunk = parse_chunk(data)
-                    usage = chunk.usage or usage
-                    finished = finished or chunk.finish_reason is not None
-                    if chunk.content:
-                        if not clock.streaming:
-                            clock.started_streaming()
-                        yield chunk.content
-                else:
-                    if raw is None:  # the body ended without `[DONE]`
-                        if not finished:
-                            raise StreamError("closed the stream before the reply finished")
-                        done = True
-            if usage is not None:
-                yield usage
+                events = decoder.feed(raw) if raw is not None else decoder.close()
+                text, failure = completion.take(events)
+                if text:
+                    if not clock.streaming:
+                        clock.started_streaming()
+                    yield text
+                if failure is not None:
+                    raise failure
+                if completion.done:
+                    await _drain(content)
+                elif raw is None:
+                    completion.end()
+            if completion.usage is not None:
+                yield completion.usage
         except (aiohttp.ClientError, TimeoutError, StreamError) as exc:
             raise self._unavailable(exc, clock) from exc
         finally:

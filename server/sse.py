@@ -159,3 +159,39 @@ def error_detail(body: object) -> str:
 def clip(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= DETAIL_CHARS else text[: DETAIL_CHARS - 1] + "…"
+
+
+class Completion:
+    """What a chat completion's events have said so far: the usage, whether a `finish_reason`
+    came, whether `[DONE]` did."""
+
+    __slots__ = ("done", "finished", "usage")
+
+    def __init__(self) -> None:
+        self.usage: Usage | None = None
+        self.finished = False
+        self.done = False
+
+    def take(self, events: list[str]) -> tuple[str, StreamError | None]:
+        """The content of `events` (those that came in one read) as one piece, up to `[DONE]`;
+        and a malformed event's error, to be raised after the content that came before it."""
+        pieces: list[str] = []
+        for data in events:
+            if data.strip() == DONE:
+                self.done = True
+                break
+            try:
+                chunk = parse_chunk(data)
+            except StreamError as exc:
+                return "".join(pieces), exc
+            self.usage = chunk.usage or self.usage
+            self.finished = self.finished or chunk.finish_reason is not None
+            if chunk.content:
+                pieces.append(chunk.content)
+        return (pieces[0] if len(pieces) == 1 else "".join(pieces)), None
+
+    def end(self) -> None:
+        """The body ended without `[DONE]`: complete only if a choice had finished."""
+        if not self.finished:
+            raise StreamError("closed the stream before the reply finished")
+        self.done = True

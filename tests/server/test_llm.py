@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -17,7 +18,7 @@ from protocol.frames import Usage
 from server.app import App
 from server.llm import display_url, env_proxy, failure_message
 from server.render import persona_system_prompt, switch_note
-from server.sse import SseDecoder, StreamError, parse_chunk
+from server.sse import Completion, SseDecoder, StreamError, parse_chunk
 from tests.client import Client, chat, first_delta
 from tests.conftest import AppFactory, ClientFactory, with_avatar
 from tests.personas import BUILTIN_CARDS, get_card
@@ -119,6 +120,44 @@ def test_chunk_that_is_not_json_is_a_stream_error() -> None:
 def test_error_event_is_a_stream_error_with_its_message() -> None:
     with pytest.raises(StreamError, match="model overloaded"):
         parse_chunk('{"error": {"message": "model overloaded"}}')
+
+
+def event(content: str | None = None, finish: str | None = None) -> str:
+    delta = {} if content is None else {"content": content}
+    return orjson.dumps({"choices": [{"delta": delta, "finish_reason": finish}]}).decode()
+
+
+def test_events_of_one_read_are_one_piece() -> None:
+    completion = Completion()
+    assert completion.take([event("Hel"), event(), event("lo")]) == ("Hello", None)
+    assert not completion.done
+
+
+def test_done_ends_the_completion_and_what_follows_is_ignored() -> None:
+    completion = Completion()
+    assert completion.take([event("Hi"), "[DONE]", event("late")]) == ("Hi", None)
+    assert completion.done
+
+
+def test_a_malformed_event_comes_after_the_content_before_it() -> None:
+    text, failure = Completion().take([event("Hi"), '{"choices": ['])
+    assert text == "Hi"
+    assert isinstance(failure, StreamError)
+    assert "malformed" in str(failure)
+
+
+def test_a_body_that_ends_without_a_finish_reason_is_cut_short() -> None:
+    completion = Completion()
+    completion.take([event("Hi")])
+    with pytest.raises(StreamError, match="before the reply finished"):
+        completion.end()
+
+
+def test_a_body_that_ends_after_a_finish_reason_is_complete() -> None:
+    completion = Completion()
+    completion.take([event("Hi", "stop")])
+    completion.end()
+    assert completion.done and completion.finished
 
 
 def test_endpoint_is_shown_without_credentials() -> None:
