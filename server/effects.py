@@ -24,6 +24,8 @@ Feed = Callable[[list[Action]], None]
 class Effects:
     """One session's I/O, whose outcomes go back into its conversation through `feed`."""
 
+    __slots__ = ("_conversation", "_feed", "_member", "_services", "_session_id", "user_id")
+
     def __init__(
         self,
         services: Services,

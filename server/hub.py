@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Protocol
 
 
@@ -16,23 +15,30 @@ class Listener(Protocol):
 
 
 class Hub:
-    """Maps user ids to their open sessions in this process."""
+    """Maps user ids to their open sessions in this process.
+
+    A user's sessions are a tuple (one, most often; at most `max_connections_per_user`): a set
+    for each of tens of thousands of idle users would cost four times as much.
+    """
 
     def __init__(self) -> None:
-        self._by_user: defaultdict[str, set[Listener]] = defaultdict(set)
+        self._by_user: dict[str, tuple[Listener, ...]] = {}
 
     def join(self, user_id: str, session: Listener) -> int:
         """Add a session; return how many this user now has here."""
-        sessions = self._by_user[user_id]
-        sessions.add(session)
+        sessions = self._by_user.get(user_id, ())
+        if session not in sessions:
+            sessions = self._by_user[user_id] = (*sessions, session)
         return len(sessions)
 
     def leave(self, user_id: str, session: Listener) -> None:
         sessions = self._by_user.get(user_id)
-        if sessions is None:
+        if sessions is None or session not in sessions:
             return
-        sessions.discard(session)
-        if not sessions:
+        others = tuple(s for s in sessions if s is not session)
+        if others:
+            self._by_user[user_id] = others
+        else:
             del self._by_user[user_id]
 
     def count(self, user_id: str) -> int:
@@ -48,7 +54,7 @@ class Hub:
     ) -> int:
         """Tell every session of the user except `origin`; return how many were told."""
         told = 0
-        for session in tuple(self._by_user.get(user_id, ())):
+        for session in self._by_user.get(user_id, ()):
             if session is not origin:
                 session.on_persona_changed(personality, previous, version)
                 told += 1
@@ -58,5 +64,5 @@ class Hub:
         """Notifications stopped (sessions then read the avatar every time), or came back (some
         may have been missed: every session reads its avatar again)."""
         for sessions in tuple(self._by_user.values()):
-            for session in tuple(sessions):
+            for session in sessions:
                 session.on_listener_changed(up)

@@ -37,6 +37,7 @@ class Outbox:
     otherwise it queues behind a writer task. `on_stalled` is called (and the queue dropped)
     when a send waits longer than `send_timeout_s`, or when more than `limit_bytes` pile up
     behind a frame the client has not taken: a client that does not read its answers.
+    The queue exists only while frames wait (an idle connection holds none).
     """
 
     __slots__ = ("_bytes", "_limit", "_on_stalled", "_queue", "_timeout", "_writer", "_ws")
@@ -52,7 +53,7 @@ class Outbox:
         self._limit = limit_bytes
         self._timeout = send_timeout_s
         self._on_stalled = on_stalled
-        self._queue: deque[bytes] = deque()
+        self._queue: deque[bytes] | None = None  # frames waiting for the writer
         self._bytes = 0
         self._writer: asyncio.Task[None] | None = None
 
@@ -62,6 +63,8 @@ class Outbox:
         if self._queue and self._bytes + len(data) > self._limit:
             self._stalled()
             return
+        if self._queue is None:
+            self._queue = deque()
         self._queue.append(data)
         self._bytes += len(data)
         if self._writer is None:
@@ -89,11 +92,13 @@ class Outbox:
             self._drop()
         finally:
             self._writer = None
+            if not self._queue:
+                self._queue = None
 
     def _stalled(self) -> None:
         self._drop()
         self._on_stalled()
 
     def _drop(self) -> None:
-        self._queue.clear()
+        self._queue = None
         self._bytes = 0

@@ -8,7 +8,6 @@ import functools
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import Coroutine
 from typing import Any
 
@@ -43,17 +42,31 @@ from server.services import Services
 log = logging.getLogger(__name__)
 
 
+@functools.cache
+def limits_of(
+    max_frame_bytes: int, max_text_chars: int, rate_per_s: float, rate_burst: int
+) -> Limits:
+    """One frozen `Limits` for every session with the same settings (a pydantic model and its
+    fields set cost about 500 bytes a session)."""
+    return Limits(
+        max_frame_bytes=max_frame_bytes,
+        max_text_chars=max_text_chars,
+        rate_per_s=rate_per_s,
+        rate_burst=rate_burst,
+    )
+
+
 def terms_for(services: Services, session_id: str) -> Terms:
     settings = services.settings
     return Terms(
         session_id=session_id,
         server_version=services.version,
         catalogue=services.catalogue.catalogue,
-        limits=Limits(
-            max_frame_bytes=settings.max_frame_bytes,
-            max_text_chars=settings.max_text_chars,
-            rate_per_s=settings.rate_per_s,
-            rate_burst=settings.rate_burst,
+        limits=limits_of(
+            settings.max_frame_bytes,
+            settings.max_text_chars,
+            settings.rate_per_s,
+            settings.rate_burst,
         ),
         abuse_close_after=settings.abuse_close_after,
         chat_queue_depth=settings.chat_queue_depth,
@@ -62,12 +75,50 @@ def terms_for(services: Services, session_id: str) -> Terms:
     )
 
 
+def forget_handshake(ws: ServerConnection) -> None:
+    """Drop the handshake's headers once the app has read what it needs of them.
+
+    websockets reads neither the request nor the response again after the handshake, but keeps
+    both for as long as the connection lasts: about 2.4 KiB a session, the headers' dicts and
+    strings. The request stays (websockets takes a connection without one to be still in its
+    handshake), its headers emptied in place; the response goes.
+    """
+    if ws.request is not None:
+        ws.request.headers.clear()
+    ws.response = None
+
+
 class Session:
-    """Owns one WebSocket connection from handshake to close."""
+    """Owns one WebSocket connection from handshake to close.
+
+    An idle session holds as little as it can (there are tens of thousands per process): no
+    event, queue or set of its own while nothing waits. Whether the loop reads is a flag; a
+    future is made only while the loop waits for it (`_resume`) or for the reply in flight to
+    end (`_settled`); the actions brought back while carrying some out, and the tasks of I/O in
+    flight, are kept only while there are some.
+    """
+
+    __slots__ = (
+        "_actions",
+        "_closing",
+        "_effects",
+        "_outbox",
+        "_reading",
+        "_replies",
+        "_resume",
+        "_settled",
+        "_tasks",
+        "address",
+        "conversation",
+        "id",
+        "services",
+        "ws",
+    )
 
     def __init__(self, services: Services, ws: ServerConnection, address: str) -> None:
         self.services = services
         self.ws = ws
+        forget_handshake(ws)
         self.address = address  # the client's, for the per-address limit before hello
         self.id = uuid.uuid4().hex
         state = services.state
@@ -84,14 +135,13 @@ class Session:
         self._outbox = Outbox(
             ws, settings.outbox_limit_bytes, settings.send_timeout_s, self._not_reading
         )
-        self._actions: deque[Action] = deque()
-        self._carrying = False
-        self._reading = asyncio.Event()  # set while the conversation takes frames
-        self._reading.set()
-        self._idle = asyncio.Event()  # set while no chat is being answered
-        self._idle.set()
+        # While actions are carried out: None, or those they brought back, to carry out next.
+        self._actions: list[Action] | None = None
+        self._reading = True  # the loop reads frames: the conversation takes them
+        self._resume: asyncio.Future[None] | None = None  # the loop waits for `_reading`
+        self._settled: asyncio.Future[None] | None = None  # `_finish` waits for the reply
         self._effects = Effects(services, self.conversation, self.id, self, self._feed)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] | None = None  # I/O in flight
         self._closing = False
 
     @property
@@ -138,8 +188,8 @@ class Session:
             return
         self._feed(self.conversation.receive_text(raw, time.monotonic()))
         while self.conversation.phase is Phase.AWAITING_HELLO:
-            self._reading.clear()
-            await self._reading.wait()  # until welcomed or refused
+            self._reading = False
+            await self._until_reading()  # until welcomed or refused
 
     async def _serve(self) -> None:
         metrics = self.services.metrics
@@ -148,8 +198,8 @@ class Session:
         try:
             conversation = self.conversation
             while conversation.phase is not Phase.CLOSED:
-                if not self._reading.is_set():
-                    await self._reading.wait()
+                if not self._reading:
+                    await self._until_reading()
                     continue
                 raw = await self.ws.recv()
                 self._feed(conversation.receive_text(raw, time.monotonic()))
@@ -167,12 +217,15 @@ class Session:
         """The connection is gone: stop the reply in flight (it is stored as cancelled) and wait
         for it, then leave the hub."""
         self._feed(self.conversation.connection_lost())
-        if not self._idle.is_set():
+        if not self.conversation.idle:
+            self._settled = asyncio.get_running_loop().create_future()
             try:
                 async with asyncio.timeout(self.services.settings.drain_timeout_s):
-                    await self._idle.wait()
+                    await self._settled
             except TimeoutError:
                 log.warning("session %s: the reply in flight did not stop in time", self.id)
+            finally:
+                self._settled = None
         if self._tasks:  # a close with its own code, or I/O whose answer nobody awaits now
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.user_id:
@@ -197,27 +250,46 @@ class Session:
 
     def _feed(self, actions: list[Action]) -> None:
         """Carry out `actions` in order; those that carrying them out brings back come after
-        them. Then note whether the conversation takes frames and whether it is idle."""
+        them. Then wake the loop if it waits for what the conversation now does: take frames
+        again, or be idle."""
         if actions:
-            if self._carrying:
-                self._actions.extend(actions)
+            if self._actions is not None:  # carrying out others: these come after them
+                self._actions += actions
                 return
-            self._carrying = True
+            self._actions = []
             try:
                 for action in actions:
                     self._carry_out(action)
-                pending = self._actions
-                while pending:
-                    self._carry_out(pending.popleft())
+                while self._actions:
+                    brought, self._actions = self._actions, []
+                    for action in brought:
+                        self._carry_out(action)
             finally:
-                self._carrying = False
+                self._actions = None
         conversation = self.conversation
         reading = conversation.wants_frames or conversation.phase is Phase.CLOSED
-        if reading is not self._reading.is_set():
-            self._reading.set() if reading else self._reading.clear()
-        idle = conversation.idle
-        if idle is not self._idle.is_set():
-            self._idle.set() if idle else self._idle.clear()
+        if reading is not self._reading:
+            self._set_reading(reading)
+        if self._settled is not None and self.conversation.idle:
+            settled, self._settled = self._settled, None
+            if not settled.done():
+                settled.set_result(None)
+
+    def _set_reading(self, reading: bool) -> None:
+        self._reading = reading
+        if reading and self._resume is not None:
+            resume, self._resume = self._resume, None
+            if not resume.done():
+                resume.set_result(None)
+
+    async def _until_reading(self) -> None:
+        """Wait until the loop reads again (`_set_reading(True)`)."""
+        resume = self._resume = asyncio.get_running_loop().create_future()
+        try:
+            await resume
+        finally:
+            if self._resume is resume:
+                self._resume = None
 
     def _carry_out(self, action: Action) -> None:
         store, effects = self.services.store, self._effects
@@ -253,8 +325,17 @@ class Session:
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
+        if self._tasks is None:
+            self._tasks = set()
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        tasks = self._tasks
+        if tasks is not None:
+            tasks.discard(task)
+            if not tasks:
+                self._tasks = None
 
     # ------------------------------------------------------------------ closing
 
@@ -271,5 +352,5 @@ class Session:
         if code not in (CloseCode.NORMAL, CloseCode.GOING_AWAY):
             log.info("session %s: closing %d: %s", self.id, code, reason)
         self.services.metrics.closes.labels(str(int(code))).inc()
-        self._reading.set()
+        self._set_reading(True)
         await self.ws.close(code, reason)
