@@ -7,6 +7,8 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from clients.bots.load import LoadConfig, run_load
 from clients.bots.plan import BotPlan
+from clients.link import decode
+from protocol.frames import Error
 from tests.clients.test_bots import TOKEN_FOR, StaleServer
 
 
@@ -43,3 +45,14 @@ async def test_bots_count_overloaded_chats_apart_from_errors() -> None:
     totals = report["totals"]
     assert totals["overloaded"] > 0 and totals["replies"] > 0
     assert (report["errors"], totals["unexpected_errors"], report["ok"]) == ({}, 0, True)
+
+
+def test_the_link_reads_an_overloaded_error_as_any_other_error() -> None:
+    raw = orjson.dumps(
+        {"type": "error", "ref": "c1", "code": "overloaded", "status": 503,
+         "message": "the server is overloaded", "details": {"retry_after_ms": 1000}}
+    )  # fmt: skip
+    frame = decode(raw)
+    assert isinstance(frame, Error)
+    assert (frame.code, frame.status) == ("overloaded", 503)
+    assert frame.details == {"retry_after_ms": 1000}
