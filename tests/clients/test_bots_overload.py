@@ -1,4 +1,5 @@
-"""The bots count a chat refused `overloaded` as the server shedding load, not as an error."""
+"""The bots count a chat refused `overloaded` as the server shedding load, not as an error; the
+link reads it as any other error."""
 
 from __future__ import annotations
 
