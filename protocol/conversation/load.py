@@ -18,7 +18,8 @@ class Load:
 
     Shedding starts once `ENTER_SAMPLES` samples in a row lag by `lag_s` or more (so that one
     pause, a garbage collection say, does not start it), and stops once the lag has stayed
-    under half of `lag_s` for `calm_s` (so that it does not flap). A `lag_s` of 0 never sheds.
+    under half of `lag_s` for `calm_s` (so that it does not flap). A database that answers
+    some calls while others time out (`strained`) starts it at once. A `lag_s` of 0 never sheds.
     """
 
     __slots__ = (
