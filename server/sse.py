@@ -106,25 +106,27 @@ def parse_chunk(data: str) -> Chunk:
         event = orjson.loads(data)
     except orjson.JSONDecodeError:
         raise StreamError(f"sent a malformed event stream: {clip(data)!r}") from None
-    if not isinstance(event, dict):
+    if type(event) is not dict:  # orjson makes exact dicts, lists and strs
         raise StreamError(f"sent a malformed event stream: {clip(data)!r}")
     if "error" in event:
         raise StreamError(f"reported an error mid-stream: {error_detail(event)}")
     choices = event.get("choices") or []
-    if not isinstance(choices, list):
+    if type(choices) is not list:
         raise StreamError("sent a malformed event stream: `choices` is not a list")
-    usage = parse_usage(event.get("usage"))
+    usage = event.get("usage")
+    if usage is not None:
+        usage = parse_usage(usage)
     if not choices:
-        return Chunk(usage=usage)
+        return Chunk("", None, usage)
     choice = choices[0]
-    delta = choice.get("delta") if isinstance(choice, dict) else None
-    if not isinstance(choice, dict) or not isinstance(delta, dict | None):
+    delta = choice.get("delta") if type(choice) is dict else None
+    if type(choice) is not dict or (delta is not None and type(delta) is not dict):
         raise StreamError("sent a malformed event stream: a choice without a `delta` object")
-    content = (delta or {}).get("content") or ""
+    content = (delta.get("content") or "") if delta is not None else ""
     finish = choice.get("finish_reason")
-    if not isinstance(content, str) or not isinstance(finish, str | None):
+    if type(content) is not str or (finish is not None and type(finish) is not str):
         raise StreamError("sent a malformed event stream: `content` is not a string")
-    return Chunk(content=content, finish_reason=finish, usage=usage)
+    return Chunk(content, finish, usage)
 
 
 def parse_usage(value: object) -> Usage | None:

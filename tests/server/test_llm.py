@@ -122,6 +122,37 @@ def test_error_event_is_a_stream_error_with_its_message() -> None:
         parse_chunk('{"error": {"message": "model overloaded"}}')
 
 
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+CHOICE = st.fixed_dictionaries(
+    {},
+    optional={
+        "delta": JSON | st.fixed_dictionaries({}, optional={"content": JSON}),
+        "finish_reason": JSON,
+    },
+)
+
+
+@given(
+    st.fixed_dictionaries(
+        {}, optional={"choices": JSON | st.lists(CHOICE | JSON, max_size=2), "usage": JSON}
+    )
+)
+def test_any_json_chunk_is_a_chunk_or_a_stream_error(event: dict[str, Any]) -> None:
+    try:
+        chunk = parse_chunk(orjson.dumps(event).decode())
+    except StreamError as exc:
+        assert str(exc).startswith("sent a malformed event stream")
+    else:
+        assert isinstance(chunk.content, str)
+        assert chunk.finish_reason is None or isinstance(chunk.finish_reason, str)
+
+
 def event(content: str | None = None, finish: str | None = None) -> str:
     delta = {} if content is None else {"content": content}
     return orjson.dumps({"choices": [{"delta": delta, "finish_reason": finish}]}).decode()
