@@ -123,9 +123,9 @@ class Metrics:
 
         self.loop_lag = Gauge(
             "chat_event_loop_lag_seconds",
-            "How late the process's event loop ran its load monitor's timer, last sample",
+            "How late the event loop ran its load monitor's timer, last sample (workers: the most)",
             registry=self.registry,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.shedding = Gauge(
             "chat_overload_shedding",
