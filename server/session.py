@@ -130,7 +130,8 @@ class Session:
             time.monotonic(),
             trusted=state.listening,
         )
-        self._replies = Replies(services, self.conversation, self.id, self._feed)
+        feed = self._feed  # one bound method for both, not one each
+        self._replies = Replies(services, self.conversation, self.id, feed)
         settings = services.settings
         self._outbox = Outbox(
             ws, settings.outbox_limit_bytes, settings.send_timeout_s, self._not_reading
@@ -140,7 +141,7 @@ class Session:
         self._reading = True  # the loop reads frames: the conversation takes them
         self._resume: asyncio.Future[None] | None = None  # the loop waits for `_reading`
         self._settled: asyncio.Future[None] | None = None  # `_finish` waits for the reply
-        self._effects = Effects(services, self.conversation, self.id, self, self._feed)
+        self._effects = Effects(services, self.conversation, self.id, self, feed)
         self._tasks: set[asyncio.Task[None]] | None = None  # I/O in flight
         self._closing = False
 
