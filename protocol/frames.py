@@ -272,19 +272,23 @@ def decode_client_frame(raw: str | bytes) -> AnyClientFrame:
         raise _frame_error(exc, raw) from None
 
 
-class HotFrame(NamedTuple):
-    """A `chat` or `set_persona` frame read without its model: `value` is the chat's text or
-    the personality."""
+class ChatFields(NamedTuple):
+    """A `chat` frame read without its model (`decode_hot_frame`): the same fields."""
 
-    type: Literal["chat", "set_persona"]
     id: str | None
-    value: str
+    text: str
+    type: Literal["chat"] = "chat"
 
 
-_HOT_FIELDS = {
-    "chat": ("text", MAX_TEXT_CHARS),
-    "set_persona": ("personality", MAX_PERSONALITY_CHARS),
-}
+class SetPersonaFields(NamedTuple):
+    """A `set_persona` frame read without its model (`decode_hot_frame`): the same fields."""
+
+    id: str | None
+    personality: str
+    type: Literal["set_persona"] = "set_persona"
+
+
+HotFrame = ChatFields | SetPersonaFields
 
 
 def decode_hot_frame(raw: str | bytes) -> HotFrame | None:
@@ -302,21 +306,26 @@ def decode_hot_frame(raw: str | bytes) -> HotFrame | None:
     if type(data) is not dict:
         return None
     kind = data.get("type")
-    if type(kind) is not str or kind not in _HOT_FIELDS:  # exactly str: strict models
+    if kind == "chat":
+        field, max_chars, least = "text", MAX_TEXT_CHARS, 1
+    elif kind == "set_persona":
+        field, max_chars, least = "personality", MAX_PERSONALITY_CHARS, 0
+    else:
         return None
-    field, max_chars = _HOT_FIELDS[kind]
     value = data.get(field)
     ref = data.get("id")
     if len(data) != 2 + ("id" in data) or type(value) is not str:  # no other field
         return None
-    if not (kind == "set_persona" or value) or len(value) > max_chars or "\x00" in value:
+    if not least <= len(value) <= max_chars or "\x00" in value:
         return None
     if ref is not None and (
         type(ref) is not str or not 1 <= len(ref) <= MAX_ID_CHARS or "\x00" in ref
     ):
         return None
     # orjson takes no lone surrogate, so what it read is valid Unicode
-    return HotFrame(kind, ref, value)  # type: ignore[arg-type]
+    if kind == "chat":
+        return ChatFields(ref, value)
+    return SetPersonaFields(ref, value)
 
 
 def _frame_error(exc: ValidationError, raw: str) -> BadJson | InvalidFrame:

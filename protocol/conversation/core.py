@@ -55,6 +55,7 @@ from protocol.frames import (
     AnyClientFrame,
     Cancel,
     Chat,
+    ChatFields,
     CreateAvatar,
     GetAvatar,
     Hello,
@@ -68,9 +69,11 @@ from protocol.frames import (
     Ping,
     Pong,
     SetPersona,
+    SetPersonaFields,
     Welcome,
     close_reason,
     decode_client_frame,
+    decode_hot_frame,
     encode,
     encode_listing,
     fit_history_page,
@@ -78,6 +81,8 @@ from protocol.frames import (
     salvage_ref,
 )
 from protocol.frames import Avatar as AvatarFrame
+
+Frame = AnyClientFrame | ChatFields | SetPersonaFields  # a chat or switch read without its model
 
 HISTORY_REQUEST_BYTES = 1024  # what a history request costs its user's budget besides its page
 
@@ -120,7 +125,7 @@ class Conversation(ChatRules):
         self._rate = FrameLimit(limits.rate_per_s, limits.rate_burst, terms.abuse_close_after, now)
         self._avatar = AvatarView(trusted)
         self._wait = Wait.NOTHING
-        self._frame: tuple[AnyClientFrame, float] | None = None  # the frame held up, and when
+        self._frame: tuple[Frame, float] | None = None  # the frame held up, and when
         self._backlog: deque[tuple[str | bytes, float]] = deque()
         self._read: _Read | None = None
         self._fresh: Avatar | None = None  # read for the held-up frame, not cached
@@ -324,7 +329,7 @@ class Conversation(ChatRules):
                     self._close(CloseCode.POLICY_VIOLATION, "rate limit exceeded repeatedly")
                     return
                 raise limited
-            frame = decode_client_frame(raw)
+            frame = decode_hot_frame(raw) or decode_client_frame(raw)
             ref = frame.id
             self._meter.frame(frame.type)
             self._dispatch(frame, now)
@@ -356,12 +361,12 @@ class Conversation(ChatRules):
         self._read = _Read(self._avatar.epoch, self._avatar.seen)
         self._out.append(Authenticate(frame.token))
 
-    def _dispatch(self, frame: AnyClientFrame, now: float) -> None:
+    def _dispatch(self, frame: Frame, now: float) -> None:
         ref = frame.id  # every answer to the frame carries its id
         match frame:
-            case Chat():
+            case ChatFields() | Chat():
                 self._chat_frame(frame, now)
-            case SetPersona():
+            case SetPersonaFields() | SetPersona():
                 self._set_persona(frame, frame.personality, now)
             case Cancel():
                 self._cancel()
@@ -381,7 +386,7 @@ class Conversation(ChatRules):
             case Hello():
                 raise InvalidFrame("already authenticated")
 
-    def _chat_frame(self, frame: Chat, now: float) -> None:
+    def _chat_frame(self, frame: Chat | ChatFields, now: float) -> None:
         ref = frame.id
         match commands.parse_chat_text(frame.text):
             case commands.Message(text=text):
@@ -415,7 +420,7 @@ class Conversation(ChatRules):
 
     # ------------------------------------------------------------------ switches
 
-    def _set_persona(self, frame: AnyClientFrame, personality: str, now: float) -> None:
+    def _set_persona(self, frame: Frame, personality: str, now: float) -> None:
         """The one persona switch, for `set_persona` and `/persona` alike: validate, empty the
         cache, and hand it to the store without waiting; the chats read behind it are rendered
         with its personality, and written once it has committed."""
@@ -438,7 +443,7 @@ class Conversation(ChatRules):
 
     # ------------------------------------------------------------------ the avatar
 
-    def _current_avatar(self, frame: AnyClientFrame, now: float) -> Avatar | None:
+    def _current_avatar(self, frame: Frame, now: float) -> Avatar | None:
         """The avatar for the frame being handled, or None when the frame is held up (after this
         session's switches are answered, and a read)."""
         if self._held_for_switches(frame, now):
@@ -482,7 +487,7 @@ class Conversation(ChatRules):
 
     # ------------------------------------------------------------------ chats
 
-    def _enqueue(self, frame: Chat, text: str, now: float) -> None:
+    def _enqueue(self, frame: Chat | ChatFields, text: str, now: float) -> None:
         load = self.load
         if load is not None and load.shedding:  # refused before anything is read or written
             load.refuse()
@@ -499,11 +504,11 @@ class Conversation(ChatRules):
 
     # ------------------------------------------------------------------ held-up frames
 
-    def _hold(self, frame: AnyClientFrame, now: float, wait: Wait) -> None:
+    def _hold(self, frame: Frame, now: float, wait: Wait) -> None:
         self._frame = (frame, now)
         self._wait = wait
 
-    def _held_for_switches(self, frame: AnyClientFrame, now: float) -> bool:
+    def _held_for_switches(self, frame: Frame, now: float) -> bool:
         """Hold the frame until this session's switches are answered, if any are in flight."""
         if not self._avatar.in_flight:
             return False
