@@ -76,6 +76,9 @@ def settings_for_tests(**overrides: Any) -> Settings:
         "db_pool_min": 1,
         "db_pool_max": 4,
         "drain_timeout_s": 5.0,
+        # In-process servers share their loop with the test and its fixtures, whose blocking
+        # moments are not the server's load: shedding is off unless a test asks for it.
+        "overload_lag_ms": 0,
     }
     values.update(overrides)
     return Settings(**values)
