@@ -308,7 +308,7 @@ def env_proxy(url: str) -> str | None:
 
 
 def connect_failure(exc: BaseException) -> str:
-    """Why a connection failed, from the causes httpx and anyio chain (refused, unknown host)."""
+    """Why a connection failed, from the causes aiohttp chains (refused, unknown host)."""
     pending: list[BaseException] = [exc]
     seen: set[int] = set()
     while pending:
