@@ -135,11 +135,13 @@ class OpenAIGenerator:
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
+            connect_s = self._settings.llm_connect_timeout_s
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=KEEPALIVE_S),
                 headers=self._headers,
+                # connect: the TCP connection and the TLS handshake (sock_connect: the former)
                 timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=self._settings.llm_connect_timeout_s
+                    total=None, connect=connect_s, sock_connect=connect_s
                 ),
                 auto_decompress=False,
             )

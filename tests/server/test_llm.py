@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aiohttp
@@ -450,6 +451,34 @@ async def test_refused_connection_answers_unavailable(
     assert (
         error["message"] == f"cannot connect to the LLM endpoint {refused_url}: connection refused"
     )
+
+
+@pytest.fixture
+def unanswered_url() -> Iterator[str]:
+    """An endpoint that never completes a TCP handshake: a listener that accepts nothing, its
+    backlog filled, so the kernel drops further connection attempts."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = [socket.socket() for _ in range(3)]
+    for filler in fillers:
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+    yield f"http://127.0.0.1:{port}/v1"
+    for sock in (*fillers, listener):
+        sock.close()
+
+
+async def test_connect_timeout_answers_unavailable(
+    make_app: AppFactory, connect: ClientFactory, unanswered_url: str
+) -> None:
+    down = await make_app(llm_base_url=unanswered_url, **{**FAST, "llm_connect_timeout_s": 0.2})
+    client = await connect(target=down)
+    await with_avatar(client)
+    _, error = await chat(client, "hi")
+    assert (error["code"], error["status"]) == ("unavailable", 503)
+    assert error["message"] == f"timed out connecting to the LLM endpoint {unanswered_url}"
 
 
 async def test_connection_stays_usable_after_a_refused_connection(
