@@ -52,11 +52,22 @@ class SseDecoder:
                 self._line(buffer[start : match.start()], events)
                 start = match.end()
             self._buffer = buffer[start:]
-        else:  # the usual stream: LF only, split in C
+        else:  # the usual stream: LF only, split in C, `data: ` lines taken here
             lines = buffer.split(b"\n")
             self._buffer = lines.pop()
+            data = self._data
             for line in lines:
-                self._line(line, events)
+                if not line:
+                    if data:
+                        events.append(data[0] if len(data) == 1 else "\n".join(data))
+                        data = self._data = []
+                elif line.startswith(b"data: "):
+                    try:
+                        data.append(line[6:].decode("utf-8"))
+                    except UnicodeDecodeError:
+                        raise StreamError("sent an event stream that is not UTF-8") from None
+                else:
+                    self._line(line, events)  # appends to `data` (the same list) if anything
         if len(self._buffer) > MAX_LINE_BYTES:
             raise StreamError(f"sent an event stream line longer than {MAX_LINE_BYTES} bytes")
         return events

@@ -92,6 +92,17 @@ def test_sse_events_do_not_depend_on_chunk_boundaries(cuts: list[int]) -> None:
     assert decode(*pieces) == ['{"a": 1}', "x\ny", "é", "[DONE]"]
 
 
+SSE_LINE = st.sampled_from(
+    [b"", b": ping", b"event: x", b"data", b"data:x", b"data: y", b"data:  z"]
+)
+
+
+@given(st.lists(SSE_LINE | st.text(max_size=4).map(lambda t: b"data: " + t.encode()), max_size=12))
+def test_sse_events_are_the_same_with_lf_and_crlf_line_ends(lines: list[bytes]) -> None:
+    lf = b"".join(line + b"\n" for line in lines)
+    assert decode(lf) == decode(lf.replace(b"\n", b"\r\n"))  # the LF-only path, the other
+
+
 def test_chunk_content_and_finish_reason() -> None:
     chunk = parse_chunk(
         '{"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": null}]}'
