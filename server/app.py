@@ -240,10 +240,11 @@ class App:
         log.info("HTTP API on %s (OpenAPI at /docs)", self.api_url)
 
     async def _handle(self, ws: ServerConnection) -> None:
-        headers = ws.request.headers if ws.request is not None else Headers()
-        session = Session(self.services, ws, self.client_address(ws.remote_address, headers))
-        # until server/session.py hands the process's load to the conversation's constructor
-        session.conversation.load = self.services.state.load
+        # no local keeps the handshake's headers: the session empties them once it has read them
+        address = self.client_address(
+            ws.remote_address, ws.request.headers if ws.request is not None else Headers()
+        )
+        session = Session(self.services, ws, address)
         self.sessions.add(session)
         try:
             await session.run()

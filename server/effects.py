@@ -11,7 +11,13 @@ from protocol.conversation.actions import Action
 from protocol.conversation.chats import KNOWN_IDS
 from protocol.conversation.core import Conversation
 from protocol.conversation.records import StoredTurn, SwitchResult
-from protocol.errors import CloseCode, ConnectionRefused, ProtocolError, Unavailable
+from protocol.errors import (
+    CloseCode,
+    ConnectionRefused,
+    Overloaded,
+    ProtocolError,
+    Unavailable,
+)
 from server.failures import as_protocol_error
 from server.hub import Listener
 from server.services import Services
@@ -77,6 +83,8 @@ class Effects:
             try:
                 avatar = await services.store.open_user(user_id)
                 stored_ids = await services.store.recent_chat_ids(user_id, KNOWN_IDS)
+            except Overloaded:  # a kind of Unavailable: the database is up, the process is not
+                raise ConnectionRefused(CloseCode.TRY_AGAIN_LATER, "overloaded") from None
             except Unavailable:
                 raise ConnectionRefused(CloseCode.INTERNAL_ERROR, "database unavailable") from None
         except ConnectionRefused as exc:

@@ -129,6 +129,7 @@ class Session:
             state.history_budgets,
             time.monotonic(),
             trusted=state.listening,
+            load=state.load,
         )
         feed = self._feed  # one bound method for both, not one each
         self._replies = Replies(services, self.conversation, self.id, feed)

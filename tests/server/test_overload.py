@@ -11,13 +11,15 @@ from contextlib import asynccontextmanager
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from protocol.conversation.load import Load
-from protocol.errors import Overloaded, Unavailable
+from protocol.errors import CloseCode, Overloaded, Unavailable
 from server.app import App
+from server.auth import mint_token
 from server.store.connections import unreachable_is_unavailable, unwatch_load, watch_load
-from tests.client import chat, first_delta
-from tests.conftest import AppFactory, ClientFactory, with_avatar
+from tests.client import Client, chat, first_delta
+from tests.conftest import SECRET, AppFactory, ClientFactory, with_avatar
 
 BLOCK_S = 0.25  # how long the burner holds the loop at a time: over the 100 ms threshold
 WAIT_S = 20.0
@@ -133,3 +135,19 @@ def test_a_database_timeout_while_other_calls_are_answered_is_overloaded() -> No
             raise TimeoutError()
     finally:
         unwatch_load(load)
+
+
+async def test_a_hello_whose_database_calls_time_out_in_a_lagging_process_is_told_to_come_back(
+    make_app: AppFactory,
+) -> None:
+    """The hello's reads wait behind a held loop past CHAT_DB_TIMEOUT_S: the database is up, so
+    the connection is closed 1013 (try again later), not 1011 "database unavailable"."""
+    app = await make_app(overload_lag_ms=100, overload_calm_s=0.3, db_timeout_s=0.15)
+    async with Client(app.url) as client:
+        async with lagging_loop():
+            await until(lambda: app.services.state.load.shedding, "shedding")
+            await client.send({"type": "hello", "token": mint_token(SECRET, "lagging-user")})
+            with pytest.raises(ConnectionClosed):
+                await client.recv(WAIT_S)
+        assert client.conn.close_code == CloseCode.TRY_AGAIN_LATER
+        assert client.conn.close_reason == "overloaded"
