@@ -126,7 +126,7 @@ class Conversation(ChatRules):
         self._avatar = AvatarView(trusted)
         self._wait = Wait.NOTHING
         self._frame: tuple[Frame, float] | None = None  # the frame held up, and when
-        self._backlog: deque[tuple[str | bytes, float]] = deque()
+        self._backlog: deque[tuple[str | bytes, float]] | None = None  # made on first use
         self._read: _Read | None = None
         self._fresh: Avatar | None = None  # read for the held-up frame, not cached
         self._keys = 0
@@ -146,6 +146,8 @@ class Conversation(ChatRules):
         if self.phase is Phase.CLOSED:
             return []
         if self._wait is not Wait.NOTHING or self._backlog:
+            if self._backlog is None:
+                self._backlog = deque()
             self._backlog.append((raw, now))
             return []
         self._handle(raw, now)
@@ -155,7 +157,7 @@ class Conversation(ChatRules):
         """The connection is gone: waiting chats are dropped, the reply in flight is cancelled
         (it is still stored, as cancelled)."""
         self.phase = Phase.CLOSED
-        self._backlog.clear()
+        self._backlog = None
         self._drop_chats()
         return self._take()
 

@@ -28,10 +28,12 @@ class ChatRules(Outputs):
 
     def __init__(self, recent_messages: int) -> None:
         super().__init__()
-        self._queue: deque[PendingChat] = deque()
+        # made on first use: most sessions never queue a chat, and an idle one holds neither
+        self._queue: deque[PendingChat] | None = None  # waiting behind the one answered
         self._current: PendingChat | None = None
         self._stored_ids = StoredIds()
-        self._recent: deque[PastMessage] = deque(maxlen=recent_messages)
+        self._recent: deque[PastMessage] | None = None  # the last `recent_messages`, in order
+        self._recent_messages = recent_messages
 
     @property
     def idle(self) -> bool:
@@ -143,12 +145,21 @@ class ChatRules(Outputs):
             raise Unavailable("the server is shutting down; reconnect in a moment")
         if ref is not None and self._claims.holds(self.user_id, ref):
             raise Busy("a chat with this id is still being answered")
-        if self._current is not None and len(self._queue) >= self.terms.chat_queue_depth:
-            raise Busy(details={"queued": len(self._queue)})
+        queue = self._queue
+        waiting = len(queue) if queue is not None else 0
+        if self._current is not None and waiting >= self.terms.chat_queue_depth:
+            raise Busy(details={"queued": waiting})
         if ref is not None:
             self._claims.claim(self.user_id, ref)
         self._keys += 1
-        self._queue.append(PendingChat(self._keys, ref, text, persona, now, after))
+        chat = PendingChat(self._keys, ref, text, persona, now, after)
+        if self._current is None and not queue:  # the usual case: answered at once
+            self._current = chat
+            self._begin(chat)
+            return
+        if queue is None:
+            queue = self._queue = deque()
+        queue.append(chat)
         self._advance()
 
     def _cancel(self) -> None:
@@ -205,7 +216,9 @@ class ChatRules(Outputs):
             return
         chat.step = Step.GENERATING
         self._out.append(
-            StartReply(chat.key, chat.persona, chat.text, tuple(self._recent), self._avatar.name)
+            StartReply(
+                chat.key, chat.persona, chat.text, tuple(self._recent or ()), self._avatar.name
+            )
         )
 
     def _request_cancel(self, chat: PendingChat) -> None:
@@ -242,8 +255,11 @@ class ChatRules(Outputs):
         assert chat.turn is not None
         text, status = chat.turn.reply_text, chat.turn.status
         if status == "completed":
-            self._recent.append(PastMessage("user", chat.text, chat.persona))
-            self._recent.append(PastMessage("assistant", text, chat.persona))
+            recent = self._recent
+            if recent is None:
+                recent = self._recent = deque(maxlen=self._recent_messages)
+            recent.append(PastMessage("user", chat.text, chat.persona))
+            recent.append(PastMessage("assistant", text, chat.persona))
         self._meter.reply(status, now - chat.received_at)
         if chat.usage is None:  # the usual reply, encoded without building the model
             self._send(

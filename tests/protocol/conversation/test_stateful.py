@@ -221,7 +221,7 @@ class TwoConversations(RuleBasedStateMachine):
         pushed first, an older one read again)."""
         client = self.clients[index]
         conv = client.talk.conv
-        chats = [conv._current, *conv._queue]
+        chats = [conv._current, *(conv._queue or ())]
         known = self.known[index]
         for chat in chats:
             if chat is None or chat.key in client.accepted:
