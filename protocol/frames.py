@@ -458,6 +458,13 @@ def encode_reply(
     )
 
 
+def encode_reply_delta(ref: str | None, reply_id: int, delta: str) -> bytes:
+    """`encode(ReplyDelta(...))`, byte for byte, without building the model: a streamed reply
+    sends one for every few tokens. tests/protocol/test_frames.py holds the two to the same
+    bytes."""
+    return orjson.dumps({"type": "reply_delta", "ref": ref, "reply_id": reply_id, "delta": delta})
+
+
 def decode_server_frame(raw: str | bytes) -> AnyServerFrame:
     """Decode one server frame (for clients, bots and tests)."""
     return SERVER_ADAPTER.validate_json(raw)

@@ -12,7 +12,7 @@ from protocol.conversation.base import Outputs, Phase, Terms
 from protocol.conversation.chats import Claims, PendingChat, Step, StoredIds
 from protocol.conversation.records import PastMessage, PastTurn, StoredTurn, Turn
 from protocol.errors import Busy, DuplicateId, NothingToCancel, ProtocolError, Unavailable
-from protocol.frames import Reply, ReplyDelta, ReplyStatus, Usage, encode_reply
+from protocol.frames import Reply, ReplyStatus, Usage, encode_reply, encode_reply_delta
 
 _PAST_CANCEL = frozenset({Step.COMMITTING, Step.READ_BACK})
 
@@ -117,7 +117,7 @@ class ChatRules(Outputs):
     def reply_delta(self, key: int, text: str) -> list[Action]:
         chat = self._chat(key)
         if chat is not None and chat.reply_id is not None:
-            self._send(ReplyDelta(ref=chat.ref, reply_id=chat.reply_id, delta=text))
+            self._send(encode_reply_delta(chat.ref, chat.reply_id, text))
         return self._take()
 
     def reply_ended(

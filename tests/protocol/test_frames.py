@@ -21,6 +21,7 @@ from protocol.frames import (
     PersonaInfo,
     Personas,
     Reply,
+    ReplyDelta,
     ReplyStatus,
     SetPersona,
     SetPersonaFields,
@@ -33,6 +34,7 @@ from protocol.frames import (
     encode,
     encode_listing,
     encode_reply,
+    encode_reply_delta,
     error_frame,
     fit_history_page,
     salvage_ref,
@@ -176,6 +178,19 @@ def test_the_fast_reply_encoder_writes_what_the_model_encoder_writes(
         ref=ref, reply_id=ids[0], message_id=ids[1], persona=persona, text=text, status=status
     )
     assert encode_reply(ref, ids[0], ids[1], persona, text, status) == encode(reply)
+
+
+@settings(max_examples=300)
+@given(
+    ref=st.one_of(st.none(), st.text(max_size=64)),
+    reply_id=st.integers(0, 2**63 - 1),
+    delta=st.text(st.characters(exclude_categories=["Cs"]), max_size=100),
+)
+def test_the_fast_delta_encoder_writes_what_the_model_encoder_writes(
+    ref: str | None, reply_id: int, delta: str
+) -> None:
+    frame = ReplyDelta(ref=ref, reply_id=reply_id, delta=delta)
+    assert encode_reply_delta(ref, reply_id, delta) == encode(frame)
 
 
 def test_error_frame_carries_code_status_and_details() -> None:
