@@ -8,7 +8,7 @@ import logging
 import socket
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 from urllib.request import getproxies, proxy_bypass
 
 import aiohttp
@@ -17,7 +17,7 @@ import orjson
 from protocol.frames import Usage
 from server.generators import GeneratorUnavailable, TurnContext
 from server.render import ChatMessage, build_prompt, notes_in_user_turns
-from server.settings import Settings
+from server.settings import ConfigError, Settings
 from server.sse import Completion, SseDecoder, StreamError, clip, error_detail
 
 log = logging.getLogger(__name__)
@@ -116,9 +116,7 @@ class OpenAIGenerator:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._url = settings.llm_base_url.rstrip("/") + "/chat/completions"
-        if urlsplit(self._url).scheme not in ("http", "https"):
-            raise ValueError(f"llm_base_url must be an http(s) URL, not {settings.llm_base_url!r}")
+        parts = urlsplit(settings.llm_base_url)  # its scheme is checked by Settings
         self.endpoint = display_url(settings.llm_base_url)
         self._key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else ""
         headers = {
@@ -128,6 +126,19 @@ class OpenAIGenerator:
         }
         if self._key:
             headers["Authorization"] = f"Bearer {self._key}"
+        if parts.username is not None or parts.password is not None:
+            # a user and password in the URL are sent as basic auth: with an API key as well,
+            # it is not clear which of the two the endpoint wants
+            if self._key:
+                raise ConfigError(
+                    "CHAT_LLM_BASE_URL holds a user and password and CHAT_LLM_API_KEY is set:"
+                    " give the endpoint one of the two"
+                )
+            user, password = unquote(parts.username or ""), unquote(parts.password or "")
+            headers["Authorization"] = aiohttp.encode_basic_auth(user, password)
+        netloc = parts.netloc.rpartition("@")[2]
+        base = urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+        self._url = base.rstrip("/") + "/chat/completions"
         self._headers = headers
         self._proxy = env_proxy(self._url)
         self._session: aiohttp.ClientSession | None = None
@@ -251,7 +262,10 @@ class OpenAIGenerator:
             body["stream_options"] = {"include_usage": True}
         async with asyncio.timeout_at(clock.deadline):
             return await self._client().post(
-                self._url, data=orjson.dumps(body), allow_redirects=False, proxy=self._proxy
+                self._url,
+                data=orjson.dumps(body),
+                allow_redirects=False,
+                proxy=self._proxy,
             )
 
     async def _error_detail(self, response: aiohttp.ClientResponse, clock: _Clock) -> str:

@@ -6,9 +6,17 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
+from urllib.parse import urlsplit
 
 import annotated_types
-from pydantic import AliasChoices, Field, IPvAnyNetwork, SecretStr, ValidationError
+from pydantic import (
+    AliasChoices,
+    Field,
+    IPvAnyNetwork,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
@@ -117,6 +125,14 @@ class Settings(BaseSettings):
     llm_max_tokens: int = Field(default=512, ge=1)
     llm_temperature: float = Field(default=0.8, ge=0, le=2)
 
+    @field_validator("llm_base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("not an http(s) URL")
+        return value
+
     def secret_path(self) -> Path:
         return self.data_dir / "jwt_secret"
 
@@ -134,6 +150,7 @@ EXAMPLES = {
     "port": "a number from 0 to 65535",
     "trusted_proxies": 'a JSON list of addresses or networks, e.g. ["10.0.0.0/8"]',
     "allowed_origins": 'a JSON list of origins, e.g. ["https://chat.example.com"]',
+    "llm_base_url": "an http(s) URL, e.g. http://127.0.0.1:11434/v1",
 }
 NOUNS = {"port": "port", "log_level": "log level", "generator": "generator", "host": "host"}
 MAX_SHOWN_CHARS = 60
@@ -177,6 +194,8 @@ def describe_invalid(error: ErrorDetails, flags: Mapping[str, Any]) -> str:
     if isinstance(value, list):
         value = " ".join(map(str, value))
     shown = str(value)
+    if name == "llm_base_url":  # a user and password in it are not shown
+        shown = re.sub(r"//[^/@]*@", "//***@", shown)
     if len(shown) > MAX_SHOWN_CHARS:
         shown = shown[: MAX_SHOWN_CHARS - 3] + "..."
     given = f"{source} {shown}" if source.startswith("--") else f"{source}={shown}"

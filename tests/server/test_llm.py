@@ -17,11 +17,12 @@ from hypothesis import strategies as st
 
 from protocol.frames import Usage
 from server.app import App
-from server.llm import display_url, env_proxy, failure_message
+from server.llm import OpenAIGenerator, display_url, env_proxy, failure_message
 from server.render import persona_system_prompt, switch_note
+from server.settings import ConfigError
 from server.sse import Completion, SseDecoder, StreamError, parse_chunk
 from tests.client import Client, chat, first_delta
-from tests.conftest import AppFactory, ClientFactory, with_avatar
+from tests.conftest import AppFactory, ClientFactory, settings_for_tests, with_avatar
 from tests.personas import BUILTIN_CARDS, get_card
 from tests.server.fake_llm import FakeLLM, Received, Script
 
@@ -332,6 +333,25 @@ async def test_api_key_is_sent_as_a_bearer_token(
     await with_avatar(client)
     await chat(client, "hi")
     assert fake.requests[0].headers["authorization"] == f"Bearer {KEY}"
+
+
+async def test_a_user_and_password_in_the_url_are_sent_as_basic_auth(
+    make_app: AppFactory, connect: ClientFactory, fake: FakeLLM
+) -> None:
+    with_user = fake.url.replace("http://", "http://ann:s3cret@")
+    app = await make_app(llm_base_url=with_user, **FAST)
+    client = await connect(target=app)
+    await with_avatar(client)
+    _, reply = await chat(client, "hi")
+    assert reply["type"] == "reply", reply
+    assert fake.requests[0].headers["authorization"] == "Basic YW5uOnMzY3JldA=="  # ann:s3cret
+
+
+def test_a_user_and_password_in_the_url_and_an_api_key_are_a_config_mistake() -> None:
+    settings = settings_for_tests(llm_base_url="http://ann:pw@127.0.0.1:9/v1", llm_api_key=KEY)
+    with pytest.raises(ConfigError, match="give the endpoint one of the two") as raised:
+        OpenAIGenerator(settings)
+    assert KEY not in str(raised.value) and "pw" not in str(raised.value)
 
 
 async def test_error_names_the_endpoint_but_never_the_key(

@@ -48,6 +48,20 @@ def test_every_invalid_variable_is_named_with_its_fix_in_one_line(
     assert f": set {variable} to " in line
 
 
+@pytest.mark.parametrize("url", ["ftp://u:hunter2@llm.example/v1", "localhost:11434/v1", "http://"])
+def test_an_llm_url_that_is_not_http_is_named_without_its_password(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHAT_LLM_BASE_URL", url)
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+    line = str(raised.value)
+    assert line.endswith(
+        "is not valid: set CHAT_LLM_BASE_URL to an http(s) URL, e.g. http://127.0.0.1:11434/v1"
+    )
+    assert line.startswith("CHAT_LLM_BASE_URL=") and "hunter2" not in line
+
+
 def test_a_flag_is_named_as_the_flag_and_other_mistakes_are_counted(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
