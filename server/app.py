@@ -288,6 +288,7 @@ class App:
             await self._listener.stop()
         await services.catalogue.aclose()
         await services.store.close()
+        self.metrics.fold()  # what the drain counted, into a worker's files before it exits
         log.info("stopped")
 
     async def _tick(self) -> None:

@@ -491,7 +491,8 @@ class Conversation(ChatRules):
 
     def _enqueue(self, frame: Chat | ChatFields, text: str, now: float) -> None:
         load = self.load
-        if load is not None and load.shedding:  # refused before anything is read or written
+        # refused before anything is read or written; a draining process says `unavailable`
+        if load is not None and load.shedding and self.phase is not Phase.DRAINING:
             load.refuse()
             raise Overloaded(details={"retry_after_ms": load.retry_after_ms})
         switch = self._avatar.deciding()  # read behind it: rendered with its personality

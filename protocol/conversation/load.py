@@ -47,7 +47,7 @@ class Load:
         self._over = 0  # samples in a row at or over `lag_s`
         self._calm_since: float | None = None  # when the lag went under half of `lag_s`
         self._due: float | None = None  # when the monitor's next sample is due
-        self._lagged_at = -math.inf  # the newest sample at or over `lag_s`, or while shedding
+        self._lagged_at = -math.inf  # the newest sample at or over `lag_s`
 
     @property
     def retry_after_ms(self) -> int:
@@ -61,7 +61,7 @@ class Load:
         self._due = next_due
         if not self.lag_s:
             return False
-        if self.shedding or lag_s >= self.lag_s:
+        if lag_s >= self.lag_s:
             self._lagged_at = now
         if not self.shedding:
             self._over = self._over + 1 if lag_s >= self.lag_s else 0
@@ -93,7 +93,6 @@ class Load:
         self.shedding = True
         self._over = 0
         self._calm_since = None
-        self._lagged_at = now
         return started
 
     def lag_at(self, now: float) -> float:
@@ -102,16 +101,14 @@ class Load:
         return max(self.last_lag_s, late)
 
     def overloaded(self, now: float) -> bool:
-        """Whether a timeout met at `now` is explained by the process being out of CPU: it
-        sheds, its loop lags by the threshold now (a blocked loop gives its monitor no chance to
-        sample), or it did within the last `window_s` (while the call waited)."""
+        """Whether a timeout met at `now` is explained by the process being out of CPU: its
+        loop lags by the threshold now (a blocked loop gives its monitor no chance to sample),
+        or it did within the last `window_s` (while the call waited). Shedding that a strained
+        database started explains nothing by itself: a database that stopped answering would
+        otherwise keep its timeouts `overloaded`."""
         if not self.lag_s:
             return False
-        return (
-            self.shedding
-            or self.lag_at(now) >= self.lag_s
-            or now - self._lagged_at <= self.window_s
-        )
+        return self.lag_at(now) >= self.lag_s or now - self._lagged_at <= self.window_s
 
     def refuse(self) -> None:
         """Count a chat refused because the process sheds."""

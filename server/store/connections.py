@@ -65,13 +65,15 @@ def unwatch_load(load: Load) -> None:
         _loads.remove(load)
 
 
-def overloaded() -> Overloaded | None:
+def overloaded(started: float | None = None) -> Overloaded | None:
     """The error for a timeout met now, if the process's load explains it: its loop lags or
-    lagged while the call waited, or the database answered other calls meanwhile (so that it
-    is up, and what the call waited for was its turn)."""
+    lagged while the call waited, or (for a database call that began at `started`) the
+    database answered another call of the process after this one began, so that it is up and
+    what this call waited for was its turn. A call that began after the database stopped
+    answering is not explained so: that is an outage."""
     now = time.monotonic()
     for load in _loads:
-        queued = now - _answers.at < load.window_s
+        queued = started is not None and _answers.at > started
         if queued and load.strained(now):
             _outage.warning(
                 "strained",
@@ -95,11 +97,12 @@ def unreachable_is_unavailable(conn: Conn | None = None) -> Iterator[None]:
     one more sign of the same thing, said in one line; any other `InternalClientError` on
     `conn`, now closed, is logged with its traceback, since it could be a bug in asyncpg.
     """
+    started = time.monotonic()
     try:
         yield
         _answers.at = time.monotonic()
     except UNREACHABLE as exc:
-        if isinstance(exc, TimeoutError) and (overload := overloaded()) is not None:
+        if isinstance(exc, TimeoutError) and (overload := overloaded(started)) is not None:
             _outage.warning("overloaded", "a database call timed out: the process is overloaded")
             raise overload from exc
         kind = type(exc).__name__

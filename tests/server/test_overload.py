@@ -122,17 +122,23 @@ def test_a_database_timeout_while_the_loop_lags_is_overloaded_not_unavailable() 
 
 
 def test_a_database_timeout_while_other_calls_are_answered_is_overloaded() -> None:
-    """The database is up (it answered a call within the timeout): a call that timed out
-    waited for its turn, in a pool or behind a busy database, and that is overload."""
+    """The database is up (it answered a call that began after this one): a call that timed
+    out waited for its turn, in a pool or behind a busy database, and that is overload. A call
+    that began after the database last answered is an outage: a database that hangs stays
+    `unavailable`."""
     load = Load(0.1, 1.0, window_s=5.0)
     watch_load(load)
     try:
         now = time.monotonic()
         load.sample(0.0, now, now + 0.1)  # an idle loop
-        with unreachable_is_unavailable():
-            pass  # a call answered
         with pytest.raises(Overloaded), unreachable_is_unavailable():
+            with unreachable_is_unavailable():
+                pass  # another call, begun after this one, answered
             raise TimeoutError()
+        assert load.shedding  # it started the shedding at once
+        with pytest.raises(Unavailable) as hung, unreachable_is_unavailable():
+            raise TimeoutError()  # nothing answered since this call began
+        assert type(hung.value) is Unavailable
     finally:
         unwatch_load(load)
 

@@ -123,6 +123,16 @@ def test_a_chat_held_for_its_avatar_is_refused_if_shedding_started_meanwhile() -
     assert frames(talk.conv.avatar_loaded(avatar("witty")))[0]["code"] == "overloaded"
 
 
+def test_a_draining_process_says_unavailable_even_while_it_sheds() -> None:
+    load = Load(LAG, CALM)
+    talk = _talk(load)
+    fed(load, [0.3, 0.3])
+    talk.conv.drain_started()
+    refused = frames(talk.frame(type="chat", id="c1", text="hi"))[0]
+    assert (refused["code"], refused["status"]) == ("unavailable", 503)
+    assert load.refused == 0
+
+
 def test_commands_and_switches_are_not_shed() -> None:
     load = Load(LAG, CALM)
     talk = _talk(load)
@@ -133,12 +143,22 @@ def test_commands_and_switches_are_not_shed() -> None:
 
 def test_a_timeout_within_the_window_after_a_lag_is_still_explained_by_it() -> None:
     load = Load(LAG, CALM, window_s=5.0)
-    fed(load, [0.3, 0.3])  # shedding from 0.1
+    fed(load, [0.3, 0.3])  # lagging at 0.0 and 0.1: shedding from 0.1
     fed(load, [0.0] * 62, start=1.0)  # the sample at 2.0 ends the shedding; calm until 7.1
     assert not load.shedding
-    assert load.overloaded(6.9)  # a call that timed out now was waiting while it shed
-    assert not load.overloaded(7.1)
+    assert load.overloaded(5.0)  # a call that timed out now was waiting while the loop lagged
+    assert not load.overloaded(5.2)
     assert not Load(LAG, CALM).overloaded(0.0)  # no sample yet: nothing explained
+
+
+def test_shedding_a_strained_database_started_explains_no_timeout_by_itself() -> None:
+    """A database that stops answering: the one call that saw others answered sheds, and the
+    timeouts after it, with a loop that never lagged, are an outage."""
+    load = Load(LAG, CALM, window_s=5.0)
+    fed(load, [0.0] * 10)
+    assert load.strained(1.0) and load.shedding
+    fed(load, [0.0] * 5, start=1.0)
+    assert load.shedding and not load.overloaded(1.5)
 
 
 def test_a_strained_database_sheds_at_once_and_calms_down_as_after_a_lag() -> None:
