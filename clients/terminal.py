@@ -53,6 +53,7 @@ from protocol.frames import (
 from protocol.text import printable
 
 DEFAULT_AVATAR = ("Ava", "friendly")
+MAX_RETRY_WAIT_S = 10.0  # however long a server asks
 RATE_LIMIT_RETRIES = 5
 RECENT_ON_START = 6  # messages of the conversation so far shown when the client starts
 PAGE_SIZE = 20  # personas that `/personas` shows at a time
@@ -226,12 +227,15 @@ async def create_default_avatar(conversation: Conversation) -> None:
 
 
 async def chat_with_retry(conversation: Conversation, text: str) -> AnyServerFrame:
-    """Send one chat; when it is rate limited, wait a little and send it again."""
+    """Send one chat; when it is rate limited, wait a little and send it again, and when the
+    server sheds load (`overloaded`), after the delay it asks for."""
     for attempt in range(1, RATE_LIMIT_RETRIES):
         answer = await conversation.link.request({"type": "chat", "text": text})
-        if not (isinstance(answer, Error) and answer.code == "rate_limited"):
+        if not isinstance(answer, Error) or answer.code not in ("rate_limited", "overloaded"):
             return answer
-        await asyncio.sleep(0.5 * attempt)
+        hinted = (answer.details or {}).get("retry_after_ms")
+        wait_s = hinted / 1000 if isinstance(hinted, int | float) else 0.5 * attempt
+        await asyncio.sleep(min(wait_s, MAX_RETRY_WAIT_S))
     return await conversation.link.request({"type": "chat", "text": text})
 
 

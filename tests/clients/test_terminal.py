@@ -6,6 +6,7 @@ import asyncio
 import os
 import socket
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -170,6 +171,27 @@ async def test_piped_persona_command_applies_to_the_next_reply(
     assert result.code == 0, result.stderr
     assert "persona: witty (was friendly)" in result.stderr
     assert (await history_of(client))[-1][:2] == ("assistant", "witty")
+
+
+async def test_piped_chat_refused_overloaded_is_sent_again_after_the_delay(
+    make_app: AppFactory, connect: ClientFactory, user: str, tmp_path: Path
+) -> None:
+    app = await make_app(overload_lag_ms=100, overload_calm_s=0.5)
+    await with_avatar(await connect(user, target=app))
+    load = app.services.state.load
+
+    async def shed_until_a_chat_is_refused() -> None:
+        while load.refused == 0:  # as when its database calls queue: see server/store
+            load.strained(time.monotonic())
+            await asyncio.sleep(0.05)
+
+    shedding = asyncio.create_task(shed_until_a_chat_is_refused())
+    token = mint_token(SECRET, user)
+    result = await run_piped(tmp_path, ["--url", app.url, "--token", token], "I baked bread\n")
+    await asyncio.wait_for(shedding, TIMEOUT_S)
+    assert result.code == 0, result.stderr
+    assert "baked bread" in result.stdout
+    assert load.refused >= 1
 
 
 async def test_piped_chat_creates_a_default_avatar_for_a_new_user(
