@@ -29,10 +29,12 @@ class SseDecoder:
     are skipped.
     """
 
-    __slots__ = ("_after_cr", "_buffer", "_data")
+    __slots__ = ("_after_cr", "_buffer", "_data", "_held", "_held_bytes")
 
     def __init__(self) -> None:
         self._buffer = b""
+        self._held: list[bytes] = []  # chunks of an unfinished line after `_buffer`, unscanned
+        self._held_bytes = 0
         self._data: list[str] = []
         self._after_cr = False
 
@@ -42,7 +44,23 @@ class SseDecoder:
         if self._after_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]
         self._after_cr = False
-        buffer = self._buffer + chunk if self._buffer else chunk
+        if b"\n" not in chunk and b"\r" not in chunk:
+            # no line ends: held as it is, so that a long line costs its length once, not
+            # once per chunk
+            if chunk:
+                self._held.append(chunk)
+                self._held_bytes += len(chunk)
+                if len(self._buffer) + self._held_bytes > MAX_LINE_BYTES:
+                    raise StreamError(
+                        f"sent an event stream line longer than {MAX_LINE_BYTES} bytes"
+                    )
+            return []
+        if self._held:
+            buffer = b"".join((self._buffer, *self._held, chunk))
+            self._held.clear()
+            self._held_bytes = 0
+        else:
+            buffer = self._buffer + chunk if self._buffer else chunk
         events: list[str] = []
         if b"\r" in buffer:
             start = 0
@@ -75,6 +93,10 @@ class SseDecoder:
     def close(self) -> list[str]:
         """End of stream: an unterminated last line or event still counts."""
         events: list[str] = []
+        if self._held:
+            self._buffer = b"".join((self._buffer, *self._held))
+            self._held.clear()
+            self._held_bytes = 0
         if self._buffer:
             self._line(self._buffer, events)
             self._buffer = b""

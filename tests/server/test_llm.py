@@ -20,7 +20,7 @@ from server.app import App
 from server.llm import OpenAIGenerator, display_url, env_proxy, failure_message
 from server.render import persona_system_prompt, switch_note
 from server.settings import ConfigError
-from server.sse import Completion, SseDecoder, StreamError, parse_chunk
+from server.sse import MAX_LINE_BYTES, Completion, SseDecoder, StreamError, parse_chunk
 from tests.client import Client, chat, first_delta
 from tests.conftest import AppFactory, ClientFactory, settings_for_tests, with_avatar
 from tests.personas import BUILTIN_CARDS, get_card
@@ -55,6 +55,17 @@ def test_sse_events_end_at_blank_lines() -> None:
 
 def test_sse_accepts_crlf_lf_and_cr_line_ends() -> None:
     assert decode(b"data: a\r\n\r\ndata: b\n\ndata: c\r\rdata: d\r\n\r\n") == ["a", "b", "c", "d"]
+
+
+def test_sse_a_line_longer_than_the_limit_is_a_stream_error_in_any_chunks() -> None:
+    """A line sent a kilobyte at a time is held, not scanned again with every chunk (that was
+    quadratic: 0.6 s of a blocked loop for a megabyte), and past MAX_LINE_BYTES it is refused."""
+    decoder = SseDecoder()
+    with pytest.raises(StreamError, match="line longer than"):
+        for _ in range(MAX_LINE_BYTES // 1024 + 1):
+            decoder.feed(b"x" * 1024)
+    held = SseDecoder()
+    assert [held.feed(piece) for piece in (b"data: ", b"ab", b"c", b"\n\n")][-1] == ["abc"]
 
 
 def test_sse_crlf_split_across_chunks_is_one_line_end() -> None:
