@@ -94,6 +94,11 @@ async def test_a_lagging_server_refuses_new_chats_overloaded_and_finishes_replie
 
     await until(lambda: not load.shedding, "taking chats again")
     _, answer = await chat(other, "and now?")
+    deadline = time.monotonic() + WAIT_S
+    while answer.get("code") == "overloaded" and time.monotonic() < deadline:
+        # a busy CI machine may lag the loop again on its own: the chat is sent again as asked
+        await asyncio.sleep(answer["details"]["retry_after_ms"] / 1000)
+        _, answer = await chat(other, "and now?")
     assert answer["type"] == "reply", answer
     seen = await metrics(app)
     assert seen["chat_overload_shedding"] == 0.0
