@@ -23,7 +23,7 @@ from server.sse import Completion, SseDecoder, StreamError, clip, error_detail
 log = logging.getLogger(__name__)
 
 DRAIN_S = 0.25
-KEEPALIVE_S = 15.0
+KEEPALIVE_S = 4.0  # under the 5 s after which uvicorn (vLLM) and others close an idle connection
 
 
 def display_url(url: str) -> str:
