@@ -159,6 +159,8 @@ def parse_chunk(data: str) -> Chunk:
     finish = choice.get("finish_reason")
     if type(content) is not str or (finish is not None and type(finish) is not str):
         raise StreamError("sent a malformed event stream: `content` is not a string")
+    if "\x00" in content:  # PostgreSQL text cannot hold it; the model's text is not refused for it
+        content = content.replace("\x00", "\ufffd")
     return Chunk(content, finish, usage)
 
 

@@ -238,6 +238,8 @@ class ChatRules(Outputs):
         if status == "cancelled" and chat.interrupted:
             status = "interrupted"
         chat.usage, chat.failure = usage, failure
+        if "\x00" in text:  # a generator's text: PostgreSQL text cannot hold a NUL, and one
+            text = text.replace("\x00", "\ufffd")  # would fail its whole group commit
         chat.turn = Turn(
             user_id=self.user_id,
             persona=chat.persona,

@@ -301,6 +301,25 @@ async def test_fast_tokens_are_coalesced_into_fewer_deltas(client: Client, fake:
     assert 1 <= len(deltas) < 60
 
 
+async def test_a_nul_from_the_model_is_stored_as_a_replacement_character(
+    client: Client, connect: ClientFactory, fake: FakeLLM
+) -> None:
+    """PostgreSQL text cannot hold a NUL: one in a reply failed its whole group commit, the
+    other users' chats in it with it."""
+    fake.script = Script(tokens=("bad\x00", " byte"), token_delay_s=0.05)
+    other = await connect()
+    await with_avatar(other)
+    (_, reply), (_, others) = await asyncio.gather(chat(client, "hi"), chat(other, "hello"))
+    assert (reply["type"], reply["status"], reply["text"]) == (
+        "reply",
+        "completed",
+        "bad\ufffd byte",
+    )
+    assert others["type"] == "reply", others
+    history = await client.request({"type": "history"})
+    assert history["messages"][-1]["text"] == "bad\ufffd byte"
+
+
 async def test_completed_streams_reuse_one_upstream_connection(
     client: Client, fake: FakeLLM
 ) -> None:

@@ -47,6 +47,15 @@ def test_a_reply_is_generated_committed_then_sent() -> None:
     assert talk.conv.idle and talk.counts.seen["reply:completed"] == 1
 
 
+def test_a_nul_in_a_generated_reply_is_committed_and_sent_as_a_replacement_character() -> None:
+    talk = opened()
+    start = one(talk.frame(type="chat", id="c", text="hello"), StartReply)
+    commit = one(talk.conv.reply_ended(start.key, "a\x00b", "completed"), CommitTurn)
+    assert commit.turn.reply_text == "a\ufffdb"
+    reply = frames(talk.conv.turn_committed(commit.key, stored(10), talk.now))[0]
+    assert reply["text"] == "a\ufffdb"
+
+
 def test_the_generator_gets_the_conversation_so_far() -> None:
     talk = opened()
     start = one(talk.frame(type="chat", text="my cat is Miso"), StartReply)
