@@ -139,6 +139,7 @@ class Replies:
             settings.delta_flush_chars,
         )
         usage: Usage | None = None
+        room = settings.llm_max_reply_chars
         try:
             turn = self._turn(card, job, await self._recent(job))
             async with contextlib.aclosing(self._services.generator.stream(turn)) as pieces:
@@ -146,6 +147,14 @@ class Replies:
                     if isinstance(piece, Usage):
                         usage = piece
                         continue
+                    if len(piece) > room:  # an endpoint that does not stop: cut, and failed
+                        stream.parts.append(piece[:room])
+                        coalescer.add(piece[:room])
+                        raise GeneratorUnavailable(
+                            f"the model's reply passed {settings.llm_max_reply_chars}"
+                            " characters (CHAT_LLM_MAX_REPLY_CHARS); it was cut there"
+                        )
+                    room -= len(piece)
                     stream.parts.append(piece)
                     coalescer.add(piece)
         except asyncio.CancelledError:

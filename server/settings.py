@@ -123,6 +123,9 @@ class Settings(BaseSettings):
     llm_first_token_timeout_s: float = Field(default=60.0, gt=0)
     llm_idle_timeout_s: float = Field(default=30.0, gt=0)
     llm_max_tokens: int = Field(default=512, ge=1)
+    # a streamed reply is cut (and fails) past this many characters, whatever the endpoint
+    # does with max_tokens: its frame and its history page stay under the 512 KiB a page has
+    llm_max_reply_chars: int = Field(default=32_000, ge=1, le=100_000)
     llm_temperature: float = Field(default=0.8, ge=0, le=2)
 
     @field_validator("llm_base_url")

@@ -474,6 +474,23 @@ async def test_failed_reply_is_stored_with_its_partial_text(client: Client, fake
     assert (await history(client))[-2:] == [("user", "hi"), ("assistant", "Hello there")]
 
 
+async def test_a_reply_past_the_size_limit_is_cut_there_and_fails(
+    make_app: AppFactory, connect: ClientFactory, fake: FakeLLM
+) -> None:
+    """An endpoint that does not stop (it ignores max_tokens): the reply was 733 million
+    characters in 6 s and 2.6 GB of memory in an attack."""
+    fake.script = Script(tokens=("x" * 1000,) * 10, stall_after=10)  # and it does not end
+    app = await make_app(llm_base_url=fake.url, llm_max_reply_chars=4500, **FAST)
+    client = await connect(target=app)
+    await with_avatar(client)
+    deltas, error = await chat(client, "hi")
+    assert (error["code"], error["status"]) == ("unavailable", 503)
+    assert "passed 4500 characters" in error["message"]
+    assert sum(len(delta["delta"]) for delta in deltas) == 4500
+    assert (await history(client))[-1] == ("assistant", "x" * 4500)
+    await upstream_closed(fake.requests[0])
+
+
 async def test_mid_stream_disconnect_answers_unavailable(client: Client, fake: FakeLLM) -> None:
     fake.script = Script(disconnect_after=2)
     _, error = await chat(client, "hi")
