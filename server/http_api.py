@@ -298,9 +298,22 @@ async def validation_error(request: Request, exc: Exception) -> Response:
     """FastAPI's 422 with its list of errors; a body that is not JSON at all is a 400."""
     errors = cast(RequestValidationError, exc).errors()
     code = 400 if any(e.get("type") == "json_invalid" for e in errors) else 422
-    return Response(
-        orjson.dumps({"detail": errors}, default=str), code, media_type="application/json"
-    )
+    try:
+        body = orjson.dumps({"detail": errors}, default=str)
+    except TypeError:  # the errors quote the input, and it held a lone surrogate ("\ud800")
+        body = orjson.dumps({"detail": _encodable(errors)}, default=str)
+    return Response(body, code, media_type="application/json")
+
+
+def _encodable(value: object) -> object:
+    """`value` with every string made valid UTF-8 (a lone surrogate becomes "?")."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_encodable(key): _encodable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_encodable(item) for item in value]
+    return value
 
 
 # ---------------------------------------------------------------- the app

@@ -100,6 +100,27 @@ async def test_post_avatar_with_unknown_personality_is_422_and_writes_nothing(
     assert await avatar_row(database_url, user) is None
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"personality": "\\ud800"}',
+        '{"name": "\\ud800", "personality": "witty"}',
+        '{"\\ud800": 1, "personality": "witty"}',
+    ],
+)
+async def test_a_lone_surrogate_escape_in_a_body_is_a_clear_error_not_a_crash(
+    http: httpx.AsyncClient, user: str, body: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The 422's errors quote the input, which orjson cannot write with a lone surrogate: it
+    was a 500 with a traceback."""
+    headers = {**auth(user), "Content-Type": "application/json"}
+    for method, path in (("PATCH", "/avatars/me/persona"), ("POST", "/avatars")):
+        response = await http.request(method, path, content=body, headers=headers)
+        assert response.status_code in (400, 422), response.text
+        assert response.json()["detail"]
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
 async def test_patch_persona_answers_new_and_previous_and_commits(
     http: httpx.AsyncClient, user: str, database_url: str
 ) -> None:
