@@ -142,6 +142,7 @@ class OpenAIGenerator:
         self._headers = headers
         self._proxy = env_proxy(self._url)
         self._session: aiohttp.ClientSession | None = None
+        self._drains: set[asyncio.Task[None]] = set()  # bodies read to their end after [DONE]
         self._include_usage = True
 
     def _client(self) -> aiohttp.ClientSession:
@@ -170,6 +171,8 @@ class OpenAIGenerator:
         return None  # a model's reply always streams
 
     async def aclose(self) -> None:
+        if self._drains:
+            await asyncio.gather(*self._drains, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
 
@@ -200,7 +203,12 @@ class OpenAIGenerator:
                 if failure is not None:
                     raise failure
                 if completion.done:
-                    await _drain(content)
+                    # the reply is whole: what follows `[DONE]` is read apart, so that a cancel
+                    # meanwhile does not turn a finished reply into a cancelled one
+                    drain = asyncio.create_task(_drain_then_close(response))
+                    self._drains.add(drain)
+                    drain.add_done_callback(self._drains.discard)
+                    response = None
                 elif raw is None:
                     completion.end()
             if completion.usage is not None:
@@ -342,9 +350,13 @@ def connect_failure(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def _drain(content: aiohttp.StreamReader) -> None:
-    """Read what follows `[DONE]` (the body's end) so the connection can go back to the pool."""
-    with contextlib.suppress(TimeoutError, aiohttp.ClientError):
-        async with asyncio.timeout(DRAIN_S):
-            while await content.readany():
-                pass
+async def _drain_then_close(response: aiohttp.ClientResponse) -> None:
+    """Read what follows `[DONE]` (the body's end) so that the connection can go back to the
+    pool, then close the response (a body not ended by then closes its connection)."""
+    try:
+        with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+            async with asyncio.timeout(DRAIN_S):
+                while await response.content.readany():
+                    pass
+    finally:
+        response.close()

@@ -39,6 +39,7 @@ class Script:
     disconnect_after: int | None = None  # then close the socket in the middle of the body
     malformed_after: int | None = None  # then send an event whose data is not JSON
     finish_reason: str = "stop"
+    hold_after_done_s: float = 0.0  # between `[DONE]` and the body's end, the connection open
 
 
 @dataclass(slots=True)
@@ -298,6 +299,8 @@ class _EventStream:
             }
             await self.send_raw(self._event([], usage))
         await self.send_raw(b"data: [DONE]\n\n")
+        if script.hold_after_done_s:
+            await asyncio.sleep(script.hold_after_done_s)
         self._writer.write(b"0\r\n\r\n")
         await self._writer.drain()
 

@@ -491,6 +491,18 @@ async def test_a_reply_past_the_size_limit_is_cut_there_and_fails(
     await upstream_closed(fake.requests[0])
 
 
+async def test_a_cancel_after_the_whole_reply_came_leaves_it_completed(
+    client: Client, fake: FakeLLM
+) -> None:
+    """After `[DONE]` the body's end is read apart: a cancel then finds a reply already whole
+    (it made it `cancelled` while the end was awaited)."""
+    fake.script = Script(hold_after_done_s=1.0)
+    ref = await first_delta(client, "hi")
+    await client.send({"type": "cancel", "id": "stop"})
+    final_reply = await final(client, ref)
+    assert (final_reply["status"], final_reply["text"]) == ("completed", "Hello there, friend!")
+
+
 async def test_mid_stream_disconnect_answers_unavailable(client: Client, fake: FakeLLM) -> None:
     fake.script = Script(disconnect_after=2)
     _, error = await chat(client, "hi")
