@@ -13,6 +13,7 @@ from protocol.frames import Usage
 DONE = "[DONE]"
 DETAIL_CHARS = 200
 MAX_LINE_BYTES = 1 << 20
+MAX_TOKEN_COUNT = 2**53 - 1  # a usage count past this, or below 0, is left out (JavaScript numbers)
 _EOL = re.compile(rb"\r\n|\r|\n")
 _USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "total_tokens")
 
@@ -171,7 +172,7 @@ def parse_usage(value: object) -> Usage | None:
     counts = {
         name: count
         for name in _USAGE_FIELDS
-        if isinstance(count := value.get(name), int) and not isinstance(count, bool)
+        if type(count := value.get(name)) is int and 0 <= count <= MAX_TOKEN_COUNT
     }
     if not counts:
         return None

@@ -136,6 +136,14 @@ def test_usage_chunk_with_empty_choices() -> None:
     assert chunk.content == ""
 
 
+def test_usage_counts_below_zero_or_past_2_to_the_53_are_left_out() -> None:
+    chunk = parse_chunk(
+        '{"choices": [], "usage": {"prompt_tokens": 18446744073709551615,'
+        ' "completion_tokens": -5, "total_tokens": 12}}'
+    )
+    assert chunk.usage == Usage(prompt_tokens=None, completion_tokens=None, total_tokens=12)
+
+
 def test_chunk_that_is_not_json_is_a_stream_error() -> None:
     with pytest.raises(StreamError, match="malformed"):
         parse_chunk('{"choices": [')
