@@ -268,13 +268,23 @@ class OpenAIGenerator:
         }
         if include_usage:
             body["stream_options"] = {"include_usage": True}
+        data = orjson.dumps(body)
         async with asyncio.timeout_at(clock.deadline):
-            return await self._client().post(
-                self._url,
-                data=orjson.dumps(body),
-                allow_redirects=False,
-                proxy=self._proxy,
-            )
+            try:
+                return await self._client().post(
+                    self._url, data=data, allow_redirects=False, proxy=self._proxy
+                )
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if isinstance(exc, aiohttp.ClientConnectorError):
+                    raise  # a new connection that failed: nothing to gain from another
+                # a pooled connection the endpoint had closed (after a 400, or idle past its
+                # keep-alive): nothing was answered on it, so the request goes on a new one
+                log.debug(
+                    "LLM endpoint %s: a pooled connection was closed (%s)", self.endpoint, exc
+                )
+                return await self._client().post(
+                    self._url, data=data, allow_redirects=False, proxy=self._proxy
+                )
 
     async def _error_detail(self, response: aiohttp.ClientResponse, clock: _Clock) -> str:
         """The error message in a refusal's body; the response is closed afterwards."""

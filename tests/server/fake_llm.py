@@ -35,6 +35,7 @@ class Script:
     status: int = 200  # anything else: that status with an OpenAI-style error body
     error_message: str = "the fake endpoint refuses"
     reject_stream_options: bool = False  # 400 to a request that carries `stream_options`
+    close_after_refusal: bool = False  # and close the connection after it, unannounced
     stall_after: int | None = None  # then send nothing more, keeping the connection open
     disconnect_after: int | None = None  # then close the socket in the middle of the body
     malformed_after: int | None = None  # then send an event whose data is not JSON
@@ -215,9 +216,10 @@ class FakeLLM:
         if request.method != "POST" or request.path != COMPLETIONS_PATH:
             return await _refuse(request, writer, 404, f"no route for {request.path}")
         if script.reject_stream_options and "stream_options" in request.body:
-            return await _refuse(
+            kept = await _refuse(
                 request, writer, 400, "Unrecognized request argument: stream_options"
             )
+            return kept and not script.close_after_refusal
         if script.status != 200:
             return await _refuse(request, writer, script.status, script.error_message)
         request.status = 200

@@ -433,6 +433,17 @@ async def test_400_on_stream_options_is_retried_once_without_them(
     assert ["stream_options" in r.body for r in fake.requests] == [True, False]
 
 
+async def test_the_retry_after_a_400_that_closed_its_connection_goes_on_a_new_one(
+    client: Client, fake: FakeLLM
+) -> None:
+    """The endpoint closes the connection after its 400 without saying so: the retry must not
+    fail on the dead connection the pool still holds."""
+    fake.script = Script(reject_stream_options=True, close_after_refusal=True)
+    _, reply = await chat(client, "hi")
+    assert (reply["type"], reply.get("status"), reply.get("text")) == ("reply", "completed", WHOLE)
+    assert [r.status for r in fake.requests] == [400, 200]
+
+
 async def test_endpoint_that_refused_stream_options_is_not_asked_again(
     client: Client, fake: FakeLLM
 ) -> None:
