@@ -281,15 +281,35 @@ class Store:
         where they were stored (or that the chat was stored already), or the error."""
         self._turns.add(turn, done)
 
-    async def _write_turns(self, conn: Conn, turns: Sequence[Turn]) -> list[StoredTurn]:
-        data = orjson.dumps(turns).decode()
+    async def _write_turns(
+        self, conn: Conn, turns: Sequence[Turn]
+    ) -> list[StoredTurn | BaseException]:
         try:
-            rows = await self._fetch(conn, COMMIT_TURNS, data)
-        except asyncpg.UniqueViolationError as exc:
-            # Nothing of the batch was written; again, keeping the chats already stored.
-            log.debug("a batch of %d turns met a stored chat (%s); written again", len(turns), exc)
-            rows = await self._fetch(conn, COMMIT_TURNS_SKIPPING, data)
+            data = orjson.dumps(turns).decode()
+            try:
+                rows = await self._fetch(conn, COMMIT_TURNS, data)
+            except asyncpg.UniqueViolationError as exc:
+                # Nothing of the batch was written; again, keeping the chats already stored.
+                log.debug(
+                    "a batch of %d turns met a stored chat (%s); written again", len(turns), exc
+                )
+                rows = await self._fetch(conn, COMMIT_TURNS_SKIPPING, data)
+        except (asyncpg.DataError, TypeError) as exc:
+            if len(turns) == 1:
+                raise
+            # A value that cannot be stored (or encoded) fails the whole statement: each turn
+            # is written alone, so that only its own chat fails (a bug: it is logged there).
+            log.warning(
+                "a batch of %d turns was refused (%s); each is written alone", len(turns), exc
+            )
+            return [await self._write_alone(conn, turn) for turn in turns]
         return [StoredTurn(row[1], row[2], row[3]) for row in rows]  # (ord, ids, inserted)
+
+    async def _write_alone(self, conn: Conn, turn: Turn) -> StoredTurn | BaseException:
+        try:
+            return (await self._write_turns(conn, [turn]))[0]
+        except (asyncpg.DataError, TypeError) as exc:
+            return exc
 
     async def recent_chat_ids(self, user_id: str, limit: int) -> list[str]:
         """The client ids of the user's `limit` newest chats that have one."""

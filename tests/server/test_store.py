@@ -217,6 +217,29 @@ async def test_a_batch_meeting_a_stored_chat_writes_the_others_once(
     assert sorted(texts[2:]) == sorted([f"q-n{i}" for i in range(5)] + [f"a{i}" for i in range(5)])
 
 
+async def test_a_turn_the_database_refuses_fails_alone_in_its_batch(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A value PostgreSQL cannot store (a NUL, which the conversation replaces before it gets
+    here) failed the whole group commit: every other user's chat in it with it."""
+    user = _user()
+    await store.open_user(user)
+
+    def turn(client_id: str, reply: str) -> Turn:
+        return Turn(user, "witty", f"q-{client_id}", reply, "completed", client_id)
+
+    bad, *good = await asyncio.gather(
+        commit_turn(store, turn("bad", "a\x00b")),
+        *(commit_turn(store, turn(f"g{i}", f"a{i}")) for i in range(3)),
+        return_exceptions=True,
+    )
+    assert isinstance(bad, asyncpg.DataError), bad
+    assert all(isinstance(one, StoredTurn) and one.inserted for one in good), good
+    assert "a batch of 4 turns was refused" in caplog.text
+    texts = [entry.text for entry in await store.history(user, 100, None)]
+    assert sorted(texts) == sorted([f"q-g{i}" for i in range(3)] + [f"a{i}" for i in range(3)])
+
+
 async def test_recent_messages_respect_count_and_characters(store: Store) -> None:
     user = _user()
     await store.open_user(user)
