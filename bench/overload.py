@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import multiprocessing
 import os
 import random
 import secrets
@@ -33,7 +32,7 @@ import orjson
 
 from bench.lean import Conn, Tally, close_all, connect, percentile_ms, raise_fd_limit
 from bench.procs import ROOT, Cores, Proc
-from bench.streaming import TOKENS_PER_S, fake_main, start_server
+from bench.streaming import TOKENS_PER_S, fake_endpoint, start_server
 from bench.tokens import signer
 from clients.loop import run_async
 
@@ -197,28 +196,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise_fd_limit()
     if args.overload_lag_ms is not None:  # the server's environment is this process's
         os.environ["CHAT_OVERLOAD_LAG_MS"] = str(args.overload_lag_ms)
-    workdir = Path(tempfile.mkdtemp(prefix="persona-overload-"))
     secret = secrets.token_urlsafe(32)
-    context = multiprocessing.get_context("spawn")
-    mine, theirs = context.Pipe()
-    fake = context.Process(target=fake_main, args=(theirs,), daemon=True)
-    fake.start()
     server: Proc | None = None
-    try:
-        fake_url = f"http://127.0.0.1:{mine.recv()}/v1"
-        server = start_server(workdir / "chat", cores, fake_url, ROOT, secret)
-        print(f"{cores.describe()}; {args.streams} streams for {args.duration:g} s", flush=True)
-        result = run_async(run(server, args, secret))
-        server.stop()
-        result["server_log"] = dict(log_lines(workdir / "chat" / "chat.err"))
-    finally:
-        if server is not None:
+    with fake_endpoint() as (fake_url, _):
+        workdir = Path(tempfile.mkdtemp(prefix="persona-overload-"))
+        try:
+            server = start_server(workdir / "chat", cores, fake_url, ROOT, secret)
+            print(f"{cores.describe()}; {args.streams} streams for {args.duration:g} s", flush=True)
+            result = run_async(run(server, args, secret))
             server.stop()
-        mine.send("stop")
-        fake.join(5)
-        if fake.is_alive():
-            fake.kill()
-        shutil.rmtree(workdir, ignore_errors=True)
+            result["server_log"] = dict(log_lines(workdir / "chat" / "chat.err"))
+        finally:
+            if server is not None:
+                server.stop()
+            shutil.rmtree(workdir, ignore_errors=True)
     report(result)
     if args.json:
         args.json.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import random
@@ -25,7 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, cast
@@ -133,6 +134,23 @@ def _event_done() -> bytes:
 
 def fake_main(pipe: Connection) -> None:
     run_async(_fake(pipe))
+
+
+@contextlib.contextmanager
+def fake_endpoint() -> Iterator[tuple[str, int]]:
+    """The fake endpoint in a process of its own (spawned): its base URL and pid, until the
+    block ends."""
+    context = multiprocessing.get_context("spawn")
+    mine, theirs = context.Pipe()
+    fake = context.Process(target=fake_main, args=(theirs,), daemon=True)
+    fake.start()
+    try:
+        yield f"http://127.0.0.1:{mine.recv()}/v1", fake.pid or 0
+    finally:
+        mine.send("stop")
+        fake.join(5)
+        if fake.is_alive():
+            fake.kill()
 
 
 async def _fake(pipe: Connection) -> None:
@@ -248,56 +266,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cores.client is not None:
         os.sched_setaffinity(0, cores.client)
     raise_fd_limit()
-    workdir = Path(tempfile.mkdtemp(prefix="persona-streaming-"))
     secret = secrets.token_urlsafe(32)
-    context = multiprocessing.get_context("spawn")
-    mine, theirs = context.Pipe()
-    fake = context.Process(target=fake_main, args=(theirs,), daemon=True)
-    fake.start()
     procs: list[Proc] = []
     results: list[dict[str, Any]] = []
     echo_us = 0.0
     began = time.monotonic()
-    try:
-        fake_url = f"http://127.0.0.1:{mine.recv()}/v1"
-        fake_pid = fake.pid or 0
-        root = ROOT if args.server_rev is None else checkout(args.server_rev, workdir / "tree")
-        echo = start_echo(workdir / "echo", cores.server)
-        procs.append(echo)
-        echo_us = run_async(echo_per_message(echo, args.echo_duration))
-        echo.stop()
-        print(f"{cores.describe()}; the fake at {fake_url} (CPU 1); echo server: {echo_us:.1f}"
-              " µs of CPU per message (50 connections, closed loop)", flush=True)  # fmt: skip
-        server = start_server(workdir / "chat", cores, fake_url, root, secret)
-        procs.append(server)
-        for streams in ns:
-            if time.monotonic() - began > args.budget:
-                print(f"budget of {args.budget:.0f} s spent: N = {streams} not run", flush=True)
-                break
-            result = run_async(one_n(server, streams, args, secret, fake_pid))
-            result["vs_echo"] = round(result["server_cpu_us_per_delta"] / max(echo_us, 1e-9), 2)
-            results.append(result)
-            print(
-                f"N {streams:>5}: {result['deltas_per_s_per_stream']:5.1f} deltas/s per stream,"
-                f" gap p50/p99 {result['gap_p50_ms']:.1f}/{result['gap_p99_ms']:.1f} ms,"
-                f" delay p50/p99 {result['delay_p50_ms']:.1f}/{result['delay_p99_ms']:.1f} ms,"
-                f" server {100 * result['server_cpu_share']:.0f}% of a core"
-                f" (waited for it {100 * result['server_waited']:.0f}%), load client"
-                f" {100 * result['client_busy']:.0f}%, fake {100 * result['fake_busy']:.0f}%,"
-                f" {result['server_cpu_us_per_delta']:.1f} µs per delta"
-                f" ({result['vs_echo']:.2f}x echo), errors {result['errors'] or 0}",
-                flush=True,
-            )
-            if not result["within"] and not args.all:
-                break
-    finally:
-        for proc in procs:
-            proc.stop()
-        mine.send("stop")
-        fake.join(5)
-        if fake.is_alive():
-            fake.kill()
-        shutil.rmtree(workdir, ignore_errors=True)
+    with fake_endpoint() as (fake_url, fake_pid):
+        workdir = Path(tempfile.mkdtemp(prefix="persona-streaming-"))
+        try:
+            root = ROOT if args.server_rev is None else checkout(args.server_rev, workdir / "tree")
+            echo = start_echo(workdir / "echo", cores.server)
+            procs.append(echo)
+            echo_us = run_async(echo_per_message(echo, args.echo_duration))
+            echo.stop()
+            print(f"{cores.describe()}; the fake at {fake_url} (CPU 1); echo server: {echo_us:.1f}"
+                  " µs of CPU per message (50 connections, closed loop)", flush=True)  # fmt: skip
+            server = start_server(workdir / "chat", cores, fake_url, root, secret)
+            procs.append(server)
+            for streams in ns:
+                if time.monotonic() - began > args.budget:
+                    print(f"budget of {args.budget:.0f} s spent: N = {streams} not run", flush=True)
+                    break
+                result = run_async(one_n(server, streams, args, secret, fake_pid))
+                result["vs_echo"] = round(result["server_cpu_us_per_delta"] / max(echo_us, 1e-9), 2)
+                results.append(result)
+                print(
+                    f"N {streams:>5}: {result['deltas_per_s_per_stream']:5.1f} deltas/s per stream,"
+                    f" gap p50/p99 {result['gap_p50_ms']:.1f}/{result['gap_p99_ms']:.1f} ms,"
+                    f" delay p50/p99 {result['delay_p50_ms']:.1f}/{result['delay_p99_ms']:.1f} ms,"
+                    f" server {100 * result['server_cpu_share']:.0f}% of a core"
+                    f" (waited for it {100 * result['server_waited']:.0f}%), load client"
+                    f" {100 * result['client_busy']:.0f}%, fake {100 * result['fake_busy']:.0f}%,"
+                    f" {result['server_cpu_us_per_delta']:.1f} µs per delta"
+                    f" ({result['vs_echo']:.2f}x echo), errors {result['errors'] or 0}",
+                    flush=True,
+                )
+                if not result["within"] and not args.all:
+                    break
+        finally:
+            for proc in procs:
+                proc.stop()
+            shutil.rmtree(workdir, ignore_errors=True)
     report(results, echo_us)
     if args.py_spy is not None and args.py_spy.exists():
         print(f"\npy-spy at N = {ns[0]}, share of samples by area:")
