@@ -265,15 +265,66 @@ _NOT_AN_OBJECT = frozenset({"json_invalid", "json_type", "dict_type", "model_typ
 MAX_FRAME_FIELDS = 8  # a client frame has at most four (history: type, id, limit, before)
 
 
+class ChatFields(NamedTuple):
+    """A `chat` frame read without its model (`decode_frame`): the same fields."""
+
+    id: str | None
+    text: str
+    type: Literal["chat"] = "chat"
+
+
+class SetPersonaFields(NamedTuple):
+    """A `set_persona` frame read without its model (`decode_frame`): the same fields."""
+
+    id: str | None
+    personality: str
+    type: Literal["set_persona"] = "set_persona"
+
+
+HotFrame = ChatFields | SetPersonaFields
+ClientFrameRead = AnyClientFrame | HotFrame  # what `decode_frame` reads
+
+
+def decode_frame(raw: str | bytes) -> ClientFrameRead:
+    """What a conversation reads each frame with: the two frames of every chat loop, `chat`
+    and `set_persona`, read with orjson alone (a quarter of the model's cost) when they are
+    plainly valid, and every other frame by its model (`decode_client_frame`), the text read
+    by orjson once for both."""
+    data = _json_object(raw)
+    hot = _hot_frame(data) if data is not None else None
+    return hot if hot is not None else _decode_model(raw, data)
+
+
 def decode_client_frame(raw: str | bytes) -> AnyClientFrame:
-    """Decode one client frame from its text, or raise BadJson or InvalidFrame."""
+    """Decode one client frame from its text by its model, or raise BadJson or InvalidFrame."""
+    return _decode_model(raw, _json_object(raw))
+
+
+def decode_hot_frame(raw: str | bytes) -> HotFrame | None:
+    """`chat` or `set_persona` read without its model when plainly valid; None for any other
+    frame and anything unusual, which the model then decodes or names the fault of. It never
+    accepts what `decode_client_frame` refuses, nor reads a frame differently: a property test
+    in tests/protocol/test_frames.py holds the two to that."""
+    data = _json_object(raw)
+    return _hot_frame(data) if data is not None else None
+
+
+def _json_object(raw: str | bytes) -> dict[str, Any] | None:
+    """The frame's JSON object as orjson reads it; None for a binary frame, text that is not
+    JSON (the model names what is wrong with it), or JSON that is not an object."""
+    if isinstance(raw, bytes):
+        return None
+    try:
+        data = orjson.loads(raw)
+    except (orjson.JSONDecodeError, TypeError):
+        return None
+    return data if type(data) is dict else None
+
+
+def _decode_model(raw: str | bytes, data: dict[str, Any] | None) -> AnyClientFrame:
     if isinstance(raw, bytes):
         raise BadJson("binary frames are not accepted; send JSON in a text frame")
-    try:
-        fields = len(orjson.loads(raw)) if raw.lstrip().startswith("{") else 0
-    except (orjson.JSONDecodeError, TypeError):
-        fields = 0  # the model names what is wrong with it
-    if fields > MAX_FRAME_FIELDS:
+    if data is not None and len(data) > MAX_FRAME_FIELDS:
         # refused before the model, which builds an error for every unknown field: thousands in
         # one frame cost tens of milliseconds of the whole process's loop
         raise InvalidFrame(f"a frame has at most {MAX_FRAME_FIELDS} fields")
@@ -283,39 +334,7 @@ def decode_client_frame(raw: str | bytes) -> AnyClientFrame:
         raise _frame_error(exc, raw) from None
 
 
-class ChatFields(NamedTuple):
-    """A `chat` frame read without its model (`decode_hot_frame`): the same fields."""
-
-    id: str | None
-    text: str
-    type: Literal["chat"] = "chat"
-
-
-class SetPersonaFields(NamedTuple):
-    """A `set_persona` frame read without its model (`decode_hot_frame`): the same fields."""
-
-    id: str | None
-    personality: str
-    type: Literal["set_persona"] = "set_persona"
-
-
-HotFrame = ChatFields | SetPersonaFields
-
-
-def decode_hot_frame(raw: str | bytes) -> HotFrame | None:
-    """The two frames of every chat loop, `chat` and `set_persona`, read with orjson alone
-    (a quarter of the model's cost), when they are plainly valid; None for any other frame and
-    anything unusual, which `decode_client_frame` then decodes or names the fault of. It never
-    accepts what `decode_client_frame` refuses, nor reads a frame differently: a property test
-    in tests/protocol/test_frames.py holds the two to that."""
-    if isinstance(raw, bytes):
-        return None
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    if type(data) is not dict:
-        return None
+def _hot_frame(data: dict[str, Any]) -> HotFrame | None:
     kind = data.get("type")
     if kind == "chat":
         field, max_chars, least = "text", MAX_TEXT_CHARS, 1

@@ -51,11 +51,12 @@ from protocol.errors import (
     Unavailable,
     UnknownCommand,
 )
+from protocol.frames import Avatar as AvatarFrame
 from protocol.frames import (
-    AnyClientFrame,
     Cancel,
     Chat,
     ChatFields,
+    ClientFrameRead,
     CreateAvatar,
     GetAvatar,
     Hello,
@@ -73,16 +74,13 @@ from protocol.frames import (
     Welcome,
     close_reason,
     decode_client_frame,
-    decode_hot_frame,
+    decode_frame,
     encode,
     encode_listing,
     fit_history_page,
     frame_type,
     salvage_ref,
 )
-from protocol.frames import Avatar as AvatarFrame
-
-Frame = AnyClientFrame | ChatFields | SetPersonaFields  # a chat or switch read without its model
 
 HISTORY_REQUEST_BYTES = 1024  # what a history request costs its user's budget besides its page
 
@@ -125,7 +123,7 @@ class Conversation(ChatRules):
         self._rate = FrameLimit(limits.rate_per_s, limits.rate_burst, terms.abuse_close_after, now)
         self._avatar = AvatarView(trusted)
         self._wait = Wait.NOTHING
-        self._frame: tuple[Frame, float] | None = None  # the frame held up, and when
+        self._frame: tuple[ClientFrameRead, float] | None = None  # the frame held up, and when
         self._backlog: deque[tuple[str | bytes, float]] | None = None  # made on first use
         self._read: _Read | None = None
         self._fresh: Avatar | None = None  # read for the held-up frame, not cached
@@ -331,7 +329,7 @@ class Conversation(ChatRules):
                     self._close(CloseCode.POLICY_VIOLATION, "rate limit exceeded repeatedly")
                     return
                 raise limited
-            frame = decode_hot_frame(raw) or decode_client_frame(raw)
+            frame = decode_frame(raw)
             ref = frame.id
             self._meter.frame(frame.type)
             self._dispatch(frame, now)
@@ -363,7 +361,7 @@ class Conversation(ChatRules):
         self._read = _Read(self._avatar.epoch, self._avatar.seen)
         self._out.append(Authenticate(frame.token))
 
-    def _dispatch(self, frame: Frame, now: float) -> None:
+    def _dispatch(self, frame: ClientFrameRead, now: float) -> None:
         ref = frame.id  # every answer to the frame carries its id
         match frame:
             case ChatFields() | Chat():
@@ -422,7 +420,7 @@ class Conversation(ChatRules):
 
     # ------------------------------------------------------------------ switches
 
-    def _set_persona(self, frame: Frame, personality: str, now: float) -> None:
+    def _set_persona(self, frame: ClientFrameRead, personality: str, now: float) -> None:
         """The one persona switch, for `set_persona` and `/persona` alike: validate, empty the
         cache, and hand it to the store without waiting; the chats read behind it are rendered
         with its personality, and written once it has committed."""
@@ -445,7 +443,7 @@ class Conversation(ChatRules):
 
     # ------------------------------------------------------------------ the avatar
 
-    def _current_avatar(self, frame: Frame, now: float) -> Avatar | None:
+    def _current_avatar(self, frame: ClientFrameRead, now: float) -> Avatar | None:
         """The avatar for the frame being handled, or None when the frame is held up (after this
         session's switches are answered, and a read)."""
         if self._held_for_switches(frame, now):
@@ -507,11 +505,11 @@ class Conversation(ChatRules):
 
     # ------------------------------------------------------------------ held-up frames
 
-    def _hold(self, frame: Frame, now: float, wait: Wait) -> None:
+    def _hold(self, frame: ClientFrameRead, now: float, wait: Wait) -> None:
         self._frame = (frame, now)
         self._wait = wait
 
-    def _held_for_switches(self, frame: Frame, now: float) -> bool:
+    def _held_for_switches(self, frame: ClientFrameRead, now: float) -> bool:
         """Hold the frame until this session's switches are answered, if any are in flight."""
         if not self._avatar.in_flight:
             return False
