@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -268,12 +269,16 @@ class OpenAIGenerator:
         }
         if include_usage:
             body["stream_options"] = {"include_usage": True}
-        data = orjson.dumps(body)
+        post = functools.partial(
+            self._client().post,
+            self._url,
+            data=orjson.dumps(body),
+            allow_redirects=False,
+            proxy=self._proxy,
+        )
         async with asyncio.timeout_at(clock.deadline):
             try:
-                return await self._client().post(
-                    self._url, data=data, allow_redirects=False, proxy=self._proxy
-                )
+                return await post()
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                 if isinstance(exc, aiohttp.ClientConnectorError):
                     raise  # a new connection that failed: nothing to gain from another
@@ -282,9 +287,7 @@ class OpenAIGenerator:
                 log.debug(
                     "LLM endpoint %s: a pooled connection was closed (%s)", self.endpoint, exc
                 )
-                return await self._client().post(
-                    self._url, data=data, allow_redirects=False, proxy=self._proxy
-                )
+                return await post()
 
     async def _error_detail(self, response: aiohttp.ClientResponse, clock: _Clock) -> str:
         """The error message in a refusal's body; the response is closed afterwards."""

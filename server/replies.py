@@ -148,8 +148,9 @@ class Replies:
                         usage = piece
                         continue
                     if len(piece) > room:  # an endpoint that does not stop: cut, and failed
-                        stream.parts.append(piece[:room])
-                        coalescer.add(piece[:room])
+                        cut = piece[:room]
+                        stream.parts.append(cut)
+                        coalescer.add(cut)
                         raise GeneratorUnavailable(
                             f"the model's reply passed {settings.llm_max_reply_chars}"
                             " characters (CHAT_LLM_MAX_REPLY_CHARS); it was cut there"
